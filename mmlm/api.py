@@ -1,0 +1,152 @@
+"""The notebook-level API: ``load`` a checkpoint and ``describe`` images with it.
+
+``describe(images, model=DIR_or_(vlm, processor), prompt=None)`` returns one text per image,
+batched and KV-cached, with the prompt format saved in the checkpoint (``prompt=None`` asks
+for a caption with the checkpoint's caption prompt). ``on_text(row, delta)`` streams text
+as it is generated. Images are PIL images or paths (EXIF orientation applied, RGB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from mmlm.generation import GenerationConfig, generate
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None: the GPU when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None: bf16 on a GPU that supports it, else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; known: auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load(path: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"):
+    """``(VLM, Processor)`` from a checkpoint directory, in eval mode on ``device``."""
+    from mmlm.checkpoint import load_vlm
+    from mmlm.processing import Processor
+
+    dev = resolve_device(device)
+    vlm = load_vlm(path, device=dev)
+    vlm.to(dtype=resolve_dtype(dtype, dev))
+    return vlm, Processor.from_pretrained(path)
+
+
+def open_image(source: str | Path | Image.Image) -> Image.Image:
+    """A PIL image in RGB with its EXIF orientation applied."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB") if source.mode != "RGB" else source
+    with Image.open(source) as im:
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+class TextStream:
+    """Turns per-step token ids into text deltas per row (decoding whole prefixes, so
+    multi-byte characters split across tokens come out whole)."""
+
+    def __init__(self, processor, batch: int, on_text: Callable[[int, str], None]):
+        self.processor = processor
+        self.on_text = on_text
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.sent = [""] * batch
+        self.done = [False] * batch
+        self.stop_ids = set(processor.stop_token_ids)
+
+    def __call__(self, next_ids: torch.Tensor) -> None:
+        for row, tok in enumerate(next_ids.tolist()):
+            if self.done[row]:
+                continue
+            if tok in self.stop_ids:
+                self.done[row] = True
+                continue
+            self.ids[row].append(tok)
+            text = self.processor.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete multi-byte character: wait for the rest
+            if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]):
+                self.on_text(row, text[len(self.sent[row]):])
+                self.sent[row] = text
+
+
+def _stop_on_strings(processor, stop_strings: Sequence[str]):
+    def stop(generated: torch.Tensor) -> torch.Tensor:
+        texts = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=generated.device)
+    return stop
+
+
+def _trim(text: str, stop_strings: Sequence[str]) -> str:
+    for s in stop_strings:
+        if s in text:
+            text = text[: text.index(s)]
+    return text.strip()
+
+
+def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | None],
+                   config: GenerationConfig, stop_strings: Sequence[str] = (),
+                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """One batch: images (one PIL image or a list per sample) + prompts -> texts."""
+    batch = processor.prompt_inputs(images, prompts)
+    batch.pop("labels")
+    streamer = TextStream(processor, len(prompts), on_text) if on_text else None
+    new = generate(
+        vlm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], num_images=batch["num_images"],
+        config=config, eos_token_id=processor.stop_token_ids, pad_token_id=processor.tokenizer.pad_token_id,
+        stop=_stop_on_strings(processor, stop_strings) if stop_strings else None, on_tokens=streamer,
+    )
+    return [_trim(processor.decode(row), stop_strings) for row in new.tolist()]
+
+
+def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Image, model=None,
+             prompt: str | Sequence[str | None] | None = None, *, batch_size: int = 16,
+             device: str | None = "auto", dtype: str | None = "auto", stop_strings: Sequence[str] = (),
+             on_text: Callable[[int, str], None] | None = None, progress: bool = False,
+             **generation) -> list[str]:
+    """Describe (or answer ``prompt`` about) each image; returns one text per image.
+
+    ``model``: a checkpoint directory or a ``(vlm, processor)`` pair. ``prompt``: one for all
+    images or one per image (None: the checkpoint's caption prompt). ``generation``: the
+    fields of ``GenerationConfig`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...).
+    """
+    if model is None:
+        raise ValueError("describe needs model= (a checkpoint directory or a (vlm, processor) pair)")
+    vlm, processor = load(model, device, dtype) if isinstance(model, (str, Path)) else model
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    images = list(images)
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = GenerationConfig(**generation)
+    texts: list[str] = []
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, total=len(starts), unit="batch", desc="describe")
+    for start in starts:
+        chunk = [open_image(im) for im in images[start:start + batch_size]]
+        cb = (lambda row, delta, _s=start: on_text(_s + row, delta)) if on_text else None
+        texts += generate_texts(vlm, processor, chunk, prompts[start:start + batch_size], config, stop_strings, cb)
+    return texts

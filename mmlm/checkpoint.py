@@ -1,0 +1,100 @@
+"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ the processor's files).
+
+- ``save_vlm`` / ``save_pretrained`` write atomically (see ``mmlm.io.atomic_dir``).
+- ``load_vlm`` rebuilds the model from ``config.json`` alone (pretrained flags are turned
+  off: the weights come from the safetensors file, nothing is downloaded) and loads the
+  weights strictly. Pickle-based weight files are refused, never unpickled; no remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mmlm.config import VLMConfig
+from mmlm.io import atomic_dir
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mmlm-vlm"
+FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class UnsafeCheckpointError(ValueError):
+    """The directory holds only pickle-based weights, which mmlm refuses to load."""
+
+
+def _write_model(vlm, directory: Path) -> None:
+    from safetensors.torch import save_model
+
+    cfg = {"format": FORMAT, "mmlm_version": FORMAT_VERSION, **vlm.config.to_dict()}
+    (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+    save_model(vlm, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_vlm(vlm, path: str | Path) -> None:
+    """Write the model's config and weights into directory ``path`` atomically."""
+    with atomic_dir(path) as tmp:
+        _write_model(vlm, tmp)
+
+
+def save_pretrained(path: str | Path, vlm, processor=None) -> None:
+    """Write model and processor together in one atomic step."""
+    with atomic_dir(path) as tmp:
+        _write_model(vlm, tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+
+
+def read_config(path: str | Path) -> VLMConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an mmlm checkpoint")
+    data = json.loads(cfg_file.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(
+            f"{cfg_file} is not an mmlm model config (format={data.get('format')!r}); "
+            "for transformers LLaVA checkpoints use `mmlm import hf`"
+        )
+    return VLMConfig.from_dict(data)
+
+
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of a checkpoint; pickle-only checkpoints are refused."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{path} holds pickle-based weights ({', '.join(pickles)}); mmlm only loads {WEIGHTS_NAME} "
+            "because unpickling can run arbitrary code. Convert them to safetensors first."
+        )
+    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}")
+
+
+def load_vlm(path: str | Path, device: str | torch.device | None = None):
+    """Rebuild a VLM from a checkpoint directory, offline, and load its weights strictly."""
+    from safetensors.torch import load_model
+
+    from mmlm.modeling.vlm import VLM
+
+    config = read_config(path)
+    weights = weights_file(path)
+    config = config.updated(vision={"pretrained": False, "checkpoint_path": None}, text={"pretrained": False})
+    vlm = VLM(config)
+    missing, unexpected = load_model(vlm, str(weights), strict=False, device=str(device or "cpu"))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    if device is not None:
+        vlm.to(device)
+    return vlm.eval()

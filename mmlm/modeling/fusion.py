@@ -1,0 +1,67 @@
+"""Where vision meets text: small pure functions that place image tokens and fail loudly.
+
+The processor expands each ``<image>`` placeholder into exactly T copies of the image
+token id (T = tokens per image). ``check_image_tokens`` verifies that every sample holds
+as many placeholder tokens as its images have features, and names the sample otherwise;
+``merge_image_features`` writes the features, in order, at the placeholder positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_image_tokens(
+    input_ids: torch.Tensor,  # (B, L)
+    image_token_id: int,
+    tokens_per_image: int,
+    num_feature_images: int,
+    num_images: torch.Tensor | list[int] | None = None,  # (B,) images per sample
+) -> None:
+    """Raise ``ValueError`` naming the first sample whose placeholder count is wrong."""
+    counts = (input_ids == image_token_id).sum(dim=1).tolist()
+    if num_images is not None:
+        per_sample = [int(n) for n in (num_images.tolist() if torch.is_tensor(num_images) else num_images)]
+        if len(per_sample) != len(counts):
+            raise ValueError(f"num_images has {len(per_sample)} entries for a batch of {len(counts)} samples")
+        for i, (have, n) in enumerate(zip(counts, per_sample)):
+            if have != n * tokens_per_image:
+                raise ValueError(
+                    f"sample {i}: {have} image placeholder tokens but {n} image(s) x {tokens_per_image} "
+                    f"features = {n * tokens_per_image}"
+                )
+        if sum(per_sample) != num_feature_images:
+            raise ValueError(f"num_images sums to {sum(per_sample)} but pixel_values holds {num_feature_images} images")
+        return
+    for i, have in enumerate(counts):
+        if have % tokens_per_image:
+            raise ValueError(
+                f"sample {i}: {have} image placeholder tokens is not a whole number of images "
+                f"({tokens_per_image} features each)"
+            )
+    if sum(counts) != num_feature_images * tokens_per_image:
+        raise ValueError(
+            f"the batch has {sum(counts)} image placeholder tokens (per sample: {counts}) but "
+            f"{num_feature_images} image(s) x {tokens_per_image} features = {num_feature_images * tokens_per_image}"
+        )
+
+
+def merge_image_features(
+    input_ids: torch.Tensor,  # (B, L)
+    inputs_embeds: torch.Tensor,  # (B, L, D)
+    image_features: torch.Tensor,  # (N, T, D)
+    image_token_id: int,
+) -> torch.Tensor:
+    """Replace the embeddings at the placeholder positions by the image features, in order."""
+    mask = (input_ids == image_token_id).unsqueeze(-1)  # (B, L, 1)
+    feats = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)  # (N*T, D)
+    return inputs_embeds.masked_scatter(mask, feats)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != ignore_index: logits (B, L, V), labels (B, L)."""
+    logits = logits[:, :-1].float()  # (B, L-1, V)
+    targets = labels[:, 1:]  # (B, L-1)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+    )

@@ -1,0 +1,95 @@
+"""Projectors: vision features (N, P, D_v) -> image tokens (N, T, D_t) in the LM's space.
+
+The registry ``PROJECTORS`` is a plain dict name -> class; ``build_projector`` fails on an
+unknown name with the list of known ones. Each projector reports ``num_tokens(P)``, the
+number of image tokens it emits for P patches: the processor expands ``<image>`` to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmlm.config import ProjectorConfig
+
+
+class LinearProjector(nn.Module):
+    """One linear map (LLaVA-1.0)."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, text_dim)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return num_patches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # (N, P, D_t)
+
+
+class MLP2xGeluProjector(nn.Module):
+    """Linear -> GELU -> Linear (LLaVA-1.5's ``mlp2x_gelu``)."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        hidden = cfg.hidden_dim or text_dim
+        self.linear_1 = nn.Linear(vision_dim, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, text_dim)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return num_patches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))  # (N, P, D_t)
+
+
+def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Merge each r x r block of a square patch grid into one token (space-to-depth).
+
+    (N, P, D) -> (N, P / r^2, D * r^2), as Idefics3/SmolVLM's connector.
+    """
+    n, p, d = x.shape
+    side = math.isqrt(p)
+    if side * side != p or side % factor:
+        raise ValueError(f"pixel_shuffle needs a square grid divisible by {factor}, got {p} patches")
+    s = side // factor
+    x = x.reshape(n, s, factor, s, factor, d)  # (N, s, r, s, r, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (N, s, s, r, r, D)
+    return x.reshape(n, s * s, factor * factor * d)
+
+
+class PixelShuffleProjector(nn.Module):
+    """Pixel shuffle by r, then Linear -> GELU -> Linear: r^2 fewer tokens."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        if cfg.pixel_shuffle_factor < 1:
+            raise ValueError(f"pixel_shuffle_factor must be >= 1, got {cfg.pixel_shuffle_factor}")
+        self.factor = cfg.pixel_shuffle_factor
+        hidden = cfg.hidden_dim or text_dim
+        self.linear_1 = nn.Linear(vision_dim * self.factor**2, hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden, text_dim)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return num_patches // self.factor**2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pixel_shuffle(x, self.factor)  # (N, P / r^2, D_v r^2)
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+PROJECTORS: dict[str, type[nn.Module]] = {
+    "linear": LinearProjector,
+    "mlp2x_gelu": MLP2xGeluProjector,
+    "pixel_shuffle": PixelShuffleProjector,
+}
+
+
+def build_projector(cfg: ProjectorConfig, vision_dim: int, text_dim: int) -> nn.Module:
+    if cfg.name not in PROJECTORS:
+        raise ValueError(f"unknown projector {cfg.name!r}; known: {sorted(PROJECTORS)}")
+    return PROJECTORS[cfg.name](cfg, vision_dim, text_dim)

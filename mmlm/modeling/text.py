@@ -1,0 +1,54 @@
+"""The decoder: any transformers causal LM, built from a config dict or a name/path.
+
+``resolve_text_config`` fills ``TextConfig.hf_config`` from ``name`` when it is empty, so
+that a saved model carries its whole architecture and rebuilds offline. ``build_language_model``
+makes the ``AutoModelForCausalLM``: pretrained weights from ``name`` when asked, random init
+from ``hf_config`` otherwise. Remote code is never run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmlm.config import TextConfig
+
+
+def hf_config_object(cfg: TextConfig):
+    """The transformers ``PretrainedConfig`` for ``cfg`` (from ``hf_config``, else from ``name``)."""
+    from transformers import AutoConfig
+
+    if cfg.hf_config:
+        data = dict(cfg.hf_config)
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            raise ValueError("text.hf_config needs a 'model_type' (e.g. 'llama', 'qwen2', 'gpt2')")
+        for key in ("architectures", "transformers_version", "_name_or_path"):
+            data.pop(key, None)
+        return AutoConfig.for_model(model_type, **data)
+    if cfg.name:
+        return AutoConfig.from_pretrained(cfg.name, trust_remote_code=False)
+    raise ValueError("the text config needs either 'hf_config' (with model_type) or 'name'")
+
+
+def resolve_text_config(cfg: TextConfig) -> TextConfig:
+    """``cfg`` with ``hf_config`` filled in (a no-op when it already is)."""
+    if cfg.hf_config:
+        return cfg
+    hf = hf_config_object(cfg).to_dict()
+    return TextConfig(hf_config=hf, name=cfg.name, pretrained=cfg.pretrained, attn_implementation=cfg.attn_implementation)
+
+
+def build_language_model(cfg: TextConfig) -> nn.Module:
+    """An ``AutoModelForCausalLM``; pretrained from ``cfg.name`` or randomly initialised."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.pretrained:
+        if not cfg.name:
+            raise ValueError("text.pretrained=True needs text.name (a hub name or local path)")
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name, config=hf_config_object(cfg) if cfg.hf_config else None,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=False, dtype=torch.float32,
+        )
+    config = hf_config_object(cfg)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=False)

@@ -1,0 +1,139 @@
+"""The vision-language model: encoder -> projector -> image tokens inside an LM's sequence.
+
+``VLM.forward(input_ids, pixel_values, attention_mask, labels)`` embeds the text, replaces
+the ``<image>`` placeholder positions by projected image features (0, 1 or several images
+per sample; ``pixel_values`` holds the images of the whole batch in order, ``num_images``
+how many belong to each sample) and runs the LM. With labels it returns the shifted
+cross-entropy over labels != -100. Packed rows pass ``position_ids`` that restart at 0 for
+each sample and no attention mask: transformers then keeps attention within each sample.
+
+This module holds nn.Modules only: no tokenizer, no data code, no file I/O but weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlm.config import ImageTransformConfig, VLMConfig
+from mmlm.modeling.fusion import check_image_tokens, merge_image_features, shifted_cross_entropy
+from mmlm.modeling.projector import build_projector
+from mmlm.modeling.text import build_language_model, resolve_text_config
+from mmlm.modeling.vision import build_vision_encoder
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # (B, L, V)
+    past_key_values: Any = None
+
+
+class VLM(nn.Module):
+    """A LLaVA-style model: ``vision`` (encoder), ``projector`` and ``lm`` (a causal LM)."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        config = config.updated(text=resolve_text_config(config.text))
+        self.config = config
+        self.vision = build_vision_encoder(config.vision)
+        self.lm = build_language_model(config.text)
+        text_dim = self.lm.get_input_embeddings().embedding_dim
+        self.projector = build_projector(config.projector, self.vision.embed_dim, text_dim)
+        self.num_image_tokens = self.projector.num_tokens(self.vision.num_patches)
+        if self.num_image_tokens < 1:
+            raise ValueError("the projector leaves no image tokens: lower pixel_shuffle_factor")
+        vocab = self.lm.get_input_embeddings().num_embeddings
+        if not 0 <= config.image_token_id < vocab:
+            raise ValueError(
+                f"image_token_id={config.image_token_id} is outside the LM vocabulary (size {vocab}); "
+                "build the model with the processor's image token id"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "VLM":
+        """A model from a named preset (see ``mmlm.presets.PRESETS``), with config overrides."""
+        from mmlm.presets import get_preset
+
+        return cls(get_preset(name).updated(**overrides))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None) -> "VLM":
+        """Load a checkpoint directory written by ``save_pretrained`` (safetensors only)."""
+        from mmlm.checkpoint import load_vlm
+
+        return load_vlm(path, device=device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` atomically into directory ``path``."""
+        from mmlm.checkpoint import save_vlm
+
+        save_vlm(self, path)
+
+    def image_transform(self) -> ImageTransformConfig:
+        return self.vision.image_transform()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, T, D_text) image tokens."""
+        dtype = next(self.vision.parameters()).dtype
+        return self.projector(self.vision(pixel_values.to(dtype)))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        pixel_values: torch.Tensor | None = None,  # (N, 3, H, W)
+        num_images: torch.Tensor | None = None,  # (B,)
+    ) -> torch.Tensor:
+        """Token embeddings with image features at the placeholder positions: (B, L, D)."""
+        image_id = self.config.image_token_id
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        check_image_tokens(input_ids, image_id, self.num_image_tokens, n_images, num_images)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        if n_images:
+            feats = self.encode_images(pixel_values)
+            embeds = merge_image_features(input_ids, embeds, feats, image_id)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L)
+        pixel_values: torch.Tensor | None = None,  # (N, 3, H, W)
+        attention_mask: torch.Tensor | None = None,  # (B, L), 1 = real token
+        labels: torch.Tensor | None = None,  # (B, L), -100 = no loss
+        position_ids: torch.Tensor | None = None,  # (B, L)
+        num_images: torch.Tensor | None = None,  # (B,)
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values, num_images)
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        loss = None
+        if labels is not None:
+            loss = shifted_cross_entropy(out.logits, labels, self.config.ignore_index)
+        return VLMOutput(loss=loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None))
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, num_images=None, **kwargs):
+        """Batched, KV-cached generation; see ``mmlm.generation.generate`` for the options."""
+        from mmlm.generation import generate
+
+        return generate(self, input_ids, pixel_values, attention_mask, num_images=num_images, **kwargs)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,91 @@
+"""Named model configs. Each preset is a complete ``VLMConfig``: its LM architecture is
+spelled out (``hf_config``), so every preset builds offline with random weights, and the
+hub names say where pretrained weights come from when a user asks for them
+(``VLM.from_preset("small", vision={"pretrained": True}, text={"pretrained": True})``).
+
+- ``tiny``: from scratch, small enough to learn the synthetic dataset on a 2-core CPU in minutes.
+- ``small``: ViT-S/16 (timm, ImageNet-21k) + SmolLM2-135M (Llama architecture).
+- ``base``: SigLIP-B/16 (timm) + Qwen2.5-0.5B.
+- ``llava-1.5-7b``: CLIP ViT-L/14-336 + Vicuna-7B v1.5 (Llama), ``mlp2x_gelu``, penultimate layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mmlm.config import ProjectorConfig, TextConfig, VisionConfig, VLMConfig
+
+
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+           max_pos: int, rope_theta: float, tie: bool, eps: float = 1e-5, **extra) -> dict:
+    return {
+        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": intermediate,
+        "vocab_size": vocab, "max_position_embeddings": max_pos, "rope_theta": rope_theta,
+        "tie_word_embeddings": tie, "rms_norm_eps": eps, "hidden_act": "silu", **extra,
+    }
+
+
+def tiny() -> VLMConfig:
+    return VLMConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, num_heads=4,
+                            stem="conv", feature_layer=-1, class_token=False),
+        projector=ProjectorConfig(name="pixel_shuffle", pixel_shuffle_factor=2),
+        text=TextConfig(hf_config=_llama(256, 4, 4, 4, 704, vocab=512, max_pos=512, rope_theta=10000.0, tie=True)),
+    )
+
+
+def small() -> VLMConfig:
+    return VLMConfig(
+        vision=VisionConfig(name="vit_small_patch16_224.augreg_in21k_ft_in1k", image_size=224, patch_size=16),
+        projector=ProjectorConfig(name="mlp2x_gelu"),
+        text=TextConfig(
+            name="HuggingFaceTB/SmolLM2-135M",
+            hf_config=_llama(576, 30, 9, 3, 1536, vocab=49152, max_pos=8192, rope_theta=100000.0, tie=True,
+                             bos_token_id=0, eos_token_id=0),
+        ),
+    )
+
+
+def base() -> VLMConfig:
+    return VLMConfig(
+        vision=VisionConfig(name="vit_base_patch16_siglip_224.webli", image_size=224, patch_size=16),
+        projector=ProjectorConfig(name="mlp2x_gelu"),
+        text=TextConfig(
+            name="Qwen/Qwen2.5-0.5B",
+            hf_config={
+                "model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+                "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+                "rms_norm_eps": 1e-6, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643,
+            },
+        ),
+    )
+
+
+def llava_1_5_7b() -> VLMConfig:
+    return VLMConfig(
+        vision=VisionConfig(name="vit_large_patch14_clip_336.openai", image_size=336, patch_size=14,
+                            feature_layer=-2, drop_prefix_tokens=True, resize_mode="pad"),
+        projector=ProjectorConfig(name="mlp2x_gelu"),
+        text=TextConfig(
+            name="lmsys/vicuna-7b-v1.5",
+            hf_config=_llama(4096, 32, 32, 32, 11008, vocab=32000, max_pos=4096, rope_theta=10000.0, tie=False,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        ),
+    )
+
+
+PRESETS: dict[str, Callable[[], VLMConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "base": base,
+    "llava-1.5-7b": llava_1_5_7b,
+}
+
+
+def get_preset(name: str) -> VLMConfig:
+    """The config of preset ``name``; an unknown name fails with the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()

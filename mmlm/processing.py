@@ -1,0 +1,393 @@
+"""Tokenizer + image transform + chat template -> model inputs, with training labels.
+
+Contract:
+- Conversations are lists of ``{"role": "system"|"user"|"assistant", "content": str}``;
+  LLaVA's ``{"from": "human"|"gpt", "value": ...}`` is accepted and converted.
+- ``<image>`` in a message marks where an image goes. A conversation with images but no
+  placeholder gets them before the first user turn; any other count mismatch raises.
+- The chat template (Jinja, saved with the model) marks assistant text with
+  ``{% generation %}``; labels cover exactly those tokens (answer + end-of-turn), all
+  others are -100. A caption is the assistant's answer to ``caption_prompt``.
+- Each ``<image>`` token is expanded to exactly ``num_image_tokens`` copies, the count the
+  model produces. A sample longer than ``max_length`` is truncated on the right, but never
+  inside (or before the end of) an image span: then it raises ``ImageSpanTruncated`` or, with
+  ``on_overflow="drop"``, ``encode`` returns None. The error names the sample.
+- Batches are right-padded for training and left-padded for generation.
+
+From-scratch models get a byte-level BPE tokenizer trained with ``tokenizers``
+(``train_bpe_tokenizer``). Saving writes the tokenizer files (the chat template travels
+in them) and ``processor_config.json``; loading never runs remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmlm.config import ImageTransformConfig
+from mmlm.io import atomic_dir
+
+IMAGE_TOKEN = "<image>"
+PROCESSOR_CONFIG = "processor_config.json"
+DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
+
+# The default template of from-scratch models. ``{% generation %}`` marks what the loss covers.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<|system|>' + message['content'] + '<|end|>\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<|user|>' + message['content'] + '<|end|>\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+DEFAULT_SPECIAL_TOKENS = ["<pad>", "<|end|>", IMAGE_TOKEN, "<|system|>", "<|user|>", "<|assistant|>"]
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageSpanTruncated(ValueError):
+    """``max_length`` would cut into an image span."""
+
+
+# ---------------------------------------------------------------------------------- images
+class ImageTransform:
+    """PIL image -> normalised float tensor (3, size, size), as ``ImageTransformConfig`` says."""
+
+    def __init__(self, cfg: ImageTransformConfig):
+        if cfg.interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {cfg.interpolation!r}; known: {sorted(_RESAMPLE)}")
+        self.cfg = cfg
+        self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self._std = torch.tensor(cfg.std).view(3, 1, 1)
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        """Resize/crop/pad to the square input size (RGB, uint8)."""
+        cfg, size = self.cfg, self.cfg.size
+        resample = _RESAMPLE[cfg.interpolation]
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        if cfg.resize_mode == "pad":
+            w, h = image.size
+            if w != h:
+                side = max(w, h)
+                fill = tuple(int(round(m * 255)) for m in cfg.mean)
+                canvas = Image.new("RGB", (side, side), fill)
+                canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+                image = canvas
+        if cfg.resize_mode == "crop":  # as timm/torchvision: Resize(floor(size / crop_pct)) + CenterCrop
+            scale = math.floor(size / cfg.crop_pct)
+            w, h = image.size
+            new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+            if new != image.size:
+                image = image.resize(new, resample)
+            w, h = image.size
+            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+            return image.crop((left, top, left + size, top + size))
+        if image.size != (size, size):
+            image = image.resize((size, size), resample)
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        arr = np.asarray(self.fit(image), dtype=np.uint8)  # (H, W, 3)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        return (x - self._mean) / self._std
+
+
+# ---------------------------------------------------------------------------------- text
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512,
+                        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, min_frequency: int = 2):
+    """A byte-level BPE tokenizer trained on ``texts`` (``transformers`` fast tokenizer).
+
+    The first special tokens are pad and end-of-turn (used as eos); ``<image>`` must be one.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if IMAGE_TOKEN not in special_tokens:
+        raise ValueError(f"special_tokens must include {IMAGE_TOKEN!r}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=special_tokens[0], eos_token=special_tokens[1],
+        additional_special_tokens=[t for t in special_tokens[2:]],
+    )
+
+
+def normalize_messages(conversation: Sequence[dict], key: str | None = None) -> list[dict]:
+    """LLaVA (``from``/``value``) or chat (``role``/``content``) turns -> chat turns."""
+    out = []
+    for i, turn in enumerate(conversation):
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in _ROLES or not isinstance(content, str):
+            raise ValueError(f"{_name(key)}turn {i} is not a valid message (need role/content or from/value): {turn!r}")
+        out.append({"role": _ROLES[role], "content": content})
+    return out
+
+
+def place_images(messages: list[dict], num_images: int, key: str | None = None) -> list[dict]:
+    """Check the ``<image>`` count against ``num_images``; with no placeholder at all, put
+    the images before the first user turn."""
+    count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if count == num_images:
+        return messages
+    if count == 0:
+        messages = [dict(m) for m in messages]
+        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first is None:
+            raise ValueError(f"{_name(key)}{num_images} image(s) but no user turn to attach them to")
+        messages[first]["content"] = IMAGE_TOKEN * num_images + "\n" + messages[first]["content"]
+        return messages
+    raise ValueError(f"{_name(key)}{count} {IMAGE_TOKEN} placeholder(s) in the text but {num_images} image(s)")
+
+
+def _name(key: str | None) -> str:
+    return f"sample {key!r}: " if key is not None else ""
+
+
+# ---------------------------------------------------------------------------------- processor
+@dataclass
+class ProcessorConfig:
+    """The prompt format and input geometry that travel with a checkpoint."""
+
+    image_transform: ImageTransformConfig
+    """How images are resized and normalised for the encoder."""
+    num_image_tokens: int
+    """Tokens each ``<image>`` expands to (the model's tokens per image)."""
+    max_length: int = 2048
+    """Longest tokenized sample (image tokens included)."""
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    """The user prompt a caption answers, in training and in ``describe``."""
+    system_prompt: str | None = None
+    """A system message put before every conversation that has none."""
+    on_overflow: str = "raise"
+    """A sample longer than max_length whose cut would fall inside an image span:
+    ``raise`` or ``drop`` (``encode`` returns None)."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Extra tokens that end generation (besides the tokenizer's eos)."""
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["image_transform"] = self.image_transform.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProcessorConfig":
+        data = dict(data)
+        data["image_transform"] = ImageTransformConfig.from_dict(data["image_transform"])
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"processor config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+class Processor:
+    """Turns images + text or conversations into VLM inputs (and labels for training)."""
+
+    def __init__(self, tokenizer, config: ProcessorConfig, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        if "{% generation %}" not in tokenizer.chat_template and "{%- generation %}" not in tokenizer.chat_template:
+            raise ValueError("the chat template must mark assistant text with {% generation %}...{% endgeneration %} "
+                             "so that labels cover the assistant's tokens only")
+        if config.on_overflow not in ("raise", "drop"):
+            raise ValueError(f"on_overflow must be 'raise' or 'drop', got {config.on_overflow!r}")
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.image_transform = ImageTransform(config.image_transform)
+
+    # ---------------------------------------------------------------- construction / io
+    @classmethod
+    def for_model(cls, model, tokenizer, chat_template: str | None = None, **config: Any) -> "Processor":
+        """A processor matching ``model``'s image transform and tokens per image."""
+        cfg = ProcessorConfig(image_transform=model.image_transform(), num_image_tokens=model.num_image_tokens, **config)
+        return cls(tokenizer, cfg, chat_template)
+
+    @property
+    def chat_template(self) -> str:
+        return self.tokenizer.chat_template
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.eos_token_id] + [self.tokenizer.convert_tokens_to_ids(t) for t in self.config.stop_tokens]
+        return sorted({int(i) for i in ids if i is not None})
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write tokenizer files, the chat template and processor_config.json into ``path``
+        atomically (files of a model already there are kept)."""
+        with atomic_dir(path) as tmp:
+            self.tokenizer.save_pretrained(str(tmp))
+            (tmp / "chat_template.jinja").write_text(self.chat_template)
+            (tmp / PROCESSOR_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Processor":
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        cfg_file = path / PROCESSOR_CONFIG
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} has no {PROCESSOR_CONFIG}: not an mmlm checkpoint directory")
+        config = ProcessorConfig.from_dict(json.loads(cfg_file.read_text()))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        template_file = path / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else None
+        return cls(tokenizer, config, template)
+
+    # ---------------------------------------------------------------- encoding
+    def caption_conversation(self, caption: str | None = None) -> list[dict]:
+        """The conversation a caption sample trains (or a caption request prompts)."""
+        msgs = [{"role": "user", "content": self.config.caption_prompt}]
+        if caption is not None:
+            msgs.append({"role": "assistant", "content": caption})
+        return msgs
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.config.system_prompt and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.config.system_prompt}] + messages
+        return messages
+
+    def encode(self, conversation: Sequence[dict], images: Sequence[Image.Image] = (), *,
+               add_generation_prompt: bool = False, key: str | None = None) -> dict | None:
+        """One sample -> ``{input_ids (L,), labels (L,), pixel_values (n, 3, H, W) | None, num_images}``.
+
+        Returns None only when the sample overflows into an image span and on_overflow="drop".
+        """
+        messages = self._with_system(place_images(normalize_messages(conversation, key), len(images), key))
+        enc = self.tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
+            return_assistant_tokens_mask=not add_generation_prompt,
+        )
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (L0,)
+        if add_generation_prompt:
+            labels = torch.full_like(ids, -100)
+        else:
+            mask = torch.tensor(enc["assistant_masks"], dtype=torch.bool)
+            labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        ids, labels = self._expand_images(ids, labels)
+        ids, labels = self._truncate(ids, labels, key)
+        if ids is None:
+            return None
+        pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_images": len(images)}
+
+    def _expand_images(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Repeat each image token ``num_image_tokens`` times (labels -100 there)."""
+        is_img = ids == self.image_token_id
+        if not bool(is_img.any()):
+            return ids, labels
+        reps = torch.where(is_img, self.config.num_image_tokens, 1)
+        ids = torch.repeat_interleave(ids, reps)
+        labels = torch.repeat_interleave(torch.where(is_img, -100, labels), reps)
+        return ids, labels
+
+    def _truncate(self, ids: torch.Tensor, labels: torch.Tensor, key: str | None):
+        max_len = self.config.max_length
+        if ids.numel() <= max_len:
+            return ids, labels
+        img_pos = (ids == self.image_token_id).nonzero().flatten()
+        if img_pos.numel() and int(img_pos[-1]) >= max_len:
+            if self.config.on_overflow == "drop":
+                return None, None
+            raise ImageSpanTruncated(
+                f"{_name(key)}{ids.numel()} tokens exceed max_length={max_len} and the cut would fall inside an "
+                f"image span (last image token at {int(img_pos[-1])}); raise max_length or use on_overflow='drop'"
+            )
+        return ids[:max_len], labels[:max_len]
+
+    # ---------------------------------------------------------------- batches
+    def pad(self, samples: Sequence[dict], padding_side: str = "right") -> dict:
+        """Stack encoded samples: input_ids/labels/attention_mask (B, L), pixel_values (N, 3, H, W),
+        num_images (B,). ``padding_side="left"`` for generation."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        length = max(s["input_ids"].numel() for s in samples)
+        pad_id = self.tokenizer.pad_token_id
+        batch = len(samples)
+        input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+        labels = torch.full((batch, length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = s["input_ids"].numel()
+            sl = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            input_ids[i, sl] = s["input_ids"]
+            labels[i, sl] = s["labels"]
+            attention_mask[i, sl] = 1
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else None,
+            "num_images": torch.tensor([s["num_images"] for s in samples], dtype=torch.long),
+        }
+
+    def __call__(self, images=None, text: str | Sequence[str] | None = None,
+                 conversations: Sequence[dict] | Sequence[Sequence[dict]] | None = None) -> dict:
+        """Batch inputs. ``text`` (prompts, one per sample): left-padded generation inputs.
+        ``conversations`` (one or a list): right-padded training inputs with labels.
+        ``images``: one image, a list (one per sample), or a list of lists (several per sample)."""
+        if (text is None) == (conversations is None):
+            raise ValueError("pass exactly one of text= (prompts) or conversations=")
+        if text is not None:
+            prompts = [text] if isinstance(text, str) else list(text)
+            convs = [[{"role": "user", "content": p}] for p in prompts]
+        else:
+            convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        per_sample = _images_per_sample(images, len(convs))
+        generating = text is not None
+        samples = [self.encode(c, ims, add_generation_prompt=generating) for c, ims in zip(convs, per_sample)]
+        if any(s is None for s in samples):
+            raise ImageSpanTruncated("a sample overflows max_length inside an image span")
+        return self.pad(samples, "left" if generating else "right")
+
+    def prompt_inputs(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str | None]) -> dict:
+        """Left-padded generation inputs; a None prompt means the caption prompt."""
+        texts = [self.config.caption_prompt if p is None else p for p in prompts]
+        return self(images=list(images), text=texts)
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def batch_decode(self, ids) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+
+def _images_per_sample(images, n: int) -> list[list[Image.Image]]:
+    if images is None:
+        return [[] for _ in range(n)]
+    if isinstance(images, Image.Image):
+        images = [images]
+    images = list(images)
+    if len(images) != n:
+        raise ValueError(f"{len(images)} image entries for {n} samples (pass one entry per sample)")
+    return [[im] if isinstance(im, Image.Image) else list(im or []) for im in images]

@@ -1,0 +1,74 @@
+"""Checkpoints: save -> load is bit-identical, atomic, offline, and never unpickles."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from _tiny import image, tiny_pair
+from mmlm import VLM, Processor, load
+from mmlm.checkpoint import UnsafeCheckpointError, save_pretrained
+
+
+def test_save_load_bit_identical(tmp_path):
+    vlm, proc = tiny_pair(projector="pixel_shuffle")
+    save_pretrained(tmp_path / "ckpt", vlm, proc)
+    names = set(os.listdir(tmp_path / "ckpt"))
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
+    vlm2, proc2 = load(tmp_path / "ckpt", device="cpu")
+    conv = [{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]
+    b1, b2 = proc(images=[image()], conversations=[conv]), proc2(images=[image()], conversations=[conv])
+    for k in ("input_ids", "labels", "attention_mask", "pixel_values", "num_images"):
+        assert torch.equal(b1[k], b2[k]), k
+    with torch.no_grad():
+        assert torch.equal(vlm(**b1).logits, vlm2(**b2).logits)
+    assert proc2.chat_template == proc.chat_template
+    assert proc2.config == proc.config
+
+
+def test_separate_saves_share_a_directory(tmp_path):
+    vlm, proc = tiny_pair()
+    vlm.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    vlm.save_pretrained(tmp_path / "m")  # re-saving the model keeps the processor files
+    assert (tmp_path / "m" / "processor_config.json").is_file()
+    assert isinstance(VLM.from_pretrained(tmp_path / "m"), VLM)
+    assert isinstance(Processor.from_pretrained(tmp_path / "m"), Processor)
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    vlm, _ = tiny_pair()
+    vlm.save_pretrained(tmp_path / "m")
+    os.remove(tmp_path / "m" / "model.safetensors")
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Boom()}, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="pickle-based weights"):
+        VLM.from_pretrained(tmp_path / "m")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_directories_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        VLM.from_pretrained(tmp_path / "missing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="mmlm import hf"):
+        VLM.from_pretrained(tmp_path / "other")
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    vlm, proc = tiny_pair()
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(proc, "save_pretrained", broken)
+    with pytest.raises(RuntimeError):
+        save_pretrained(tmp_path / "ckpt", vlm, proc)
+    assert os.listdir(tmp_path) == []

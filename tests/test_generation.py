@@ -1,0 +1,95 @@
+"""Generation: cache parity, batch parity, parity with transformers, sampling, beams, streaming."""
+
+import pytest
+import torch
+
+from _tiny import image, pair, tiny_pair  # noqa: F401
+from mmlm.api import describe, generate_texts
+from mmlm.generation import GenerationConfig, generate
+
+PROMPTS = ["what color is the star?", "how many shapes are there?", "Describe the image briefly."]
+IMAGES = [image("red"), image("blue", (20, 50)), image("green")]
+
+
+def _gen(vlm, proc, images, prompts, **opts):
+    batch = proc(images=images, text=prompts)
+    return generate(vlm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                    num_images=batch["num_images"], eos_token_id=proc.stop_token_ids,
+                    pad_token_id=proc.tokenizer.pad_token_id, **opts)
+
+
+def _strip(row, pad):
+    row = row.tolist()
+    while row and row[-1] == pad:
+        row.pop()
+    return row
+
+
+def test_kv_cache_equals_no_cache(pair):
+    vlm, proc = pair
+    a = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=12)
+    b = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=12, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_left_padded_batch_equals_one_by_one(pair):
+    vlm, proc = pair
+    pad = proc.tokenizer.pad_token_id
+    batched = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=12)
+    for i in range(3):
+        single = _gen(vlm, proc, IMAGES[i:i + 1], PROMPTS[i:i + 1], max_new_tokens=12)
+        assert _strip(batched[i], pad) == _strip(single[0], pad)
+
+
+def test_greedy_equals_transformers_generate(pair):
+    vlm, proc = pair
+    batch = proc(images=IMAGES, text=PROMPTS)
+    embeds = vlm.embed(batch["input_ids"], batch["pixel_values"], batch["num_images"])
+    ref = vlm.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], do_sample=False,
+                          max_new_tokens=10, eos_token_id=proc.stop_token_ids,
+                          pad_token_id=proc.tokenizer.pad_token_id)
+    ours = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=10)
+    pad = proc.tokenizer.pad_token_id
+    for i in range(3):
+        assert _strip(ours[i], pad) == _strip(ref[i], pad)
+
+
+def test_beam_search_width_one_is_greedy_and_wider_beams_run(pair):
+    vlm, proc = pair
+    pad = proc.tokenizer.pad_token_id
+    greedy = _gen(vlm, proc, IMAGES[:1], PROMPTS[:1], max_new_tokens=8)
+    beam = _gen(vlm, proc, IMAGES[:1], PROMPTS[:1], max_new_tokens=8, num_beams=3)
+    assert beam.shape[0] == 1 and beam.shape[1] <= 8
+    assert len(_strip(greedy[0], pad)) >= 1
+
+
+def test_sampling_is_seeded_and_top_p_small_is_greedy(pair):
+    vlm, proc = pair
+    a = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    b = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    assert torch.equal(a, b)
+    nucleus = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=1)
+    greedy = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8)
+    assert torch.equal(nucleus, greedy)
+
+
+def test_stop_strings_streaming_and_describe(pair):
+    vlm, proc = pair
+    config = GenerationConfig(max_new_tokens=10)
+    full = generate_texts(vlm, proc, IMAGES[:1], [None], config)[0]
+    pieces = []
+    streamed = generate_texts(vlm, proc, IMAGES[:1], [None], config, on_text=lambda row, d: pieces.append(d))[0]
+    assert streamed == full and "".join(pieces).strip() == full
+    if len(full) > 2:
+        stop = full[1:3]
+        cut = generate_texts(vlm, proc, IMAGES[:1], [None], config, stop_strings=[stop])[0]
+        assert stop not in cut and full.startswith(cut)
+    texts = describe(IMAGES, model=(vlm, proc), prompt=None, batch_size=2, max_new_tokens=10)
+    assert texts[0] == full and len(texts) == 3
+
+
+def test_bad_options_are_clear():
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
