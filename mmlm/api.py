@@ -87,14 +87,16 @@ class TextStream:
                 self.sent[row] = text
 
 
-def _stop_on_strings(processor, stop_strings: Sequence[str]):
+def stop_on_strings(processor, stop_strings: Sequence[str]):
+    """A ``stop`` callback for ``generate``: True for rows whose text contains a stop string."""
     def stop(generated: torch.Tensor) -> torch.Tensor:
         texts = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=generated.device)
     return stop
 
 
-def _trim(text: str, stop_strings: Sequence[str]) -> str:
+def trim_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` cut before the first stop string, stripped."""
     for s in stop_strings:
         if s in text:
             text = text[: text.index(s)]
@@ -111,9 +113,9 @@ def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | Non
     new = generate(
         vlm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], num_images=batch["num_images"],
         config=config, eos_token_id=processor.stop_token_ids, pad_token_id=processor.tokenizer.pad_token_id,
-        stop=_stop_on_strings(processor, stop_strings) if stop_strings else None, on_tokens=streamer,
+        stop=stop_on_strings(processor, stop_strings) if stop_strings else None, on_tokens=streamer,
     )
-    return [_trim(processor.decode(row), stop_strings) for row in new.tolist()]
+    return [trim_at_stop(processor.decode(row), stop_strings) for row in new.tolist()]
 
 
 def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Image, model=None,

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     try:
         return int(args.run(args) or 0)
-    except (UserError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (UserError, FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -69,5 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m mmlm.cli.main`: run the imported module so its classes are the ones raised
+    from mmlm.cli.main import main as _main
+
+    sys.exit(_main())

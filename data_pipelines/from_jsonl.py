@@ -1,0 +1,132 @@
+"""Build shards from a JSON-lines file of captions, VQA pairs and conversations, mixed freely.
+
+Each line is one object with an optional ``"image"`` (a path relative to ``--image-root``, or an
+absolute path, or a list of paths for several images) and one of:
+
+* ``{"image", "caption": str}`` (or ``"captions": [str, ...]``),
+* ``{"image", "question": str, "answers": [str, ...]}``,
+* ``{"image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``
+  (LLaVA style; ``<image>`` placeholders, one per image; text-only conversations are allowed).
+
+Every other field (``id``, ``image_id``, ...) is kept in the sample's json. The sample key is the
+1-based line number, zero-padded (``000000042``), so a re-run over the same file resumes exactly.
+Blank lines are ignored. A bad line, a missing or undecodable image, or a sample that breaks the
+schema is skipped and reported (``OUT/skipped.jsonl``). Usage::
+
+    python -m data_pipelines.from_jsonl --jsonl data.jsonl --image-root images/ --out shards/
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from mmlm.data.schema import Record, record_from_members
+
+from ._common import (
+    BuildError,
+    Job,
+    SkipSample,
+    add_image_args,
+    add_output_args,
+    check_output_args,
+    cli,
+    load_image,
+    run_jobs,
+)
+
+TEXT_FIELDS = ("caption", "captions", "question", "answers", "conversations")
+
+
+def line_key(lineno: int) -> str:
+    return f"{lineno:09d}"
+
+
+def iter_jobs(path: Path) -> Iterator[Job]:
+    """One job per non-blank line: payload ``(key, raw line)``; parsing happens in the workers."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                key = line_key(lineno)
+                yield Job((key,), (key, line))
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _image_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise SkipSample("bad line", '"image" must be a path or a list of paths')
+
+
+def build_record(
+    payload: tuple[str, str], *, image_root: Path, resize_max: int | None, max_pixels: int
+) -> list[Record]:
+    """Worker: one jsonl line -> one record (raises SkipSample)."""
+    key, line = payload
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SkipSample("bad line", f"invalid json: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise SkipSample("bad line", "a line must be a JSON object")
+    paths = _image_list(obj.pop("image", None))
+    if not any(obj.get(f) for f in TEXT_FIELDS):
+        raise SkipSample("bad line", "no caption, captions, question or conversations")
+    if not paths and not obj.get("conversations"):
+        raise SkipSample("no image", "caption and VQA samples need an image")
+    images, exts = [], []
+    for p in paths:
+        data, ext = load_image(image_root / p, resize_max=resize_max, max_pixels=max_pixels)
+        images.append(data)
+        exts.append(ext)
+    rec = record_from_members(key, {"json": json.dumps(obj, ensure_ascii=False).encode("utf-8")})  # type checks
+    rec.images, rec.image_exts = images, exts
+    return [rec]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipelines.from_jsonl",
+        description=__doc__.split("Usage::")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--jsonl", required=True, type=Path, help="input JSON-lines file")
+    p.add_argument(
+        "--image-root", type=Path, default=Path("."), help="directory image paths are relative to (default .)"
+    )
+    add_output_args(p)
+    add_image_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_args(args)
+    if not args.jsonl.is_file():
+        raise BuildError(f"--jsonl {args.jsonl} does not exist")
+    if not args.image_root.is_dir():
+        raise BuildError(f"--image-root {args.image_root} is not a directory")
+    fn = functools.partial(
+        build_record, image_root=args.image_root, resize_max=args.resize_max, max_pixels=args.max_pixels
+    )
+    stats = run_jobs(args, iter_jobs(args.jsonl), fn, total=count_lines(args.jsonl), desc="from_jsonl")
+    print(stats.summary(args.out))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, make_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

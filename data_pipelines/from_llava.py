@@ -1,0 +1,112 @@
+"""Build conversation shards from a LLaVA instruction json (e.g. ``llava_v1_5_mix665k.json``).
+
+Input: a JSON array of ``{"id", "image"?: path | [paths], "conversations": [{"from":
+"human"|"gpt", "value": str}, ...]}``, read as a stream (the file is never loaded whole).
+Image paths are relative to ``--images`` (``coco/train2017/000000033471.jpg``, ``gqa/images/...``).
+Samples without ``"image"`` are text-only conversations and are kept.
+
+Output: ``KEY.jpg`` (or ``KEY.0.jpg``, ``KEY.1.jpg``... for several images) + ``KEY.json``
+``{"conversations": [...], "id": <original id>, "image_file": <path>}`` plus any other fields of the
+entry. ``<image>`` placeholders are kept as they are; the key is the 0-based position in the
+array, zero-padded (``000000042``), because LLaVA ids are neither unique nor dot-free.
+A missing or undecodable image, or an entry that breaks the schema (e.g. a role other than
+human/gpt, placeholder count != image count), is skipped with its reason. Usage::
+
+    python -m data_pipelines.from_llava --json llava_v1_5_mix665k.json --images data/ --out shards/llava665k
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmlm.data.schema import Record, SchemaError, parse_conversations
+
+from ._common import (
+    BuildError,
+    Job,
+    SkipSample,
+    add_image_args,
+    add_output_args,
+    check_output_args,
+    cli,
+    iter_json_array,
+    load_image,
+    run_jobs,
+)
+
+
+def index_key(i: int) -> str:
+    return f"{i:09d}"
+
+
+def iter_jobs(path: Path) -> Iterator[Job]:
+    for i, item in enumerate(iter_json_array(path, "--json")):
+        key = index_key(i)
+        yield Job((key,), (key, item))
+
+
+def build_record(payload: tuple[str, Any], *, images: Path, resize_max: int | None, max_pixels: int) -> list[Record]:
+    """Worker: one LLaVA entry -> one record (raises SkipSample)."""
+    key, item = payload
+    if not isinstance(item, dict):
+        raise SkipSample("bad entry", "an entry must be an object")
+    item = dict(item)
+    try:
+        conv = parse_conversations(key, item.pop("conversations", None) or [])
+    except SchemaError as e:
+        raise SkipSample("schema error", e.reason) from None
+    if not conv:
+        raise SkipSample("bad entry", "no conversations")
+    paths = item.pop("image", None)
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str):
+        paths = [paths]
+    elif not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+        raise SkipSample("bad entry", '"image" must be a path or a list of paths')
+    data, exts = [], []
+    for p in paths:
+        b, ext = load_image(images / p, resize_max=resize_max, max_pixels=max_pixels)
+        data.append(b)
+        exts.append(ext)
+    meta = {k: v for k, v in item.items() if k not in ("caption", "captions", "question", "answers")}
+    if paths:
+        meta["image_file"] = paths[0] if len(paths) == 1 else paths
+    return [Record(key, data, exts, conversations=conv, meta=meta)]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipelines.from_llava",
+        description=__doc__.split("Usage::")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", required=True, type=Path, help="LLaVA instruction json (a JSON array)")
+    p.add_argument("--images", type=Path, default=Path("."), help="directory image paths are relative to (default .)")
+    add_output_args(p)
+    add_image_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_args(args)
+    if not args.json.is_file():
+        raise BuildError(f"--json {args.json} does not exist")
+    if not args.images.is_dir():
+        raise BuildError(f"--images {args.images} is not a directory")
+    fn = functools.partial(build_record, images=args.images, resize_max=args.resize_max, max_pixels=args.max_pixels)
+    stats = run_jobs(args, iter_jobs(args.json), fn, total=None, desc="from_llava")
+    print(stats.summary(args.out))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli(run, make_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""``VLMDataModule``: webdataset shards -> training/validation DataLoaders, with exact resume.
+
+Contract:
+
+* Constructed from plain, typed arguments (they are the ``data`` section of ``mmlm fit``); shard
+  specs are checked at construction (pipes/URLs refused unless allowed), expanded when a
+  DataLoader is built.
+* ``attach_processor(processor)`` must be called before any DataLoader is built (the trainer does
+  it; the processor is built with the model). The streams use a shallow copy of it whose
+  ``max_length`` is this module's (when set) and whose ``on_overflow`` is ``"drop"``, so a sample
+  that overflows into an image span is skipped and counted instead of stopping the run.
+* ``train_dataloader()``: the resampled endless stream (``mmlm.data.stream``), one batch per
+  DataLoader step (batching and collation happen in the workers). The loader keeps its iterator
+  alive across ``iter()`` calls (Lightning's "epochs" over an endless stream are chunks of the
+  same stream, not restarts); the trainer bounds training with ``max_steps`` (or
+  ``limit_train_batches``).
+* ``val_dataloader()``: a finite pass in which every sample is seen exactly once over all ranks
+  and workers; ``[]`` when no ``val`` is given.
+* **The trainer calls** ``record_consumed(batch)`` after each training step (and may call it with
+  validation batches too, for their skip counts). It records the batch's ``loader_state`` (the
+  position of the worker that made it) and adds its ``skipped`` counts; past the error budget over
+  all consumed batches it raises ``DataErrorBudgetExceeded``. Calling it twice for the same batch
+  is harmless for positions but counts its skips twice: call it once per batch.
+* ``state_dict()`` / ``load_state_dict()`` (Lightning stores them in checkpoints) hold the seed,
+  epoch, and per rank: batches and samples consumed, each worker's position and skip counts.
+  Under ``torch.distributed`` ``state_dict()`` gathers every rank's part (it is a collective:
+  all ranks call it, as Lightning does when saving). A DataLoader built after
+  ``load_state_dict`` continues exactly where the saved run stopped (same samples, same order),
+  provided seed, ``num_workers`` and world size are unchanged (else a clear error, or with
+  ``strict_resume=False`` a warning and a fresh stream at the next epoch).
+* ``skipped_counts(split="train")``: skipped samples by reason over the consumed batches
+  (``"val"``: over the validation batches passed to ``record_consumed``; ``"all"``: both).
+  ``no_target`` (records ``sample_mode`` cannot use) is counted there but is not an error: it does
+  not count against the budget (see ``mmlm.data.errors``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from mmlm.data.collate import PackCollate, PadCollate
+from mmlm.data.decode import DEFAULT_MAX_PIXELS
+from mmlm.data.errors import LOGGER_NAME, DataErrorBudgetExceeded, bad_count, budget_message, budget_violation
+from mmlm.data.sources import parse_sources, resolve_sources
+from mmlm.data.stream import SAMPLE_MODES, StreamConfig, VLMStream, detect_rank_world
+
+__all__ = ["VLMDataModule", "StreamLoader"]
+
+STATE_VERSION = 1
+log = logging.getLogger(LOGGER_NAME)
+
+
+def _identity(x):
+    return x
+
+
+class StreamLoader(DataLoader):
+    """A ``DataLoader`` over an endless :class:`VLMStream` whose iterator lives across ``iter()``
+    calls. When its iterator was shut down (Lightning's teardown), the next ``iter()`` asks
+    ``refresh()`` for ``(resume, worker_offset)`` and continues from the consumed position."""
+
+    def __init__(self, dataset: VLMStream, *, refresh=None, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
+        self._refresh = refresh
+
+    def __iter__(self):
+        it = self._iterator
+        if it is None or getattr(it, "_shutdown", False):
+            if self._refresh is not None:
+                self.dataset.set_resume(*self._refresh())
+            it = self._get_iterator()
+            self._iterator = it
+        return it
+
+
+class VLMDataModule(pl.LightningDataModule):
+    """Streams webdataset shards into VLM training batches (padded or packed), with exact resume."""
+
+    def __init__(
+        self,
+        train: Union[str, list[Union[str, dict[str, Any]]], dict[str, Any], None] = None,
+        val: Union[str, list[Union[str, dict[str, Any]]], dict[str, Any], None] = None,
+        batch_size: int = 16,
+        val_batch_size: Optional[int] = None,
+        num_workers: int = 2,
+        packing: bool = False,
+        max_length: Optional[int] = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        sample_mode: str = "auto",
+        vqa_suffix: str = "",
+        max_bad_fraction: Optional[float] = 0.05,
+        max_bad: Optional[int] = None,
+        min_samples: int = 100,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        allow_pipes: bool = False,
+        allow_remote: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        strict_resume: bool = True,
+    ):
+        """
+        Args:
+            train: Training shards: a brace pattern (``data/train-{000000..000009}.tar``), a directory
+                (its ``*.tar``), a list of them, or a list of ``{shards: ..., weight: ...}`` sources
+                mixed by weight. Read as a resampled endless stream.
+            val: Validation shards (same forms; weights ignored), read once per validation pass; None: no validation.
+            batch_size: Samples per training batch; with ``packing``, packed rows per batch.
+            val_batch_size: Batch size for validation (None: ``batch_size``).
+            num_workers: DataLoader worker processes (0: load in the main process).
+            packing: Pack several samples per row up to ``max_length`` tokens (no padding waste;
+                attention stays within each sample) instead of padding one sample per row.
+            max_length: Longest sample and, with packing, the packed row length in tokens (None: the processor's).
+            shuffle_buffer: Samples in each worker's shuffle buffer (training).
+            seed: Seed of the training stream (shard draws, shuffling, mixed-mode choices).
+            sample_mode: What a record trains: ``auto`` (conversation, else VQA, else caption), ``caption``,
+                ``conversation``, ``vqa`` or ``mixed`` (a seeded random pick among what the record has).
+            vqa_suffix: Text appended to VQA questions (e.g. a short-answer instruction).
+            max_bad_fraction: Stop when more than this fraction of samples is bad (after ``min_samples``); None: no limit.
+            max_bad: Stop when more than this many samples are bad; None: no limit.
+            min_samples: Samples seen before ``max_bad_fraction`` applies.
+            max_pixels: Skip images with more pixels than this (decompression-bomb guard; PIL's default limit).
+            allow_pipes: Allow ``pipe:CMD`` shard specs (they run shell commands).
+            allow_remote: Allow remote shard URLs (``http://``, ``s3://``, ...; read with curl & co).
+            pin_memory: Pin batches in page-locked memory (only when CUDA is available).
+            persistent_workers: Keep DataLoader workers alive between passes (when ``num_workers > 0``).
+            prefetch_factor: Batches prefetched per worker (when ``num_workers > 0``).
+            strict_resume: On restoring a checkpoint made with another seed, ``num_workers`` or world size,
+                raise (True) or warn and start a fresh stream at the next epoch (False).
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if sample_mode not in SAMPLE_MODES:
+            raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {sample_mode!r}")
+        if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+        # check the specs' form now (clear errors at construction); expand them when loading
+        if train is not None:
+            parse_sources(train, allow_pipes=allow_pipes, allow_remote=allow_remote)
+        if val is not None:
+            parse_sources(val, allow_pipes=allow_pipes, allow_remote=allow_remote)
+        self.train_spec, self.val_spec = train, val
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.packing = bool(packing)
+        self.max_length = max_length
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.sample_mode = sample_mode
+        self.vqa_suffix = vqa_suffix
+        self.max_bad_fraction = max_bad_fraction
+        self.max_bad = max_bad
+        self.min_samples = int(min_samples)
+        self.max_pixels = max_pixels
+        self.allow_pipes = allow_pipes
+        self.allow_remote = allow_remote
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = int(prefetch_factor)
+        self.strict_resume = strict_resume
+        self.processor = None
+        self.epoch = 0
+        self._workers: dict[int, dict] = {}  # logical worker -> {"position", "done", "emitted", "batches"}
+        self._batches = 0
+        self._samples = 0
+        self._skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
+        self._restored: dict | None = None
+
+    # ------------------------------------------------------------------ wiring
+    def attach_processor(self, processor) -> None:
+        """Give the module the model's processor (before any DataLoader is built)."""
+        self.processor = processor
+
+    def _data_processor(self):
+        if self.processor is None:
+            raise RuntimeError("VLMDataModule needs a processor: call datamodule.attach_processor(processor) "
+                               "before building DataLoaders")
+        proc = copy.copy(self.processor)
+        max_length = self.max_length or proc.config.max_length
+        proc.config = dataclasses.replace(proc.config, max_length=int(max_length), on_overflow="drop")
+        return proc
+
+    def _collate(self, proc):
+        return PackCollate(proc, proc.config.max_length) if self.packing else PadCollate(proc)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return detect_rank_world()
+
+    @property
+    def _logical_workers(self) -> int:
+        return max(1, self.num_workers)
+
+    def _stream_config(self, split: str, batch_size: int) -> StreamConfig:
+        return StreamConfig(
+            split=split, batch_size=batch_size, seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
+            sample_mode=self.sample_mode, vqa_suffix=self.vqa_suffix, max_pixels=self.max_pixels,
+            max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
+            allow_pipes=self.allow_pipes, allow_remote=self.allow_remote,
+        )
+
+    def _loader_kwargs(self) -> dict:
+        kw: dict[str, Any] = {"num_workers": self.num_workers,
+                              "pin_memory": bool(self.pin_memory and torch.cuda.is_available())}
+        if self.num_workers > 0:
+            kw["persistent_workers"] = self.persistent_workers
+            kw["prefetch_factor"] = self.prefetch_factor
+        return kw
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> StreamLoader:
+        """The resampled endless training stream (continues from the consumed position)."""
+        if self.train_spec is None:
+            raise ValueError("no training shards: pass train=... to VLMDataModule")
+        proc = self._data_processor()
+        sources = resolve_sources(self.train_spec, allow_pipes=self.allow_pipes, allow_remote=self.allow_remote)
+        rank, world = self._rank_world()
+        self._apply_restored(rank, world)
+        stream = VLMStream(sources, proc, self._collate(proc), self._stream_config("train", self.batch_size),
+                           rank=rank, world_size=world)
+        stream.set_resume(*self._resume_args())
+        return StreamLoader(stream, refresh=self._resume_args, **self._loader_kwargs())
+
+    def val_dataloader(self):
+        """A finite pass over ``val`` (every sample exactly once over ranks and workers); [] without val."""
+        if self.val_spec is None:
+            return []
+        proc = self._data_processor()
+        sources = resolve_sources(self.val_spec, allow_pipes=self.allow_pipes, allow_remote=self.allow_remote)
+        rank, world = self._rank_world()
+        stream = VLMStream(sources, proc, self._collate(proc), self._stream_config("eval", self.val_batch_size),
+                           rank=rank, world_size=world)
+        return DataLoader(stream, batch_size=None, collate_fn=_identity, **self._loader_kwargs())
+
+    # ------------------------------------------------------------------ consumption and counts
+    def record_consumed(self, batch: dict) -> None:
+        """Record that ``batch`` was consumed (trained on): its worker's position and its skip counts.
+        Raises ``DataErrorBudgetExceeded`` past the budget over all consumed training batches."""
+        state = batch.get("loader_state") or {}
+        skipped = batch.get("skipped") or {}
+        if state.get("split", "train") != "train":
+            self._skipped["val"].update(skipped)
+            return
+        if "worker" in state:
+            self._workers[int(state["worker"])] = {k: state[k] for k in ("position", "done", "emitted", "batches")
+                                                   if k in state}
+        self._batches += 1
+        self._samples += int(batch.get("num_samples", 0))
+        self._skipped["train"].update(skipped)
+        counts = self._skipped["train"]
+        why = budget_violation(self._samples, bad_count(counts), max_bad_fraction=self.max_bad_fraction,
+                               max_bad=self.max_bad, min_samples=self.min_samples)
+        if why is not None:
+            raise DataErrorBudgetExceeded(budget_message(why, counts, where="the consumed training batches"))
+
+    def skipped_counts(self, split: str = "train") -> dict[str, int]:
+        """Skipped samples by reason: ``train`` (consumed batches), ``val`` or ``all``."""
+        if split == "all":
+            return dict(self._skipped["train"] + self._skipped["val"])
+        if split not in self._skipped:
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        return dict(self._skipped[split])
+
+    @property
+    def consumed_samples(self) -> int:
+        """Training samples consumed by this rank (over resumes)."""
+        return self._samples
+
+    @property
+    def consumed_batches(self) -> int:
+        return self._batches
+
+    # ------------------------------------------------------------------ state
+    def _resume_args(self) -> tuple[dict, int]:
+        return copy.deepcopy(self._workers), self._batches % self._logical_workers
+
+    def _local_state(self) -> dict:
+        return {"batches": self._batches, "samples": self._samples,
+                "workers": {str(w): copy.deepcopy(s) for w, s in self._workers.items()},
+                "skipped": dict(self._skipped["train"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader position (all ranks' parts; a collective under torch.distributed)."""
+        rank, world = self._rank_world()
+        if self._restored is not None:  # restored but no loader built since: keep the restored position
+            self._apply_restored(rank, world)
+        local = self._local_state()
+        parts = {rank: local}
+        import torch.distributed as dist
+
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (rank, local))
+            parts = {r: s for r, s in gathered}
+        return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
+                "num_workers": self._logical_workers, "world_size": world,
+                "ranks": {str(r): s for r, s in sorted(parts.items())}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a position saved by ``state_dict``; applied when the next train DataLoader is built."""
+        if not isinstance(state_dict, dict) or state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"not a VLMDataModule state (version {STATE_VERSION} expected): {str(state_dict)[:200]}")
+        self._restored = copy.deepcopy(state_dict)
+
+    def _apply_restored(self, rank: int, world: int) -> None:
+        state, self._restored = self._restored, None
+        if state is None:
+            return
+        saved = (state["seed"], state["num_workers"], state["world_size"])
+        now = (self.seed, self._logical_workers, world)
+        part = state["ranks"].get(str(rank))
+        if saved != now or part is None:
+            msg = (f"the checkpoint's data loader state was saved with seed={saved[0]}, num_workers={saved[1]}, "
+                   f"world_size={saved[2]} but this run has seed={now[0]}, num_workers={now[1]}, world_size={now[2]}")
+            if self.strict_resume:
+                raise ValueError(msg + "; exact resume needs the same (or pass strict_resume=False to start a "
+                                       "fresh stream at the next epoch)")
+            log.warning("%s: starting a fresh training stream at epoch %d (not an exact resume)", msg, state["epoch"] + 1)
+            self.epoch = int(state["epoch"]) + 1
+            self._samples = part["samples"] if part else 0
+            self._batches = 0
+            self._workers = {}
+            self._skipped["train"] = Counter(part["skipped"]) if part else Counter()
+            return
+        self.epoch = int(state["epoch"])
+        self._batches = int(part["batches"])
+        self._samples = int(part["samples"])
+        self._workers = {int(w): dict(s) for w, s in part["workers"].items()}
+        self._skipped["train"] = Counter(part["skipped"])

@@ -1,0 +1,661 @@
+"""Benchmark readers (annotation files -> :class:`Item` lists) and prediction writers/readers
+in each benchmark's submission format.
+
+Contract
+--------
+:func:`load_benchmark` (``task`` = ``"caption"`` | ``"vqa"``) returns a :class:`Benchmark`: its
+items in file order (``limit`` keeps the first N), the scoring rule and the submission format.
+An :class:`Item` has a string ``id`` (the submission key as text: COCO ``image_id``, VQA
+``question_id``, GQA ``questionId``, VizWiz image name, ...), its ``image`` (a file path or the
+encoded bytes from a shard; ``None`` when no image folder was given, which is fine for scoring
+existing predictions), the ``prompt`` given to the model (``None`` for captions unless a caption
+prompt is set: the checkpoint's own default prompt is then used; for VQA the question, a newline
+and ``prompt_suffix``), its ``references`` (captions or human answers; empty when the split has
+no public annotations) and ``groups`` (breakdown name -> value, e.g. ``perQuestionType``).
+
+Formats read (only what is needed from each file):
+
+===============  ==========================================================  ====================
+benchmark        files                                                       submission format
+===============  ==========================================================  ====================
+coco-karpathy    ``--annotations dataset_coco.json`` (Karpathy), ``--split``   ``[{image_id, caption}]``
+                 (test|val|train|restval|all); images ``DIR/filepath/filename``
+flickr30k        ``--annotations dataset_flickr30k.json`` (Karpathy format)   ``[{image_id, caption}]``
+                 image_id = the numeric file stem
+coco             ``--annotations captions_val2014.json`` (images+annotations) ``[{image_id, caption}]``
+nocaps           ``--annotations nocaps_val_4500_captions.json`` (coco-like;  ``[{image_id, caption}]``
+                 ``domain`` -> ``perDomain`` breakdown)
+shards (caption) our tar shards with ``captions``/``caption``; id = ``image_id`` ``[{image_id, caption}]``
+                 or the sample key; records of one image_id are merged
+vqav2, okvqa     ``--questions`` OpenEnded questions json, ``--annotations``  ``[{question_id, answer}]``
+                 (optional: without them predictions are written, not scored)
+vizwiz           ``--annotations val.json`` (list of {image, question, answers}) ``[{image, answer}]``
+textvqa          ``--annotations TextVQA_0.5.1_val.json`` ({"data": [...]})    ``[{question_id, answer}]``
+gqa              ``--questions testdev_balanced_questions.json`` ({qid: {...}}) ``[{questionId, prediction}]``
+pope             ``--questions coco_pope_*.json`` (jsonl {question_id, image,   jsonl ``{question_id, prompt, text}``
+                 text, label}); several files may be merged beforehand
+shards (vqa)     our tar shards with ``question``/``answers``; id =              ``[{question_id, answer}]``
+                 ``question_id`` or the sample key
+===============  ==========================================================  ====================
+
+Scoring rules: captions -> :mod:`.caption_metrics`; vqav2/okvqa/vizwiz/textvqa/shards -> official
+VQA accuracy; gqa -> exact match (+ ``perAnswerType`` open/binary as GQA's eval, structural and
+semantic types); pope -> POPE's yes/no metrics (+ ``perCategory`` when the file has ``category``).
+
+Bad input raises :class:`BenchmarkError` (a ``ValueError``) with a one-line reason naming the file.
+Writes go through :func:`atomic_write_text` (temporary file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CAPTION_BENCHMARKS",
+    "VQA_BENCHMARKS",
+    "DEFAULT_VQA_SUFFIX",
+    "BenchmarkError",
+    "Item",
+    "Benchmark",
+    "SubmissionFormat",
+    "load_benchmark",
+    "vqa_prompt",
+    "load_image",
+    "write_predictions",
+    "read_predictions",
+    "atomic_write_text",
+    "atomic_write_json",
+]
+
+CAPTION_BENCHMARKS: tuple[str, ...] = ("coco-karpathy", "coco", "flickr30k", "nocaps", "shards")
+VQA_BENCHMARKS: tuple[str, ...] = ("vqav2", "okvqa", "vizwiz", "textvqa", "gqa", "pope", "shards")
+DEFAULT_VQA_SUFFIX = "Answer the question using a single word or phrase."
+KARPATHY_SPLITS: tuple[str, ...] = ("test", "val", "train", "restval", "all")
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark input (missing file, wrong format, missing field); one-line message."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One evaluation item (see the module docstring)."""
+
+    id: str
+    image: str | bytes | None
+    prompt: str | None
+    references: tuple[str, ...] = ()
+    question: str | None = None
+    groups: Mapping[str, str | None] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """A results file: a JSON list (or JSON lines) of ``{key_field: id, value_field: text}``.
+
+    ``meta_fields`` are copied from ``Item.meta`` into each entry (POPE's ``prompt``)."""
+
+    key_field: str
+    value_field: str
+    jsonl: bool = False
+    meta_fields: tuple[str, ...] = ()
+    alt_value_fields: tuple[str, ...] = ()
+
+    @property
+    def filename(self) -> str:
+        return "predictions.jsonl" if self.jsonl else "predictions.json"
+
+
+CAPTION_FORMAT = SubmissionFormat("image_id", "caption")
+VQA_FORMAT = SubmissionFormat("question_id", "answer")
+VIZWIZ_FORMAT = SubmissionFormat("image", "answer")
+GQA_FORMAT = SubmissionFormat("questionId", "prediction")
+POPE_FORMAT = SubmissionFormat("question_id", "text", jsonl=True, meta_fields=("prompt",), alt_value_fields=("answer",))
+
+
+@dataclass
+class Benchmark:
+    """Items plus how to score and how to write them."""
+
+    name: str
+    task: str  # "caption" | "vqa"
+    scoring: str  # "caption" | "vqa" | "exact" | "pope"
+    items: list[Item]
+    submission: SubmissionFormat
+    notices: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_references(self) -> bool:
+        return any(it.references for it in self.items)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """:func:`atomic_write_text` of ``json.dumps(obj)`` (UTF-8, not ASCII-escaped)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def _read_json(path: str | os.PathLike | None, what: str) -> Any:
+    if path is None:
+        raise BenchmarkError(f"missing {what}")
+    p = Path(path)
+    if not p.is_file():
+        raise BenchmarkError(f"{what} not found: {p}")
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise BenchmarkError(f"{p}: not UTF-8 text") from None
+
+
+def _read_json_or_jsonl(path: str | os.PathLike | None, what: str) -> list[Any]:
+    if path is None:
+        raise BenchmarkError(f"missing {what}")
+    p = Path(path)
+    if not p.is_file():
+        raise BenchmarkError(f"{what} not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return list(data)
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{p}:{i}: not valid JSON lines ({e.msg})") from None
+    return out
+
+
+def _first_existing(candidates: list[Path]) -> str:
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    return str(candidates[0])
+
+
+def _require(obj: Any, key: str, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise BenchmarkError(f"{where}: missing field {key!r}")
+    return obj[key]
+
+
+def vqa_prompt(question: str, suffix: str | None) -> str:
+    """The model prompt for a VQA question: ``question``, newline, ``suffix`` (if any)."""
+    question = question.strip()
+    return f"{question}\n{suffix}" if suffix else question
+
+
+def load_image(image: str | bytes | os.PathLike):
+    """Open an item image (path or encoded bytes) as an RGB ``PIL.Image.Image`` with its EXIF
+    orientation applied (as ``mmlm.describe`` does for image paths)."""
+    from PIL import Image, ImageOps
+
+    src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    with Image.open(src) as im:
+        im.load()
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def _take(it: Iterable[Item], limit: int | None) -> list[Item]:
+    out: list[Item] = []
+    for item in it:
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(item)
+    return out
+
+
+# --------------------------------------------------------------------------- caption readers
+
+
+def _karpathy(name: str, annotations, images, split: str | None, caption_prompt) -> Iterator[Item]:
+    data = _read_json(annotations, f"--annotations (Karpathy dataset_*.json for {name})")
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise BenchmarkError(f"{annotations}: not a Karpathy split file (no 'images' list)")
+    split = split or "test"
+    if split not in KARPATHY_SPLITS:
+        raise BenchmarkError(f"--split must be one of {', '.join(KARPATHY_SPLITS)}, got {split!r}")
+    root = Path(images) if images else None
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        where = f"{annotations}: images[{i}]"
+        if split != "all" and e.get("split") != split:
+            continue
+        filename = _require(e, "filename", where)
+        if "cocoid" in e:
+            image_id: Any = e["cocoid"]
+        else:
+            stem = Path(filename).stem
+            image_id = int(stem) if stem.isdigit() else e.get("imgid", stem)
+        refs = tuple(s.get("raw", " ".join(s.get("tokens", []))) for s in _require(e, "sentences", where))
+        path = None
+        if root is not None:
+            cands = [root / e["filepath"] / filename] if e.get("filepath") else []
+            path = _first_existing(cands + [root / filename])
+        iid = str(image_id)
+        if iid in seen:
+            raise BenchmarkError(f"{where}: duplicate image id {iid}")
+        seen.add(iid)
+        yield Item(id=iid, image=path, prompt=caption_prompt, references=refs, meta={"image_id": image_id})
+
+
+def _coco_captions(name: str, annotations, images, caption_prompt) -> Iterator[Item]:
+    data = _read_json(annotations, f"--annotations (COCO-style captions json for {name})")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise BenchmarkError(f"{annotations}: not a COCO captions file (no 'images' list)")
+    refs: dict[Any, list[str]] = {}
+    for j, a in enumerate(data.get("annotations") or []):
+        where = f"{annotations}: annotations[{j}]"
+        refs.setdefault(_require(a, "image_id", where), []).append(str(_require(a, "caption", where)))
+    root = Path(images) if images else None
+    for i, im in enumerate(data["images"]):
+        where = f"{annotations}: images[{i}]"
+        image_id = _require(im, "id", where)
+        file_name = im.get("file_name")
+        path = None
+        if root is not None:
+            if not file_name:
+                raise BenchmarkError(f"{where}: missing field 'file_name'")
+            path = _first_existing([root / file_name, root / Path(file_name).name])
+        groups = {"perDomain": im.get("domain")} if name == "nocaps" and im.get("domain") else {}
+        yield Item(
+            id=str(image_id), image=path, prompt=caption_prompt,
+            references=tuple(refs.get(image_id, ())), groups=groups, meta={"image_id": image_id},
+        )
+
+
+def _shard_records(shards, notices: list[str]):
+    from mmlm.data.schema import iter_tar_records
+
+    bad: list[str] = []
+
+    def on_error(key: str, exc: Exception) -> None:
+        bad.append(f"{key}: {exc}")
+
+    try:
+        yield from iter_tar_records(shards, on_error=on_error)
+    except FileNotFoundError as e:
+        raise BenchmarkError(str(e)) from None
+    finally:
+        if bad:
+            notices.append(f"skipped {len(bad)} bad shard sample(s); first: {bad[0]}")
+
+
+def _shard_captions(shards, caption_prompt, limit, notices: list[str]) -> list[Item]:
+    if not shards:
+        raise BenchmarkError("--benchmark shards needs --shards PATTERN (files, folders or {a..b} brace patterns)")
+    order: list[str] = []
+    by_id: dict[str, dict[str, Any]] = {}
+    no_image = no_caption = 0
+    for rec in _shard_records(shards, notices):
+        refs = list(rec.captions) or ([rec.caption] if rec.caption else [])
+        if not rec.images:
+            no_image += 1
+            continue
+        if not refs:
+            no_caption += 1
+            continue
+        raw_id = rec.meta.get("image_id", rec.key)
+        iid = str(raw_id)
+        if iid not in by_id:
+            if limit is not None and len(order) >= limit:
+                break
+            order.append(iid)
+            by_id[iid] = {"image": rec.images[0], "refs": [], "raw": raw_id}
+        by_id[iid]["refs"].extend(refs)
+    if no_image:
+        notices.append(f"skipped {no_image} shard sample(s) without an image")
+    if no_caption:
+        notices.append(f"skipped {no_caption} shard sample(s) without caption/captions")
+    return [
+        Item(id=i, image=by_id[i]["image"], prompt=caption_prompt, references=tuple(by_id[i]["refs"]),
+             meta={"image_id": by_id[i]["raw"]})
+        for i in order
+    ]
+
+
+# --------------------------------------------------------------------------- vqa readers
+
+
+def _coco_image_candidates(root: Path, subtypes: list[str], image_id: int) -> list[Path]:
+    cands: list[Path] = []
+    for sub in subtypes:
+        name = f"COCO_{sub}_{int(image_id):012d}.jpg"
+        cands += [root / name, root / sub / name]
+    cands += [root / f"{int(image_id):012d}.jpg"]
+    cands += [root / f"{image_id}.{ext}" for ext in ("jpg", "jpeg", "png", "webp")]
+    return cands
+
+
+def _vqav2(name, questions, annotations, images, suffix, notices) -> Iterator[Item]:
+    anns: dict[Any, dict] = {}
+    if annotations is not None:
+        adata = _read_json(annotations, "--annotations")
+        if not isinstance(adata, dict) or not isinstance(adata.get("annotations"), list):
+            raise BenchmarkError(f"{annotations}: not a VQA annotations file (no 'annotations' list)")
+        for j, a in enumerate(adata["annotations"]):
+            anns[_require(a, "question_id", f"{annotations}: annotations[{j}]")] = a
+    if questions is None:
+        if not anns:
+            raise BenchmarkError(f"{name} needs --questions (OpenEnded questions json) and, to score, --annotations")
+        qlist = [{"question_id": q, "image_id": a.get("image_id"), "question": None} for q, a in anns.items()]
+        subtypes = ["val2014"]
+    else:
+        qdata = _read_json(questions, "--questions")
+        if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+            raise BenchmarkError(f"{questions}: not a VQA questions file (no 'questions' list)")
+        qlist = qdata["questions"]
+        sub = qdata.get("data_subtype")
+        subtypes = [sub] if sub else ["val2014", "test2015", "train2014"]
+    root = Path(images) if images else None
+    missing = 0
+    for i, q in enumerate(qlist):
+        where = f"{questions}: questions[{i}]"
+        qid = _require(q, "question_id", where)
+        image_id = q.get("image_id")
+        a = anns.get(qid)
+        if anns and a is None:
+            missing += 1
+        refs = tuple(str(x.get("answer", "")) if isinstance(x, dict) else str(x) for x in (a or {}).get("answers", []))
+        groups = {"perQuestionType": a.get("question_type"), "perAnswerType": a.get("answer_type")} if a else {}
+        path = None
+        if root is not None and image_id is not None:
+            path = _first_existing(_coco_image_candidates(root, subtypes, image_id))
+        question = q.get("question")
+        yield Item(
+            id=str(qid), image=path, prompt=vqa_prompt(question, suffix) if question else None,
+            references=refs, question=question, groups=groups, meta={"question_id": qid, "image_id": image_id},
+        )
+    if missing:
+        notices.append(f"{missing} question(s) have no annotation and are not scored")
+
+
+def _vizwiz(annotations, questions, images, suffix) -> Iterator[Item]:
+    path_ = annotations or questions
+    data = _read_json(path_, "--annotations (VizWiz val.json)")
+    if not isinstance(data, list):
+        raise BenchmarkError(f"{path_}: not a VizWiz annotations file (expected a JSON list)")
+    root = Path(images) if images else None
+    for i, e in enumerate(data):
+        where = f"{path_}[{i}]"
+        image = _require(e, "image", where)
+        question = str(_require(e, "question", where))
+        refs = tuple(str(a.get("answer", "")) if isinstance(a, dict) else str(a) for a in e.get("answers") or [])
+        groups = {"perAnswerType": e.get("answer_type")} if e.get("answer_type") else {}
+        yield Item(
+            id=str(image), image=str(root / image) if root else None, prompt=vqa_prompt(question, suffix),
+            references=refs, question=question, groups=groups, meta={"image": image},
+        )
+
+
+def _textvqa(annotations, questions, images, suffix) -> Iterator[Item]:
+    path_ = annotations or questions
+    data = _read_json(path_, "--annotations (TextVQA json)")
+    rows = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise BenchmarkError(f"{path_}: not a TextVQA file (no 'data' list)")
+    root = Path(images) if images else None
+    for i, e in enumerate(rows):
+        where = f"{path_}: data[{i}]"
+        qid = _require(e, "question_id", where)
+        image_id = _require(e, "image_id", where)
+        question = str(_require(e, "question", where))
+        path = _first_existing([root / f"{image_id}.jpg", root / str(image_id)]) if root else None
+        yield Item(
+            id=str(qid), image=path, prompt=vqa_prompt(question, suffix),
+            references=tuple(str(a) for a in e.get("answers") or []), question=question,
+            meta={"question_id": qid, "image_id": image_id},
+        )
+
+
+def _gqa(questions, annotations, images, suffix, notices) -> Iterator[Item]:
+    path_ = questions or annotations
+    data = _read_json(path_, "--questions (GQA *_balanced_questions.json)")
+    if not isinstance(data, dict):
+        raise BenchmarkError(f"{path_}: not a GQA questions file (expected {{questionId: {{...}}}})")
+    root = Path(images) if images else None
+    unbalanced = 0
+    for qid, q in data.items():
+        where = f"{path_}: {qid}"
+        if q.get("isBalanced") is False:
+            unbalanced += 1
+            continue
+        image_id = _require(q, "imageId", where)
+        question = str(_require(q, "question", where))
+        types = q.get("types") or {}
+        structural = types.get("structural")
+        groups = {
+            "perAnswerType": None if structural is None else ("open" if structural == "query" else "binary"),
+            "perStructuralType": structural,
+            "perSemanticType": types.get("semantic"),
+        }
+        yield Item(
+            id=str(qid), image=str(root / f"{image_id}.jpg") if root else None, prompt=vqa_prompt(question, suffix),
+            references=(str(q["answer"]),) if "answer" in q else (), question=question,
+            groups={k: v for k, v in groups.items() if v is not None}, meta={"questionId": qid, "imageId": image_id},
+        )
+    if unbalanced:
+        notices.append(f"skipped {unbalanced} unbalanced GQA question(s) (isBalanced=false), as GQA's eval does")
+
+
+def _pope(questions, annotations, images, suffix) -> Iterator[Item]:
+    path_ = questions or annotations
+    rows = _read_json_or_jsonl(path_, "--questions (POPE jsonl with question_id, image, text, label)")
+    root = Path(images) if images else None
+    for i, e in enumerate(rows):
+        where = f"{path_}: line {i + 1}"
+        qid = _require(e, "question_id", where)
+        image = _require(e, "image", where)
+        question = str(e.get("text", e.get("question", "")))
+        if not question:
+            raise BenchmarkError(f"{where}: missing field 'text' (the question)")
+        label = e.get("label", e.get("answer"))
+        refs: tuple[str, ...] = ()
+        if label is not None:
+            label = str(label).strip().lower()
+            if label not in ("yes", "no"):
+                raise BenchmarkError(f"{where}: label must be yes or no, got {label!r}")
+            refs = (label,)
+        groups = {"perCategory": e["category"]} if e.get("category") else {}
+        yield Item(
+            id=str(qid), image=str(root / image) if root else None, prompt=vqa_prompt(question, suffix),
+            references=refs, question=question, groups=groups,
+            meta={"question_id": qid, "image": image, "prompt": question},
+        )
+
+
+def _shard_vqa(shards, suffix, limit, notices: list[str]) -> list[Item]:
+    if not shards:
+        raise BenchmarkError("--benchmark shards needs --shards PATTERN (files, folders or {a..b} brace patterns)")
+    out: list[Item] = []
+    seen: set[str] = set()
+    no_image = no_question = 0
+    for rec in _shard_records(shards, notices):
+        if limit is not None and len(out) >= limit:
+            break
+        if rec.question is None or not rec.question.strip():
+            no_question += 1
+            continue
+        if not rec.images:
+            no_image += 1
+            continue
+        raw_id = rec.meta.get("question_id", rec.key)
+        qid = str(raw_id)
+        if qid in seen:
+            raise BenchmarkError(f"shard sample {rec.key}: duplicate question_id {qid}")
+        seen.add(qid)
+        groups = {k: rec.meta.get(m) for k, m in (("perQuestionType", "question_type"), ("perAnswerType", "answer_type"))}
+        out.append(Item(
+            id=qid, image=rec.images[0], prompt=vqa_prompt(rec.question, suffix), references=tuple(rec.answers),
+            question=rec.question, groups={k: str(v) for k, v in groups.items() if v is not None},
+            meta={"question_id": raw_id, "image_id": rec.meta.get("image_id")},
+        ))
+    if no_question:
+        notices.append(f"skipped {no_question} shard sample(s) without a question")
+    if no_image:
+        notices.append(f"skipped {no_image} shard sample(s) without an image")
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_benchmark(
+    task: str,
+    name: str,
+    *,
+    annotations: str | os.PathLike | None = None,
+    questions: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    shards: str | os.PathLike | list | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    caption_prompt: str | None = None,
+    prompt_suffix: str | None = DEFAULT_VQA_SUFFIX,
+) -> Benchmark:
+    """Read a benchmark (see the module docstring for files per benchmark).
+
+    ``limit``: keep the first N items. ``images``: the image folder (may be ``None`` when only
+    scoring predictions). ``caption_prompt``: prompt for caption models (``None``: checkpoint
+    default). ``prompt_suffix``: appended to VQA questions on a new line (``None``/"" for none).
+    """
+    if limit is not None and limit < 1:
+        raise BenchmarkError(f"--limit must be >= 1, got {limit}")
+    if images is not None and not Path(images).is_dir():
+        raise BenchmarkError(f"--images is not a folder: {images}")
+    notices: list[str] = []
+    sources = {k: os.fspath(v) for k, v in (("annotations", annotations), ("questions", questions),
+                                            ("images", images)) if v is not None}
+    if shards is not None:
+        sources["shards"] = " ".join(map(os.fspath, shards)) if isinstance(shards, list) else os.fspath(shards)
+    if task == "caption":
+        if name not in CAPTION_BENCHMARKS:
+            raise BenchmarkError(f"unknown caption benchmark {name!r}; choose from {', '.join(CAPTION_BENCHMARKS)}")
+        if name in ("coco-karpathy", "flickr30k"):
+            items = _take(_karpathy(name, annotations, images, split, caption_prompt), limit)
+        elif name in ("coco", "nocaps"):
+            items = _take(_coco_captions(name, annotations, images, caption_prompt), limit)
+        else:
+            items = _shard_captions(shards, caption_prompt, limit, notices)
+        bench = Benchmark(name, "caption", "caption", items, CAPTION_FORMAT, notices, sources)
+    elif task == "vqa":
+        if name not in VQA_BENCHMARKS:
+            raise BenchmarkError(f"unknown VQA benchmark {name!r}; choose from {', '.join(VQA_BENCHMARKS)}")
+        suffix = prompt_suffix or None
+        if name in ("vqav2", "okvqa"):
+            items = _take(_vqav2(name, questions, annotations, images, suffix, notices), limit)
+            bench = Benchmark(name, "vqa", "vqa", items, VQA_FORMAT, notices, sources)
+        elif name == "vizwiz":
+            items = _take(_vizwiz(annotations, questions, images, suffix), limit)
+            bench = Benchmark(name, "vqa", "vqa", items, VIZWIZ_FORMAT, notices, sources)
+        elif name == "textvqa":
+            items = _take(_textvqa(annotations, questions, images, suffix), limit)
+            bench = Benchmark(name, "vqa", "vqa", items, VQA_FORMAT, notices, sources)
+        elif name == "gqa":
+            items = _take(_gqa(questions, annotations, images, suffix, notices), limit)
+            bench = Benchmark(name, "vqa", "exact", items, GQA_FORMAT, notices, sources)
+        elif name == "pope":
+            items = _take(_pope(questions, annotations, images, suffix), limit)
+            bench = Benchmark(name, "vqa", "pope", items, POPE_FORMAT, notices, sources)
+        else:
+            items = _shard_vqa(shards, suffix, limit, notices)
+            bench = Benchmark(name, "vqa", "vqa", items, VQA_FORMAT, notices, sources)
+    else:
+        raise BenchmarkError(f"unknown task {task!r} (expected caption or vqa)")
+    if not bench.items:
+        raise BenchmarkError(f"{name}: no items to evaluate (check the files, --split and --limit)")
+    return bench
+
+
+# --------------------------------------------------------------------------- predictions files
+
+
+def _key_value(item: Item, fmt: SubmissionFormat) -> Any:
+    return item.meta.get(fmt.key_field, item.id)
+
+
+def write_predictions(bench: Benchmark, predictions: Mapping[str, str], path: str | os.PathLike) -> int:
+    """Write ``predictions`` (item id -> text) for the benchmark's items, in item order, in its
+    submission format; items without a prediction are left out. Returns the number written."""
+    fmt = bench.submission
+    rows = []
+    for it in bench.items:
+        if it.id not in predictions:
+            continue
+        row: dict[str, Any] = {fmt.key_field: _key_value(it, fmt)}
+        for m in fmt.meta_fields:
+            if m in it.meta:
+                row[m] = it.meta[m]
+        row[fmt.value_field] = predictions[it.id]
+        rows.append(row)
+    if fmt.jsonl:
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    else:
+        atomic_write_json(path, rows, indent=None)
+    return len(rows)
+
+
+def read_predictions(bench: Benchmark, path: str | os.PathLike) -> dict[str, str]:
+    """Read a results file in the benchmark's submission format -> ``{item id: text}``.
+
+    Accepts a JSON list or JSON lines either way. Raises :class:`BenchmarkError` on a malformed
+    entry or a duplicated id."""
+    fmt = bench.submission
+    rows = _read_json_or_jsonl(path, "--predictions")
+    out: dict[str, str] = {}
+    for i, r in enumerate(rows):
+        where = f"{path}: entry {i}"
+        if not isinstance(r, dict) or fmt.key_field not in r:
+            raise BenchmarkError(f"{where}: expected an object with {fmt.key_field!r} (format: "
+                                 f"{{{fmt.key_field!r}: ..., {fmt.value_field!r}: ...}})")
+        value = r.get(fmt.value_field)
+        for alt in fmt.alt_value_fields:
+            if value is None:
+                value = r.get(alt)
+        if not isinstance(value, str):
+            raise BenchmarkError(f"{where}: {fmt.value_field!r} must be a string")
+        key = str(r[fmt.key_field])
+        if key in out:
+            raise BenchmarkError(f"{where}: duplicate prediction for {fmt.key_field} {key}")
+        out[key] = value
+    return out

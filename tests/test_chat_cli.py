@@ -1,0 +1,143 @@
+"""`mmlm chat`: a real pseudo-terminal session (prompt, streamed reply, /quit), and piped stdin
+with the conversation history, /reset, /image and EOF."""
+
+import io
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from _tiny import tiny_config, tiny_tokenizer
+from mmlm import VLM, Processor, describe, load
+from mmlm.checkpoint import save_pretrained
+from mmlm.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION = "what color is the star?"
+
+
+def tiny_checkpoint(tmp_path_factory):
+    """The checkpoint of ``save_tiny_checkpoint``, built once per test session."""
+    path = tmp_path_factory.getbasetemp() / "tiny-inference-model"
+    if not path.exists():
+        save_tiny_checkpoint(path)
+    return path
+
+
+def save_tiny_checkpoint(path):
+    """A random tiny model whose greedy text is not empty (untied output layer, weights scaled up)."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok)
+    cfg.text.hf_config["tie_word_embeddings"] = False
+    vlm = VLM(cfg).eval()
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.mul_(3)
+    save_pretrained(path, vlm, Processor.for_model(vlm, tok, max_length=128))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    os.symlink(tiny_checkpoint(tmp_path_factory), root / "model")
+    Image.new("RGB", (40, 30), "blue").save(root / "blue.png")
+    Image.new("RGB", (30, 40), "red").save(root / "red.png")
+    return root
+
+
+def _read_until(fd, marker: bytes, buf: bytearray, timeout: float = 60) -> bytes:
+    deadline = time.monotonic() + timeout
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {bytes(buf)!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"terminal closed before {marker!r}; got {bytes(buf)!r}")
+            buf += chunk
+    i = buf.index(marker) + len(marker)
+    seen = bytes(buf[:i])
+    del buf[:i]
+    return seen
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a POSIX pseudo-terminal")
+def test_chat_in_a_pseudo_terminal(ckpt):
+    root = ckpt
+    master, slave = os.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TERM": "dumb",
+           "OMP_NUM_THREADS": "1"}  # tiny model: threads only contend with the test process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmlm.cli.main", "chat", str(root / "blue.png"), "--model", str(root / "model"),
+         "--max-new-tokens", "6", "--device", "cpu"],
+        stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env, close_fds=True,
+    )
+    os.close(slave)
+    buf = bytearray()
+    try:
+        _read_until(master, b"you> ", buf)
+        os.write(master, (QUESTION + "\n").encode())
+        _read_until(master, b"model> ", buf)
+        reply = _read_until(master, b"you> ", buf)
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    # the terminal turns "\n" into "\r\n"; the reply is the model's answer to the question
+    reply_text = reply[: -len(b"you> ")].decode("utf-8", "replace").replace("\r\n", "\n")
+    expected = describe([root / "blue.png"], model=str(root / "model"), prompt=QUESTION, device="cpu",
+                        max_new_tokens=6)[0]
+    assert expected and reply_text.rstrip("\n") == expected
+
+
+def test_chat_from_piped_stdin_keeps_history(ckpt, monkeypatch, capsys):
+    root = ckpt
+    seen = []
+    real_encode = Processor.encode
+
+    def spy(self, conversation, images=(), **kw):
+        seen.append([m["role"] for m in conversation])
+        return real_encode(self, conversation, images, **kw)
+
+    monkeypatch.setattr(Processor, "encode", spy)
+    script = f"{QUESTION}\nhow many shapes are there?\n/reset\n{QUESTION}\n/image {root / 'missing.png'}\n" \
+             f"/image {root / 'red.png'}\n{QUESTION}\n/help\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))  # EOF after the script ends the chat
+    rc = main(["chat", str(root / "blue.png"), "--model", str(root / "model"), "--max-new-tokens", "6",
+               "--device", "cpu", "--system", "Answer briefly."])
+    out = capsys.readouterr().out
+    assert rc == 0
+    # each turn: the conversation so far + the new message (history kept until /reset or /image)
+    assert seen == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"],
+                    ["system", "user"]]
+    replies = [line[len("model> "):] for line in out.split("\n") if line.startswith("model> ")]
+    assert len(replies) == 4
+    assert "error: no such image" in out and "/image PATH" in out  # a bad /image goes on; /help
+    assert f"you> {QUESTION}" in out
+
+    monkeypatch.undo()
+    vlm, processor = load(root / "model", device="cpu")
+    processor.config.system_prompt = "Answer briefly."
+    expected = describe([root / "blue.png", root / "red.png"], model=(vlm, processor), prompt=QUESTION,
+                        max_new_tokens=6, batch_size=1)
+    assert [replies[0], replies[3]] == expected and replies[2] == replies[0]
+
+
+def test_chat_missing_image_is_a_clear_error(ckpt, capsys):
+    rc = main(["chat", str(ckpt / "nope.png"), "--model", str(ckpt / "model")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "nope.png" in err and err.count("\n") == 1

@@ -1,0 +1,199 @@
+"""VLMDataModule: skip counts through batches and the module, the error budget, exact resume
+(2 workers, padding and packing, plain and through Lightning checkpoints), the finite val pass,
+pickling, and its constructor as CLI arguments."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from mmlm.data.datamodule import VLMDataModule
+from mmlm.data.errors import DataErrorBudgetExceeded
+from test_data_stream import caption_sample, keys_of, make_processor, png, write_caption_shards, write_tar
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return make_processor()
+
+
+def _shards_with_bad(root, n_shards: int = 4, per_shard: int = 8) -> None:
+    """Caption shards of mixed lengths with a corrupt image and an empty caption in each shard."""
+    for s in range(n_shards):
+        samples = [caption_sample(f"s{s}_{i:02d}", i + s, words=(i * 3 + s) % 5) for i in range(per_shard)]
+        samples.insert(3, (f"s{s}_bad", {"png": b"junk", "txt": "a red star"}))
+        samples.insert(6, (f"s{s}_empty", {"png": png(), "txt": ""}))
+        write_tar(root / f"s-{s:06d}.tar", samples)
+
+
+def _dm(root, proc, **kw) -> VLMDataModule:
+    args = dict(train=str(root), batch_size=2, num_workers=2, shuffle_buffer=6, seed=3, max_bad_fraction=None,
+                persistent_workers=True)
+    args.update(kw)
+    dm = VLMDataModule(**args)
+    dm.attach_processor(proc)
+    return dm
+
+
+def _consume(dm: VLMDataModule, n: int, loader=None) -> list[dict]:
+    loader = dm.train_dataloader() if loader is None else loader
+    it = iter(loader)
+    out = []
+    for _ in range(n):
+        b = next(it)
+        dm.record_consumed(b)
+        out.append(b)
+    del it
+    return out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_exact_resume_with_two_workers(tmp_path, proc, packing):
+    _shards_with_bad(tmp_path)
+    kw = dict(packing=packing, max_length=128 if packing else None)
+    ref_dm = _dm(tmp_path, proc, **kw)
+    ref = _consume(ref_dm, 11)
+    first = _dm(tmp_path, proc, **kw)
+    head = _consume(first, 5)  # an odd count: the resumed loader must start with worker 1
+    assert [b["keys"] for b in head] == [b["keys"] for b in ref[:5]]
+    state = first.state_dict()
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    resumed = _dm(tmp_path, proc, **kw)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    tail = _consume(resumed, 6)
+    assert [b["keys"] for b in tail] == [b["keys"] for b in ref[5:]]
+    assert resumed.skipped_counts() == ref_dm.skipped_counts()
+    assert {"corrupt_image", "empty_caption"} <= set(ref_dm.skipped_counts())
+    assert resumed.consumed_samples == ref_dm.consumed_samples == sum(b["num_samples"] for b in ref)
+    if packing:
+        assert any(b["num_samples"] > b["input_ids"].shape[0] for b in ref)  # rows hold several samples
+
+
+def test_resume_refuses_a_different_worker_count(tmp_path, proc):
+    _shards_with_bad(tmp_path, 2, 4)
+    dm = _dm(tmp_path, proc, num_workers=0)
+    _consume(dm, 2)
+    other = _dm(tmp_path, proc, num_workers=2)
+    other.load_state_dict(dm.state_dict())
+    with pytest.raises(ValueError, match="num_workers=1.*num_workers=2"):
+        other.train_dataloader()
+    lenient = _dm(tmp_path, proc, num_workers=0, strict_resume=False, seed=9)
+    lenient.load_state_dict(dm.state_dict())
+    lenient.train_dataloader()
+    assert lenient.epoch == 1
+
+
+def test_loader_iterator_survives_new_epochs_and_teardown(tmp_path, proc):
+    _shards_with_bad(tmp_path, 2, 4)
+    ref = _consume(_dm(tmp_path, proc, num_workers=0), 4)
+    dm = _dm(tmp_path, proc, num_workers=0)
+    loader = dm.train_dataloader()
+    got = _consume(dm, 2, loader) + _consume(dm, 1, loader)  # a second iter() continues the stream
+    loader._iterator = None  # what Lightning's teardown does: the next iter() resumes from the consumed position
+    got += _consume(dm, 1, loader)
+    assert [b["keys"] for b in got] == [b["keys"] for b in ref]
+
+
+def test_skips_are_counted_through_batches_and_the_module(tmp_path, proc):
+    _shards_with_bad(tmp_path, 2, 4)
+    dm = _dm(tmp_path, proc, val=str(tmp_path))
+    batches = _consume(dm, 8)
+    counts = dm.skipped_counts()
+    assert counts and set(counts) <= {"corrupt_image", "empty_caption"}
+    assert sum(counts.values()) == sum(sum(b["skipped"].values()) for b in batches)
+    for b in dm.val_dataloader():
+        dm.record_consumed(b)
+    assert dm.skipped_counts("val") == {"corrupt_image": 2, "empty_caption": 2}
+    assert dm.skipped_counts() == counts  # validation does not touch the training counts or position
+
+
+def test_error_budget_stops_training(tmp_path, proc):
+    write_tar(tmp_path / "bad-000000.tar", [(f"b{i}", {"png": b"junk", "txt": "x"}) for i in range(12)]
+              + [caption_sample("g0")])
+    dm = _dm(tmp_path, proc, max_bad=5)
+    with pytest.raises(DataErrorBudgetExceeded, match="max_bad=5"):  # raised in a worker, same type here
+        _consume(dm, 3)
+    # the module's own check over all workers' consumed batches
+    dm = _dm(tmp_path, proc, max_bad_fraction=0.5, min_samples=4)
+    dm.record_consumed({"loader_state": {"split": "train", "worker": 0, "position": 3, "done": []},
+                        "skipped": {"corrupt_image": 1}, "num_samples": 2})
+    with pytest.raises(DataErrorBudgetExceeded, match="4 of 7 samples.*corrupt_image=4"):
+        dm.record_consumed({"loader_state": {"split": "train", "worker": 1, "position": 4, "done": []},
+                            "skipped": {"corrupt_image": 3}, "num_samples": 1})
+
+
+def test_val_pass_is_exactly_once_and_finite(tmp_path, proc):
+    keys = write_caption_shards(tmp_path, 3, 5)
+    dm = _dm(tmp_path, proc, val=str(tmp_path), val_batch_size=4, packing=True)
+    seen = keys_of(list(dm.val_dataloader()))
+    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
+    assert VLMDataModule(train=str(tmp_path)).val_dataloader() == []
+
+
+def test_constructor_checks_and_pickling(tmp_path, proc):
+    write_caption_shards(tmp_path, 1, 3)
+    with pytest.raises(ValueError, match="allow_pipes=True"):
+        VLMDataModule(train=f"pipe:cat {tmp_path}/s-000000.tar")
+    VLMDataModule(train=f"pipe:cat {tmp_path}/s-000000.tar", allow_pipes=True)
+    with pytest.raises(ValueError, match="sample_mode"):
+        VLMDataModule(train=str(tmp_path), sample_mode="captions")
+    with pytest.raises(RuntimeError, match="attach_processor"):
+        VLMDataModule(train=str(tmp_path)).train_dataloader()
+    strict = make_processor(max_length=128)
+    strict.config.on_overflow = "raise"
+    dm = _dm(tmp_path, strict, max_length=64)
+    stream = pickle.loads(pickle.dumps(dm.train_dataloader().dataset))  # what a spawned worker receives
+    assert next(iter(stream))["num_samples"] == 2
+    # the streams use a copy that drops overflowing samples at the module's max_length; the model's is untouched
+    assert (stream.processor.config.max_length, stream.processor.config.on_overflow) == (64, "drop")
+    assert (strict.config.max_length, strict.config.on_overflow) == (128, "raise")
+
+
+def test_constructor_is_cli_ready():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(VLMDataModule, "data")
+    cfg = parser.parse_args(["--data.train", '[{"shards": "a/{0..9}.tar", "weight": 0.7}, {"shards": "b/", "weight": 0.3}]',
+                             "--data.packing", "true", "--data.batch_size", "4"])
+    assert cfg.data.train[0]["weight"] == 0.7 and cfg.data.packing is True and cfg.data.batch_size == 4
+    dm = parser.instantiate_classes(cfg).data
+    assert isinstance(dm, VLMDataModule) and dm.packing
+    help_text = parser.format_help()
+    assert "Pack several samples per row" in help_text and "allow_pipes" in help_text
+
+
+def test_resume_through_a_lightning_checkpoint(tmp_path, proc):
+    import lightning.pytorch as pl
+
+    _shards_with_bad(tmp_path / "data", 3, 6)
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["keys"])
+            self.trainer.datamodule.record_consumed(batch)  # in the step: before checkpoint callbacks run
+            return (self.w * batch["input_ids"].float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def trainer(steps):
+        return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+    expected = [b["keys"] for b in _consume(_dm(tmp_path / "data", proc), 5)]
+    first, module = trainer(3), Recorder()
+    first.fit(module, datamodule=_dm(tmp_path / "data", proc))
+    first.save_checkpoint(tmp_path / "ckpt.ckpt")
+    assert module.seen == expected[:3]
+    resumed = Recorder()
+    trainer(5).fit(resumed, datamodule=_dm(tmp_path / "data", proc), ckpt_path=tmp_path / "ckpt.ckpt")
+    assert resumed.seen == expected[3:]

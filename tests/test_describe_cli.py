@@ -1,0 +1,237 @@
+"""`mmlm describe`: one image streams, folders/globs/shards batch to TSV or JSONL, unreadable images
+are reported and counted, missing paths fail before anything is written, and --out resumes."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmlm.api
+from _tiny import tiny_config, tiny_tokenizer
+from mmlm import VLM, Processor, describe, load
+from mmlm.checkpoint import save_pretrained
+from mmlm.cli.main import main
+from mmlm.data.writer import ShardWriter
+from mmlm.inference import StreamPrinter, discover_inputs
+
+GEN = ["--max-new-tokens", "6", "--device", "cpu", "--no-progress"]
+
+
+def tiny_checkpoint(tmp_path_factory):
+    """The checkpoint of ``save_tiny_checkpoint``, built once per test session."""
+    path = tmp_path_factory.getbasetemp() / "tiny-inference-model"
+    if not path.exists():
+        save_tiny_checkpoint(path)
+    return path
+
+
+def save_tiny_checkpoint(path):
+    """A random tiny model whose greedy text is not empty and differs between images (untied
+    output layer, weights scaled up), with its processor."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok)
+    cfg.text.hf_config["tie_word_embeddings"] = False
+    vlm = VLM(cfg).eval()
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.mul_(3)
+    save_pretrained(path, vlm, Processor.for_model(vlm, tok, max_length=128))
+
+
+def noise(seed, size=(32, 32)):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("describe")
+    os.symlink(tiny_checkpoint(tmp_path_factory), root / "model")
+    folder = root / "imgs"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(folder / "red.png")
+    Image.new("RGB", (30, 40), "blue").save(folder / "blue.png")
+    noise(1).save(folder / "sub" / "noise.jpg")
+    noise(2, (20, 28)).save(folder / "sub" / "deeper" / "n2.webp")
+    (folder / "notes.txt").write_text("not an image")
+    pair = load(root / "model", device="cpu")
+    return root, pair
+
+
+def _images(root):
+    folder = root / "imgs"
+    return [str(folder / p) for p in ["blue.png", "red.png", "sub/deeper/n2.webp", "sub/noise.jpg"]]
+
+
+def _expected(pair, paths, prompt=None):
+    """One-by-one greedy texts through the public API."""
+    return [describe([p], model=pair, prompt=prompt, batch_size=1, max_new_tokens=6)[0] for p in paths]
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
+
+
+@pytest.fixture
+def count_generated(monkeypatch):
+    """Counts the images the CLI sends to generation (it calls mmlm.api.generate_texts)."""
+    calls = {"images": 0, "streamed": 0}
+    real = mmlm.api.generate_texts
+
+    def spy(vlm, processor, images, prompts, config, stop_strings=(), on_text=None):
+        calls["images"] += len(images)
+        if on_text is not None:
+            def counting(row, delta):
+                calls["streamed"] += 1
+                on_text(row, delta)
+            return real(vlm, processor, images, prompts, config, stop_strings, counting)
+        return real(vlm, processor, images, prompts, config, stop_strings)
+
+    monkeypatch.setattr(mmlm.api, "generate_texts", spy)
+    return calls
+
+
+def test_single_image_streams_the_describe_text(ckpt, capsys, count_generated):
+    root, pair = ckpt
+    image = _images(root)[0]
+    assert main(["describe", image, "--model", str(root / "model"), *GEN]) == 0
+    out = capsys.readouterr().out
+    expected = _expected(pair, [image])[0]
+    assert expected and out == expected + "\n"
+    assert count_generated["streamed"] > 1  # printed piece by piece as it was generated
+
+    assert main(["describe", image, "--model", str(root / "model"), *GEN, "--prompt", "what color is the star?"]) == 0
+    assert capsys.readouterr().out == _expected(pair, [image], "what color is the star?")[0] + "\n"
+
+
+def test_folder_is_searched_recursively_and_batches_equal_one_by_one(ckpt, tmp_path, capsys):
+    root, pair = ckpt
+    out = tmp_path / "res" / "captions.jsonl"
+    assert main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--batch-size", "3",
+                 "--out", str(out)]) == 0
+    rows = _read(out)
+    paths = _images(root)
+    assert [r["path"] for r in rows] == paths  # sorted, recursive, notes.txt ignored
+    assert all(r["prompt"] == pair[1].config.caption_prompt and "error" not in r for r in rows)
+    texts = [r["text"] for r in rows]
+    assert texts == _expected(pair, paths) and len(set(texts)) > 1
+
+
+def test_glob_prints_path_tab_text(ckpt, capsys):
+    root, pair = ckpt
+    assert main(["describe", str(root / "imgs" / "*.png"), "--model", str(root / "model"), *GEN,
+                 "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.split("\n")[:-1]  # splitlines() would also split at \x1c..\x1e
+    paths = _images(root)[:2]
+    escaped = [t.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+               for t in _expected(pair, paths)]
+    assert lines == [f"{p}\t{t}" for p, t in zip(paths, escaped)]
+
+
+def test_shards_describe_each_samples_first_image(ckpt, tmp_path, capsys):
+    root, pair = ckpt
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    red, blue = Image.new("RGB", (40, 30), "red"), noise(3)
+    with ShardWriter(tmp_path / "shards", max_count=2) as w:
+        w.write_members("a", {"png": png(red), "txt": "a caption"})
+        w.write_members("b", {"0.png": png(blue), "1.png": png(red), "txt": "two images"})
+        w.write_members("c", {"txt": "no image at all"})
+    shard0, shard1 = (str(tmp_path / "shards" / f"shard-00000{i}.tar") for i in (0, 1))
+    out = tmp_path / "s.jsonl"
+    spec = str(tmp_path / "shards" / "shard-{000000..000001}.tar")
+    assert main(["describe", spec, "--model", str(root / "model"), *GEN, "--out", str(out)]) == 1
+    rows = _read(out)
+    assert [r["key"] for r in rows] == [f"{shard0}#a", f"{shard0}#b", f"{shard1}#c"]
+    assert [r.get("text") for r in rows[:2]] == _expected(pair, [red, blue])
+    assert "no image" in rows[2]["error"] and "text" not in rows[2]
+
+
+def test_unreadable_image_is_reported_and_the_run_goes_on(ckpt, tmp_path, capsys):
+    root, pair = ckpt
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), "red").save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    noise(4).save(folder / "c.png")
+    out = tmp_path / "mixed.jsonl"
+    assert main(["describe", str(folder), "--model", str(root / "model"), *GEN, "--batch-size", "2",
+                 "--out", str(out)]) == 1
+    rows = _read(out)
+    assert [r["path"] for r in rows] == [str(folder / n) for n in ["a.png", "b.jpg", "c.png"]]
+    assert "error" in rows[1] and "text" not in rows[1] and "b.jpg" in capsys.readouterr().err
+    assert [rows[0]["text"], rows[2]["text"]] == _expected(pair, [folder / "a.png", folder / "c.png"])
+
+
+def test_missing_path_is_one_line_error_and_writes_nothing(ckpt, tmp_path, capsys):
+    root, _ = ckpt
+    out = tmp_path / "never.jsonl"
+    rc = main(["describe", str(root / "imgs"), str(tmp_path / "nope.jpg"), "--model", str(root / "model"),
+               *GEN, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "nope.jpg" in err and err.startswith("error:")
+    assert not out.exists()
+    assert main(["describe", str(tmp_path / "*.png"), "--model", str(root / "model"), *GEN]) == 2
+    assert main(["describe", str(root / "imgs"), "--model", str(tmp_path / "no-model"), *GEN,
+                 "--out", str(out)]) == 2
+    assert main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--batch-size", "0"]) == 2
+    assert not out.exists()
+
+
+def test_resume_describes_only_missing_images(ckpt, tmp_path, count_generated):
+    root, _ = ckpt
+    out = tmp_path / "r.jsonl"
+    args = ["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--batch-size", "2",
+            "--out", str(out)]
+    assert main(args) == 0
+    full = out.read_text().split("\n")[:-1]
+    assert len(full) == 4 and count_generated["images"] == 4
+
+    # a killed run: two complete lines and half of the third
+    out.write_text(full[0] + "\n" + full[1] + "\n" + full[2][: len(full[2]) // 2])
+    count_generated["images"] = 0
+    assert main(args) == 0
+    assert count_generated["images"] == 2
+    assert out.read_text().split("\n")[:-1] == full  # same lines, the truncated one rewritten
+
+    count_generated["images"] = 0
+    assert main(args) == 0 and count_generated["images"] == 0  # nothing left to do
+    # another prompt is other work: the same images are described again, appended
+    assert main(args + ["--prompt", "what color is the star?"]) == 0 and count_generated["images"] == 4
+    assert len(_read(out)) == 8
+
+
+def test_help_explains_with_an_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["describe", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ["--prompt", "--out", "--batch-size", "--stop", "--dtype", "re-running", "example"]:
+        assert word in text
+
+
+def test_discover_inputs_dedupes_and_expands_braces(ckpt):
+    root, _ = ckpt
+    folder = root / "imgs"
+    got = discover_inputs([str(folder / "{red,blue}.png"), str(folder / "red.png"), str(folder)])
+    assert [s.path for s in got][:2] == [str(folder / "red.png"), str(folder / "blue.png")]
+    assert len(got) == 4 and not any(s.shard for s in got)
+
+
+def test_stream_printer_prints_exactly_the_final_text():
+    out = io.StringIO()
+    printer = StreamPrinter(out, stop_strings=["END"])
+    for piece in ["  a c", "at. ", "E", "N", "D more"]:
+        printer(0, piece)
+        assert "E" not in out.getvalue()  # a possible stop string is held back
+    assert out.getvalue() == "a cat."
+    printer.finish("a cat.")
+    assert out.getvalue() == "a cat.\n"
