@@ -65,7 +65,8 @@ class VisionConfig:
     """The image encoder: a timm Vision Transformer."""
 
     backend: str = "timm"
-    """Which encoder family builds it (see ``mmlm.modeling.vision.VISION_ENCODERS``)."""
+    """Which encoder family builds it: ``timm`` (any timm ViT) or ``hf`` (a transformers
+    CLIP/SigLIP vision tower; see ``mmlm.modeling.vision.VISION_ENCODERS``)."""
     name: str | None = None
     """timm model name (e.g. ``vit_small_patch16_224.augreg_in21k``). None builds a plain ViT
     from the explicit sizes below (training from scratch)."""
@@ -103,6 +104,12 @@ class VisionConfig:
     timm pretrained config (``crop`` when its crop_pct < 1, else ``squash``)."""
     timm_kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` (e.g. ``dynamic_img_size``)."""
+    hf_config: dict = field(default_factory=dict)
+    """Backend ``hf``: the transformers vision config as a dict (``clip_vision_model`` /
+    ``siglip_vision_model``), recorded from ``name`` so a checkpoint rebuilds offline."""
+    image_transform: dict = field(default_factory=dict)
+    """Overrides of the encoder's image transform (mean, std, interpolation, resize_mode,
+    crop_pct); backend ``hf`` records its checkpoint's preprocessing here."""
 
     @classmethod
     def from_dict(cls, data: dict) -> "VisionConfig":

@@ -85,7 +85,7 @@ class ImageTransform:
             w, h = image.size
             if w != h:
                 side = max(w, h)
-                fill = tuple(int(round(m * 255)) for m in cfg.mean)
+                fill = tuple(int(m * 255) for m in cfg.mean)  # as LLaVA-1.5 / transformers
                 canvas = Image.new("RGB", (side, side), fill)
                 canvas.paste(image, ((side - w) // 2, (side - h) // 2))
                 image = canvas

@@ -112,21 +112,21 @@ class TimmViTEncoder(nn.Module):
         return tuple(int(g) for g in self.vit.patch_embed.grid_size)
 
     def image_transform(self) -> ImageTransformConfig:
-        """The transform from timm's pretrained config (or ViT defaults from scratch)."""
+        """The transform from timm's pretrained config (or ViT defaults from scratch), with
+        ``VisionConfig.image_transform`` overrides applied."""
         pcfg = dict(getattr(self.vit, "pretrained_cfg", None) or {})
         mode = self.cfg.resize_mode
         if mode is None:
             mode = "crop" if self.cfg.name and float(pcfg.get("crop_pct", 1.0)) < 1.0 else "squash"
-        if not self.cfg.name:
-            return ImageTransformConfig(size=self._image_size, resize_mode=mode)
-        return ImageTransformConfig(
-            size=self._image_size,
-            resize_mode=mode,
-            mean=tuple(pcfg.get("mean", (0.5, 0.5, 0.5))),
-            std=tuple(pcfg.get("std", (0.5, 0.5, 0.5))),
-            interpolation=str(pcfg.get("interpolation", "bicubic")),
-            crop_pct=float(pcfg.get("crop_pct", 1.0)) if mode == "crop" else 1.0,
-        )
+        fields = {"size": self._image_size, "resize_mode": mode}
+        if self.cfg.name:
+            fields.update(
+                mean=tuple(pcfg.get("mean", (0.5, 0.5, 0.5))),
+                std=tuple(pcfg.get("std", (0.5, 0.5, 0.5))),
+                interpolation=str(pcfg.get("interpolation", "bicubic")),
+                crop_pct=float(pcfg.get("crop_pct", 1.0)) if mode == "crop" else 1.0,
+            )
+        return ImageTransformConfig(**{**fields, **self.cfg.image_transform})
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, D) features of the configured block."""
@@ -146,7 +146,9 @@ class TimmViTEncoder(nn.Module):
         return out  # (N, P, D)
 
 
-VISION_ENCODERS: dict[str, type[nn.Module]] = {"timm": TimmViTEncoder}
+from mmlm.modeling.hf_vision import HFVisionEncoder  # noqa: E402  (transformers loads lazily inside)
+
+VISION_ENCODERS: dict[str, type[nn.Module]] = {"timm": TimmViTEncoder, "hf": HFVisionEncoder}
 
 
 def build_vision_encoder(cfg: VisionConfig) -> nn.Module:

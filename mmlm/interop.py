@@ -1,0 +1,861 @@
+"""Interop with the transformers ecosystem: pretrained parts in, LLaVA checkpoints out and in.
+
+- ``build_from_pretrained(vision, text, projector, chat_template)``: a VLM from a pretrained
+  vision tower (a timm name, or a transformers CLIP/SigLIP name or directory) and any
+  transformers causal LM (name or directory), with the LM's tokenizer. ``<image>`` (and the
+  chat template's own special tokens) are added to the tokenizer when missing and the LM's
+  embeddings grow to match (to a multiple of 64); ``config.text.hf_config["vocab_size"]`` and
+  ``image_token_id`` follow, so the checkpoint saves and reloads. The chat template is chosen
+  by ``mmlm.templates.choose_chat_template`` (the LM's own when it marks ``{% generation %}``).
+- ``export_hf(model, out)``: an mmlm checkpoint -> a stock ``LlavaForConditionalGeneration``
+  directory (config, safetensors, generation config, ``LlavaProcessor`` with a matching image
+  processor and the chat template) that ``AutoModelForImageTextToText``/``AutoProcessor`` load.
+- ``import_hf(source, out)``: a LLaVA checkpoint (directory or hub name) -> an mmlm checkpoint.
+
+Decisions worth knowing:
+
+- mmlm prunes vision layers after the feature layer, so an export holds only the layers kept:
+  ``vision_config.num_hidden_layers`` is the kept count and ``vision_feature_layer`` is -1 (the
+  same features as the original tower's ``feature_layer``). The tower's final norm, unused by
+  LLaVA, is written as an identity LayerNorm (weight 1, bias 0) so that the checkpoint is complete.
+- ``vision_feature_select_strategy``: "default" (drop the class token) for a CLIP tower with
+  ``drop_prefix_tokens``; "full" otherwise (SigLIP has no class token, and "default" would drop a
+  patch). ``num_additional_image_tokens`` is the tower's class-token count.
+- Projectors: ``mlp2x_gelu`` is LLaVA's (``projector_hidden_act="gelu"``) when its hidden width is
+  the LM's; ``linear`` exports exactly as linear_1 = the map, ``projector_hidden_act="linear"`` and
+  linear_2 = identity (and imports back folded into one linear). ``pixel_shuffle`` and other
+  widths cannot be represented and are refused with what would be needed.
+- Vision towers: transformers CLIP/SigLIP (backend "hf") export as they are. timm ViTs cannot go
+  through transformers' ``TimmWrapperModel``: LLaVA reads the tower's ``hidden_states`` as
+  (B, tokens, D), and the wrapper returns timm's ``forward_intermediates`` feature maps
+  (B, D, H, W) without the class token. A timm ViT with CLIP's layout (class token + pre-norm)
+  or SigLIP's (no class token, no pre-norm) is converted, exactly, into a transformers
+  CLIP/SigLIP tower; others (register tokens, conv stem, layer scale, qk-norm, ...) are refused.
+- Weights are written by transformers' own ``save_pretrained``, so key names are those of the
+  installed transformers (which keeps the original-format names for compatibility). LLaVA ties
+  ``lm_head`` to ``language_model.embed_tokens``; an LM with tied embeddings under another name
+  (GPT-2's ``wte``) is exported untied, with ``lm_head`` an equal copy (same logits).
+- Generation: the export's ``generation_config`` stops on mmlm's stop tokens (eos + end-of-turn).
+- Image processors: ``squash`` -> CLIPImageProcessor resizing to (S, S); ``crop`` -> shorter side
+  to floor(S / crop_pct) + centre crop S; ``pad`` -> LlavaImageProcessor with ``do_pad``.
+  transformers resizes with torchvision, mmlm with PIL: the same geometry, up to resampling
+  rounding; images already S x S give identical pixels. Two small known differences: a centre
+  crop with an odd excess is one pixel off (transformers floors the offset, timm/mmlm round it),
+  and ``pad`` fills with int(mean * 255) (LLaVA's and transformers' colour) where mmlm rounds.
+- The exported chat template is the checkpoint's, prefixed so that it also accepts transformers'
+  list contents (``[{"type": "image"}, {"type": "text", ...}]``) and puts the processor's
+  ``system_prompt`` first, as mmlm does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
+from mmlm.io import atomic_dir
+from mmlm.processing import IMAGE_TOKEN, Processor, ProcessorConfig
+from mmlm.templates import LIST_CONTENT_PRELUDE, ChatTemplate, choose_chat_template, missing_special_tokens
+
+__all__ = [
+    "ExportError", "build_from_pretrained", "export_hf", "import_hf", "check_exportable",
+    "vision_config_for", "timm_to_hf_vision",
+]
+
+_RESAMPLE_IDS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
+_RESAMPLE_NAMES = {v: k for k, v in _RESAMPLE_IDS.items()}
+
+
+class ExportError(ValueError):
+    """A model that transformers' LLaVA cannot represent; the message says what would be needed."""
+
+
+# ====================================================================== pretrained parts
+def _looks_like_hf_vision(name: str) -> bool:
+    from mmlm.modeling.hf_vision import FAMILIES, FULL_MODELS
+
+    path = Path(name)
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            return False
+        model_type = json.loads(cfg.read_text()).get("model_type")
+        return model_type in FAMILIES or model_type in FULL_MODELS
+    if name.startswith(("timm/", "hf-hub:", "hf_hub:")):
+        return False
+    try:
+        import timm
+
+        if timm.is_model(name.split(".")[0]):
+            return False
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return True
+
+
+def vision_config_for(name: str, *, backend: str | None = None, pretrained: bool = True,
+                      feature_layer: int = -2, drop_prefix_tokens: bool = True,
+                      resize_mode: str | None = None) -> VisionConfig:
+    """A ``VisionConfig`` for a pretrained tower: a timm model name, or a transformers CLIP/SigLIP
+    hub name or directory (``backend`` None guesses: a timm model name -> timm, else hf)."""
+    if backend is None:
+        backend = "hf" if _looks_like_hf_vision(name) else "timm"
+    if backend == "timm":
+        import re
+
+        if name.startswith("timm/"):  # a timm repo on the hub
+            name = "hf-hub:" + name
+
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        if not timm.is_model(name.split(".")[0]) and not name.startswith(("hf-hub:", "hf_hub:")):
+            raise ValueError(f"unknown timm model {name!r}")
+        pcfg = get_pretrained_cfg(name)
+        size = int(pcfg.input_size[-1]) if pcfg is not None and pcfg.input_size else VisionConfig.image_size
+        patch = re.search(r"patch(\d+)", name)
+        return VisionConfig(backend="timm", name=name, pretrained=pretrained, image_size=size,
+                            patch_size=int(patch.group(1)) if patch else VisionConfig.patch_size,
+                            feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
+                            resize_mode=resize_mode)
+    if backend != "hf":
+        raise ValueError(f"unknown vision backend {backend!r}; known: ['hf', 'timm']")
+    from mmlm.modeling.hf_vision import hf_vision_config, record_hf_vision, resolve_hf_vision_config
+
+    cfg = VisionConfig(backend="hf", name=name, pretrained=pretrained, feature_layer=feature_layer,
+                       drop_prefix_tokens=drop_prefix_tokens, resize_mode=resize_mode)
+    cfg = resolve_hf_vision_config(cfg)
+    transform = _checkpoint_transform(name, cfg.image_size)
+    if transform is not None:
+        record_hf_vision(cfg, hf_vision_config(cfg), transform)
+    return cfg
+
+
+def _checkpoint_transform(name: str, image_size: int) -> dict | None:
+    """The image transform of ``name``'s own image processor (None when it has none we can read)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        ip = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
+        t = _transform_from_image_processor(ip, image_size)
+    except (OSError, ValueError):  # no preprocessor_config.json, or one mmlm cannot mirror: family defaults
+        return None
+    return {"mean": list(t.mean), "std": list(t.std), "interpolation": t.interpolation,
+            "resize_mode": t.resize_mode, "crop_pct": t.crop_pct}
+
+
+def _add_tokens(tokenizer, tokens: list[str]) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    new = [t for t in tokens if t not in vocab]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+    return new
+
+
+def _fit_vocab(vlm, tokenizer, image_token_id: int) -> None:
+    """Grow the LM's embeddings to hold every token id (to a multiple of 64, as LLaVA does), and
+    record vocab size and image id in the config."""
+    emb = vlm.lm.get_input_embeddings().num_embeddings
+    need = len(tokenizer)
+    if need > emb:
+        vlm.lm.resize_token_embeddings(need, pad_to_multiple_of=64, mean_resizing=True)
+        emb = vlm.lm.get_input_embeddings().num_embeddings
+    hf = dict(vlm.config.text.hf_config)
+    hf["vocab_size"] = emb
+    vlm.config = vlm.config.updated(image_token_id=image_token_id, text={"hf_config": hf})
+    if hasattr(vlm.lm.config, "vocab_size"):
+        vlm.lm.config.vocab_size = emb
+
+
+def build_from_pretrained(
+    vision: str | VisionConfig,
+    text: str | TextConfig,
+    projector: str | ProjectorConfig = "mlp2x_gelu",
+    chat_template: str | None = None,
+    *,
+    tokenizer=None,
+    vision_backend: str | None = None,
+    vision_pretrained: bool = True,
+    text_pretrained: bool = True,
+    feature_layer: int = -2,
+    drop_prefix_tokens: bool = True,
+    resize_mode: str | None = None,
+    max_length: int = 2048,
+    **processor_config: Any,
+):
+    """``(VLM, Processor)`` from pretrained parts (see the module docstring).
+
+    ``vision``: timm name, transformers CLIP/SigLIP name or directory, or a ``VisionConfig``.
+    ``text``: transformers causal-LM name or directory, or a ``TextConfig`` (with ``name``).
+    ``chat_template``: a name from ``mmlm.templates`` (None: the LM's own template when it has
+    generation marks, else a named one recognised from it). ``tokenizer``: instead of the LM's.
+    ``processor_config``: further ``ProcessorConfig`` fields (``caption_prompt``, ``system_prompt``...).
+    """
+    from transformers import AutoTokenizer
+
+    from mmlm.modeling.text import resolve_text_config
+    from mmlm.modeling.vlm import VLM
+
+    if isinstance(vision, str):
+        vcfg = vision_config_for(vision, backend=vision_backend, pretrained=vision_pretrained,
+                                 feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
+                                 resize_mode=resize_mode)
+    else:
+        vcfg = copy.deepcopy(vision)
+        if vcfg.backend == "hf":
+            from mmlm.modeling.hf_vision import resolve_hf_vision_config
+
+            vcfg = resolve_hf_vision_config(vcfg)
+    tcfg = TextConfig(name=text, pretrained=text_pretrained) if isinstance(text, str) else copy.deepcopy(text)
+    if tokenizer is None:
+        if not tcfg.name:
+            raise ValueError("text needs a name (hub name or directory) to take the tokenizer from, or pass tokenizer=")
+        tokenizer = AutoTokenizer.from_pretrained(tcfg.name, trust_remote_code=False)
+    template = choose_chat_template(tokenizer, chat_template, source=tcfg.name)
+    _add_tokens(tokenizer, [IMAGE_TOKEN, *missing_special_tokens(tokenizer, template)])
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tcfg = resolve_text_config(tcfg)
+    vocab = int(tcfg.hf_config.get("vocab_size", 0) or 0)
+    pcfg = ProjectorConfig(name=projector) if isinstance(projector, str) else projector
+    # the VLM checks image_token_id against the LM's vocabulary: a new token gets its row below
+    config = VLMConfig(vision=vcfg, projector=pcfg, text=tcfg, image_token_id=image_id if image_id < vocab else 0)
+    vlm = VLM(config)
+    _fit_vocab(vlm, tokenizer, image_id)
+    stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
+    processor_config.setdefault("stop_tokens", stops)
+    processor = Processor.for_model(vlm, tokenizer, chat_template=template.template, max_length=max_length,
+                                    **processor_config)
+    return vlm, processor
+
+
+# ====================================================================== tensors between models
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    *path, leaf = name.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, leaf
+
+
+def _adopt(dst: nn.Module, src: dict[str, torch.Tensor] | nn.Module, where: str,
+           fill: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+           dtype: torch.dtype | None = None, cache: dict | None = None) -> None:
+    """Make ``dst``'s parameters and buffers (non-persistent ones too) the tensors of ``src``
+    with the same names (shared, not copied). ``fill(name, like)`` supplies missing ones.
+    ``dtype``: floating tensors are cast into new tensors instead (the source is left as it is);
+    ``cache`` keeps one cast per source tensor, so tied weights stay tied."""
+    cache = {} if cache is None else cache
+    if isinstance(src, nn.Module):
+        tensors = dict(src.named_parameters(remove_duplicate=False))
+        tensors.update(dict(src.named_buffers(remove_duplicate=False)))
+    else:
+        tensors = src
+    problems = []
+    for kind, items in (("_parameters", dst.named_parameters(remove_duplicate=False)),
+                        ("_buffers", dst.named_buffers(remove_duplicate=False))):
+        for name, like in list(items):
+            value = tensors.get(name)
+            if value is None and fill is not None:
+                value = fill(name, like)
+            if value is None:
+                if kind == "_buffers" and not like.is_meta:
+                    continue  # a buffer the source lacks but the destination computed itself
+                problems.append(f"{name} missing")
+                continue
+            if tuple(value.shape) != tuple(like.shape):
+                problems.append(f"{name}: shape {tuple(value.shape)} vs {tuple(like.shape)}")
+                continue
+            if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+                key = id(value)
+                if key not in cache:
+                    cast = value.detach().to(dtype)
+                    cache[key] = (nn.Parameter(cast, requires_grad=like.requires_grad)
+                                  if isinstance(value, nn.Parameter) else cast, value)
+                value = cache[key][0]
+            mod, leaf = _owner(dst, name)
+            if kind == "_parameters":
+                param = value if isinstance(value, nn.Parameter) else \
+                    nn.Parameter(value, requires_grad=like.requires_grad)
+                mod._parameters[leaf] = param
+            else:
+                mod._buffers[leaf] = value.detach() if isinstance(value, nn.Parameter) else value
+    if problems:
+        raise ExportError(f"{where}: the weights do not fit: " + "; ".join(problems[:8])
+                          + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+
+def _no_meta(model: nn.Module, where: str) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ExportError(f"{where}: no weights for {left[:5]}")
+
+
+def _projector_as_llava(projector: nn.Module, text_dim: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The mmlm projector's tensors under LLaVA's names, and its ``projector_hidden_act``."""
+    from mmlm.modeling.projector import LinearProjector, MLP2xGeluProjector
+
+    if isinstance(projector, MLP2xGeluProjector):
+        return dict(projector.named_parameters()), "gelu"
+    if isinstance(projector, LinearProjector):
+        w = projector.proj.weight
+        eye = torch.eye(text_dim, dtype=w.dtype, device=w.device)
+        zero = torch.zeros(text_dim, dtype=w.dtype, device=w.device)
+        return {"linear_1.weight": w, "linear_1.bias": projector.proj.bias,
+                "linear_2.weight": eye, "linear_2.bias": zero}, "linear"
+    raise ExportError(f"projector {type(projector).__name__} cannot be exported")  # check_exportable said why
+
+
+# ====================================================================== timm -> transformers towers
+def timm_to_hf_vision(encoder) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """A timm ViT (``TimmViTEncoder``) as a transformers CLIP/SigLIP vision tower, exactly.
+
+    Returns (vision config dict with ``num_hidden_layers`` = the layers kept, tensors under the
+    tower core's names, number of prefix tokens). CLIP's layout: one class token and a pre-norm;
+    SigLIP's: no class token and no pre-norm. Raises ``ExportError`` naming what does not fit.
+    """
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    vit = encoder.vit
+    why: list[str] = []
+    if not isinstance(vit, VisionTransformer):
+        raise ExportError(f"timm model {type(vit).__name__} is not a plain VisionTransformer")
+    if not isinstance(vit.patch_embed, PatchEmbed) or not isinstance(vit.patch_embed.proj, nn.Conv2d):
+        why.append("a conv stem (CLIP/SigLIP embed patches with one strided convolution)")
+    elif isinstance(getattr(vit.patch_embed, "norm", None), nn.LayerNorm):
+        why.append("a norm after the patch embedding")
+    if getattr(vit, "num_reg_tokens", 0):
+        why.append(f"{vit.num_reg_tokens} register tokens")
+    has_cls = vit.cls_token is not None
+    if has_cls and getattr(vit, "no_embed_class", False):
+        why.append("a class token without a position embedding")
+    if getattr(vit, "dynamic_img_size", False):
+        why.append("dynamic image size")
+    norm_pre = vit.norm_pre
+    if has_cls and not isinstance(norm_pre, nn.LayerNorm):
+        why.append("a class token but no pre-norm (CLIP's layout has both; SigLIP's neither)")
+    if not has_cls and not isinstance(norm_pre, nn.Identity):
+        why.append("a pre-norm but no class token (CLIP's layout has both; SigLIP's neither)")
+    blocks = list(vit.blocks)
+    acts, eps = set(), set()
+    for i, blk in enumerate(blocks):
+        if type(blk) is not Block:
+            why.append(f"block {i} is a {type(blk).__name__}")
+            break
+        attn = blk.attn
+        if not isinstance(blk.ls1, nn.Identity) or not isinstance(blk.ls2, nn.Identity):
+            why.append("layer scale")
+            break
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity) or \
+                not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            why.append("qk-norm / attention norm")
+            break
+        if type(attn).__name__ != "Attention" or getattr(attn, "gate", None) is not None or \
+                getattr(attn, "attn_dim", vit.embed_dim) != vit.embed_dim:
+            why.append(f"a {type(attn).__name__} attention that CLIP/SigLIP attention cannot express")
+            break
+        if attn.qkv.bias is None or attn.proj.bias is None:
+            why.append("attention without bias")
+            break
+        if getattr(blk.mlp, "fc1", None) is not None and (blk.mlp.fc1.bias is None or blk.mlp.fc2.bias is None):
+            why.append("an MLP without bias")
+            break
+        if not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity) or not hasattr(blk.mlp, "fc1"):
+            why.append("a gated or normed MLP")
+            break
+        for ln in (blk.norm1, blk.norm2):
+            if not isinstance(ln, nn.LayerNorm):
+                why.append("non-LayerNorm norms")
+                break
+            eps.add(ln.eps)
+        act = blk.mlp.act
+        acts.add(f"GELU:{act.approximate}" if isinstance(act, nn.GELU) else type(act).__name__)
+    if isinstance(norm_pre, nn.LayerNorm):
+        eps.add(norm_pre.eps)
+    act_names = {"QuickGELU": "quick_gelu", "GELU:none": "gelu", "GELU:tanh": "gelu_pytorch_tanh",
+                 "GELUTanh": "gelu_pytorch_tanh"}
+    if len(acts) > 1 or (acts and next(iter(acts)) not in act_names):
+        why.append(f"MLP activation {sorted(acts)}")
+    if len(eps) > 1:
+        why.append(f"several LayerNorm eps {sorted(eps)}")
+    if why:
+        raise ExportError(
+            "the timm vision tower cannot be exported: transformers' LLaVA reads a tower's hidden_states as "
+            "(B, tokens, D), which TimmWrapperModel does not give (timm feature maps (B, D, H, W) without the "
+            "class token), so mmlm converts timm ViTs into transformers CLIP/SigLIP towers; this one has "
+            + ", ".join(why) + ". A transformers CLIP/SigLIP tower (vision.backend='hf') would be needed."
+        )
+    embed = vit.patch_embed
+    dim = int(vit.embed_dim)
+    heads = int(blocks[0].attn.num_heads)
+    kept = encoder.block_index + 1
+    img = int(embed.img_size[0])
+    patch = int(embed.patch_size[0])
+    hf = {
+        "model_type": "clip_vision_model" if has_cls else "siglip_vision_model",
+        "hidden_size": dim, "intermediate_size": int(blocks[0].mlp.fc1.out_features),
+        "num_hidden_layers": kept, "num_attention_heads": heads, "num_channels": 3,
+        "image_size": img, "patch_size": patch, "hidden_act": act_names[next(iter(acts))] if acts else "gelu",
+        "layer_norm_eps": float(next(iter(eps))) if eps else 1e-6, "attention_dropout": 0.0,
+    }
+    if not has_cls:
+        hf["vision_use_head"] = False
+    t: dict[str, torch.Tensor] = {}
+    t["embeddings.patch_embedding.weight"] = embed.proj.weight
+    if embed.proj.bias is not None:
+        if has_cls:
+            raise ExportError("the timm vision tower cannot be exported: CLIP's patch embedding has no bias")
+        t["embeddings.patch_embedding.bias"] = embed.proj.bias
+    elif not has_cls:
+        t["embeddings.patch_embedding.bias"] = torch.zeros(dim, dtype=embed.proj.weight.dtype)
+    t["embeddings.position_embedding.weight"] = vit.pos_embed.reshape(-1, dim)
+    if has_cls:
+        t["embeddings.class_embedding"] = vit.cls_token.reshape(dim)
+        t["pre_layrnorm.weight"] = norm_pre.weight
+        t["pre_layrnorm.bias"] = norm_pre.bias
+    for i, blk in enumerate(blocks[:kept]):
+        p = f"encoder.layers.{i}."
+        q, k, v = blk.attn.qkv.weight.chunk(3, dim=0)
+        qb, kb, vb = blk.attn.qkv.bias.chunk(3, dim=0)
+        t.update({
+            p + "layer_norm1.weight": blk.norm1.weight, p + "layer_norm1.bias": blk.norm1.bias,
+            p + "self_attn.q_proj.weight": q, p + "self_attn.q_proj.bias": qb,
+            p + "self_attn.k_proj.weight": k, p + "self_attn.k_proj.bias": kb,
+            p + "self_attn.v_proj.weight": v, p + "self_attn.v_proj.bias": vb,
+            p + "self_attn.out_proj.weight": blk.attn.proj.weight, p + "self_attn.out_proj.bias": blk.attn.proj.bias,
+            p + "layer_norm2.weight": blk.norm2.weight, p + "layer_norm2.bias": blk.norm2.bias,
+            p + "mlp.fc1.weight": blk.mlp.fc1.weight, p + "mlp.fc1.bias": blk.mlp.fc1.bias,
+            p + "mlp.fc2.weight": blk.mlp.fc2.weight, p + "mlp.fc2.bias": blk.mlp.fc2.bias,
+        })
+    t = {k: v.detach().contiguous() for k, v in t.items()}
+    return hf, t, 1 if has_cls else 0
+
+
+# ====================================================================== export
+def check_exportable(vlm) -> dict:
+    """What the LLaVA export of ``vlm`` will be; raises ``ExportError`` naming what cannot be
+    represented and what would be needed."""
+    from mmlm.modeling.hf_vision import HFVisionEncoder
+    from mmlm.modeling.projector import LinearProjector, MLP2xGeluProjector
+    from mmlm.modeling.vision import TimmViTEncoder
+
+    problems: list[str] = []
+    if type(vlm.lm).__module__.startswith("peft."):
+        raise ExportError("the LM carries LoRA adapters: merge them first (mmlm.training.freeze.merge_lora)")
+    text_dim = vlm.lm.get_input_embeddings().embedding_dim
+    covered = {id(p) for p in vlm.lm.base_model.parameters()}
+    covered |= {id(p) for p in vlm.lm.get_output_embeddings().parameters()}
+    extra = [n for n, p in vlm.lm.named_parameters() if id(p) not in covered]
+    if extra:
+        problems.append(f"the LM has weights outside its base model and output embeddings ({extra[:3]}), "
+                        "which LLaVA's language_model + lm_head cannot hold")
+    proj = vlm.projector
+    if isinstance(proj, MLP2xGeluProjector):
+        if proj.linear_1.out_features != text_dim:
+            problems.append(
+                f"the mlp2x_gelu projector's hidden width is {proj.linear_1.out_features} but LLaVA's is the LM's "
+                f"hidden size ({text_dim}): train with projector.hidden_dim=None (or {text_dim})")
+    elif not isinstance(proj, LinearProjector):
+        name = vlm.config.projector.name
+        need = ("a pixel-shuffle connector (Idefics3/SmolVLM's, Idefics3ForConditionalGeneration), which mmlm "
+                "does not export" if name == "pixel_shuffle" else "a transformers architecture with this connector")
+        problems.append(
+            f"projector {name!r} cannot be represented by transformers' LLaVA, whose connector is "
+            f"linear -> activation -> linear over every patch token; it would need {need}. "
+            "Use projector 'mlp2x_gelu' or 'linear' for a LLaVA export")
+    vision = vlm.vision
+    plan: dict = {"text_dim": text_dim}
+    if isinstance(vision, HFVisionEncoder):
+        plan.update(vision_hf=vision.pruned_hf_config(), vision_tensors=None, prefix=vision.num_prefix_tokens)
+    elif isinstance(vision, TimmViTEncoder):
+        try:
+            hf, tensors, prefix = timm_to_hf_vision(vision)
+            plan.update(vision_hf=hf, vision_tensors=tensors, prefix=prefix)
+        except ExportError as e:
+            problems.append(str(e))
+    else:
+        problems.append(f"vision encoder {type(vision).__name__} has no transformers equivalent")
+    if "prefix" in plan:
+        drop = vlm.config.vision.drop_prefix_tokens
+        prefix = plan["prefix"]
+        if prefix > 1:
+            problems.append(f"{prefix} prefix tokens: LLaVA's 'default' strategy drops exactly one")
+        plan["strategy"] = "default" if (drop and prefix == 1) else "full"
+    if problems:
+        raise ExportError("cannot export to transformers LLaVA: " + " | ".join(problems))
+    return plan
+
+
+def image_processor_for(transform: ImageTransformConfig):
+    """A transformers image processor doing what ``transform`` does (see the module docstring)."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
+    s = int(transform.size)
+    common = dict(
+        do_resize=True, resample=_RESAMPLE_IDS[transform.interpolation], do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(transform.mean), image_std=list(transform.std), do_convert_rgb=True,
+        crop_size={"height": s, "width": s},
+    )
+    if transform.resize_mode == "crop":
+        shorter = math.floor(s / transform.crop_pct)
+        return CLIPImageProcessor(size={"shortest_edge": shorter}, do_center_crop=True, **common)
+    if transform.resize_mode == "pad":
+        return LlavaImageProcessor(size={"height": s, "width": s}, do_center_crop=False, do_pad=True, **common)
+    return CLIPImageProcessor(size={"height": s, "width": s}, do_center_crop=False, **common)
+
+
+def _load_pair(model):
+    from mmlm.checkpoint import load_vlm
+
+    if isinstance(model, (str, Path)):
+        return load_vlm(model, device="cpu"), Processor.from_pretrained(model)
+    return model
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    from mmlm.api import resolve_dtype
+
+    return resolve_dtype(dtype, torch.device("cpu"))
+
+
+def _write_dir(out: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Write a whole directory atomically; an existing non-empty ``out`` needs ``overwrite``
+    and is replaced only once the new one is complete."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+        staging = out.with_name(f".{out.name}.new")
+        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(staging) as tmp:
+            write(tmp)
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return out
+    with atomic_dir(out) as tmp:
+        write(tmp)
+    return out
+
+
+def to_llava(vlm, processor=None, plan: dict | None = None, dtype: torch.dtype | None = None):
+    """A ``LlavaForConditionalGeneration`` sharing ``vlm``'s tensors (nothing copied but what
+    has to be converted)."""
+    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    plan = plan or check_exportable(vlm)
+    text_config = copy.deepcopy(vlm.lm.config)
+    text_config.vocab_size = vlm.lm.get_input_embeddings().num_embeddings
+    if processor is not None and processor.tokenizer.pad_token_id is not None:
+        text_config.pad_token_id = processor.tokenizer.pad_token_id
+    vhf = {k: v for k, v in plan["vision_hf"].items() if k not in ("architectures", "transformers_version")}
+    vision_config = AutoConfig.for_model(vhf.pop("model_type"), **vhf)
+    tensors, act = _projector_as_llava(vlm.projector, plan["text_dim"])
+    tie = bool(getattr(text_config, "tie_word_embeddings", False))
+    if tie and not hasattr(vlm.lm.base_model, "embed_tokens"):
+        # LLaVA ties lm_head to language_model.embed_tokens, which this LM (e.g. GPT-2's wte) lacks:
+        # write the output embeddings as their own (equal) tensor instead
+        tie = False
+        text_config.tie_word_embeddings = False
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=int(vlm.config.image_token_id),
+        image_seq_length=int(vlm.num_image_tokens), projector_hidden_act=act,
+        vision_feature_select_strategy=plan["strategy"], vision_feature_layer=-1, multimodal_projector_bias=True,
+        tie_word_embeddings=tie,
+    )
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+    vt = llava.model.vision_tower
+    core = getattr(vt, "vision_model", vt)
+
+    def identity_norm(name: str, like: torch.Tensor):
+        if name.startswith("post_layernorm."):
+            return torch.ones(like.shape) if name.endswith("weight") else torch.zeros(like.shape)
+        return None
+
+    vision_src = plan["vision_tensors"] if plan["vision_tensors"] is not None else vlm.vision.tower
+    if isinstance(vision_src, dict):  # a converted timm tower: the non-persistent buffers are computed
+        vision_src = dict(vision_src)
+        for name, buf in core.named_buffers():
+            if name.endswith("position_ids"):
+                vision_src[name] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+    cache: dict = {}
+    _adopt(core, vision_src, "vision tower", fill=identity_norm, dtype=dtype, cache=cache)
+    _adopt(llava.model.multi_modal_projector, tensors, "projector", dtype=dtype, cache=cache)
+    _adopt(llava.model.language_model, vlm.lm.base_model, "language model", dtype=dtype, cache=cache)
+    head = vlm.lm.get_output_embeddings()
+    if not tie and getattr(vlm.lm.config, "tie_word_embeddings", False):  # untied on export: a copy of its own
+        head = {n: p.detach().clone() for n, p in head.named_parameters()}
+    _adopt(llava.lm_head, head, "lm head", dtype=dtype, cache=cache)
+    _no_meta(llava, "LLaVA model")
+    llava.eval()
+    if processor is not None:
+        gen = llava.generation_config
+        stops = processor.stop_token_ids
+        gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
+        gen.pad_token_id = processor.tokenizer.pad_token_id
+        if processor.tokenizer.bos_token_id is not None:
+            gen.bos_token_id = processor.tokenizer.bos_token_id
+    return llava
+
+
+def export_chat_template(template: str, system_prompt: str | None = None) -> str:
+    """``template`` made to accept transformers' list contents too (images first, then text), and
+    to put ``system_prompt`` first in conversations without a system message, as mmlm does."""
+    if LIST_CONTENT_PRELUDE not in template:
+        template = LIST_CONTENT_PRELUDE + template
+    if system_prompt:
+        head, body = template[: len(LIST_CONTENT_PRELUDE)], template[len(LIST_CONTENT_PRELUDE):]
+        if template.startswith(LIST_CONTENT_PRELUDE):
+            template = head + _system_prelude(system_prompt) + body
+        else:
+            template = _system_prelude(system_prompt) + template
+    return template
+
+
+def _system_prelude(system_prompt: str) -> str:
+    literal = json.dumps(system_prompt)
+    return (
+        "{%- if not (messages | selectattr('role', 'equalto', 'system') | list) -%}"
+        "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages -%}{%- endif -%}"
+    )
+
+
+def to_llava_processor(vlm, processor, plan: dict):
+    """A ``LlavaProcessor`` that makes the inputs ``processor`` makes, for transformers."""
+    from transformers import LlavaProcessor
+
+    vhf = plan["vision_hf"]
+    image_processor = image_processor_for(processor.config.image_transform)
+    template = export_chat_template(processor.chat_template, processor.config.system_prompt)
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.chat_template = template
+    lp = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=int(vhf["patch_size"]),
+        vision_feature_select_strategy=plan["strategy"], chat_template=template,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=int(plan["prefix"]),
+    )
+    s = int(processor.config.image_transform.size)
+    expected = (s // int(vhf["patch_size"])) ** 2 + int(plan["prefix"]) - (1 if plan["strategy"] == "default" else 0)
+    if expected != vlm.num_image_tokens:
+        raise ExportError(f"the LLaVA processor would expand <image> to {expected} tokens, the model uses "
+                          f"{vlm.num_image_tokens}")
+    return lp
+
+
+def export_hf(model, out: str | Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (an mmlm checkpoint directory or a ``(vlm, processor)`` pair) as a
+    transformers LLaVA directory at ``out`` (atomically). ``dtype``: cast the weights (e.g.
+    "bfloat16"); default: as they are."""
+    vlm, processor = _load_pair(model)
+    plan = check_exportable(vlm)
+    llava = to_llava(vlm, processor, plan, _resolve_dtype(dtype))
+    lp = to_llava_processor(vlm, processor, plan)
+
+    def write(tmp: Path) -> None:
+        llava.save_pretrained(str(tmp))
+        lp.save_pretrained(str(tmp))
+        lp.image_processor.save_pretrained(str(tmp))  # preprocessor_config.json too, for older transformers
+        (tmp / "chat_template.jinja").write_text(lp.chat_template)
+
+    return _write_dir(out, overwrite, write)
+
+
+# ====================================================================== import
+def _transform_from_image_processor(ip, image_size: int) -> ImageTransformConfig:
+    """The mmlm transform doing what a (CLIP/LLaVA/SigLIP-like) transformers image processor does."""
+
+    def get(name, default=None):
+        return getattr(ip, name, default)
+
+    def as_dict(value, square: bool) -> dict:
+        if value is None:
+            return {}
+        if isinstance(value, int):
+            return {"height": value, "width": value} if square else {"shortest_edge": value}
+        if not isinstance(value, dict):  # transformers' SizeDict
+            value = {k: getattr(value, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
+        return {k: v for k, v in value.items() if v is not None}
+
+    size = as_dict(get("size"), square=False)
+    crop = as_dict(get("crop_size"), square=True)
+    resample = get("resample", 3)
+    resample = int(getattr(resample, "value", resample)) if resample is not None else 3
+    if resample not in _RESAMPLE_NAMES:
+        raise ValueError(f"the image processor's resample={resample} has no mmlm equivalent "
+                         f"(known: {sorted(_RESAMPLE_NAMES.values())})")
+    if get("do_rescale", True) is False or abs(float(get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise ValueError("the image processor does not rescale pixels by 1/255, which mmlm always does")
+    mean = tuple(get("image_mean") or (0.5, 0.5, 0.5)) if get("do_normalize", True) else (0.0, 0.0, 0.0)
+    std = tuple(get("image_std") or (0.5, 0.5, 0.5)) if get("do_normalize", True) else (1.0, 1.0, 1.0)
+    crop_pct = 1.0
+    if get("do_pad", False):
+        mode = "pad"
+    elif get("do_center_crop", False) and "shortest_edge" in size:
+        mode = "crop"
+        crop_pct = min(1.0, float(crop.get("height", image_size)) / float(size["shortest_edge"]))
+    elif "height" in size and "width" in size:
+        if size["height"] != size["width"]:
+            raise ValueError(f"the image processor resizes to a non-square {size}; mmlm inputs are square")
+        mode = "squash"
+    elif "shortest_edge" in size:  # shortest edge only: square inputs need a crop
+        mode, crop_pct = "crop", min(1.0, image_size / float(size["shortest_edge"]))
+    else:
+        raise ValueError(f"the image processor's size {size} has no mmlm equivalent")
+    return ImageTransformConfig(size=image_size, resize_mode=mode, mean=mean, std=std,
+                                interpolation=_RESAMPLE_NAMES[resample], crop_pct=crop_pct)
+
+
+def _import_plan(config) -> dict:
+    """Check a LlavaConfig for what mmlm can represent."""
+    from mmlm.modeling.hf_vision import FAMILIES
+
+    if getattr(config, "model_type", None) != "llava":
+        raise ValueError(f"not a LLaVA checkpoint (model_type={getattr(config, 'model_type', None)!r}); "
+                         "`mmlm import hf` reads LlavaForConditionalGeneration checkpoints")
+    problems = []
+    vision_type = config.vision_config.model_type
+    if vision_type not in FAMILIES:
+        problems.append(f"vision tower {vision_type!r} (mmlm supports {sorted(FAMILIES)})")
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        problems.append(f"several vision feature layers {list(layer)} (mmlm uses one)")
+    act = config.projector_hidden_act
+    if act not in ("gelu", "linear"):
+        problems.append(f"projector activation {act!r} (mmlm's mlp2x_gelu uses exact GELU; 'linear' folds into "
+                        "mmlm's linear projector)")
+    prefix = 1 if vision_type == "clip_vision_model" else 0
+    strategy = config.vision_feature_select_strategy
+    if strategy == "default" and prefix == 0:
+        problems.append("vision_feature_select_strategy='default' on a tower without a class token (it drops "
+                        "the first patch, which mmlm cannot express)")
+    if problems:
+        raise ValueError("cannot import this LLaVA checkpoint: " + "; ".join(problems))
+    return {"prefix": prefix, "drop": strategy == "default", "layer": int(layer), "act": act}
+
+
+def import_hf(source: str | Path, out: str | Path | None = None, *, chat_template: str | None = None,
+              dtype: str | torch.dtype | None = None, overwrite: bool = False, max_length: int = 2048):
+    """A transformers LLaVA checkpoint (directory or hub name) -> ``(VLM, Processor)``; with
+    ``out``, also written there as an mmlm checkpoint (atomically)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from mmlm.modeling.hf_vision import record_hf_vision
+    from mmlm.modeling.vlm import VLM
+
+    source = str(source)
+    if not Path(source).is_dir() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"LLaVA checkpoint directory not found: {source}")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    plan = _import_plan(config)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    own_template = _processor_chat_template(source) or getattr(tokenizer, "chat_template", None)
+    if own_template:
+        tokenizer.chat_template = own_template
+    template: ChatTemplate = choose_chat_template(tokenizer, chat_template, source=source)
+    if missing_special_tokens(tokenizer, template):
+        raise ValueError(f"chat template {template.name!r} needs tokens {missing_special_tokens(tokenizer, template)} "
+                         f"that the tokenizer of {source} lacks; pick another with --chat-template")
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id or \
+            IMAGE_TOKEN not in tokenizer.get_vocab():
+        token = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
+        raise ValueError(f"the LLaVA image token id {config.image_token_id} is {token!r} in the tokenizer, "
+                         f"not {IMAGE_TOKEN!r}: mmlm expects {IMAGE_TOKEN!r}")
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+    except OSError as e:
+        raise ValueError(f"{source} has no image processor (preprocessor_config.json / processor_config.json): "
+                         "save the LlavaProcessor together with the model") from e
+    vision_hf = {k: v for k, v in config.vision_config.to_dict().items()
+                 if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
+    transform = _transform_from_image_processor(image_processor, int(vision_hf["image_size"]))
+    vcfg = VisionConfig(backend="hf", name=None, pretrained=False, image_size=int(vision_hf["image_size"]),
+                        patch_size=int(vision_hf["patch_size"]), feature_layer=plan["layer"],
+                        drop_prefix_tokens=plan["drop"], resize_mode=transform.resize_mode)
+    record_hf_vision(vcfg, vision_hf, {
+        "mean": list(transform.mean), "std": list(transform.std), "interpolation": transform.interpolation,
+        "resize_mode": transform.resize_mode, "crop_pct": transform.crop_pct,
+    })
+    text_hf = config.text_config.to_dict()
+    text_hf.pop("_name_or_path", None)
+    mcfg = VLMConfig(
+        vision=vcfg,
+        projector=ProjectorConfig(name="mlp2x_gelu" if plan["act"] == "gelu" else "linear"),
+        text=TextConfig(hf_config=text_hf, name=None, pretrained=False),
+        image_token_id=int(config.image_token_id),
+    )
+    llava = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+    with torch.device("meta"):
+        vlm = VLM(mcfg)
+    vt = llava.model.vision_tower
+    _adopt(vlm.vision.tower, getattr(vt, "vision_model", vt), "vision tower")
+    proj = llava.model.multi_modal_projector
+    if plan["act"] == "gelu":
+        tensors = {n: p for n, p in proj.named_parameters()}
+        if proj.linear_1.bias is None:
+            tensors["linear_1.bias"] = torch.zeros(proj.linear_1.out_features)
+            tensors["linear_2.bias"] = torch.zeros(proj.linear_2.out_features)
+    else:  # linear -> identity -> linear folds into one linear map
+        w1, w2 = proj.linear_1.weight.detach(), proj.linear_2.weight.detach()
+        b1 = proj.linear_1.bias.detach() if proj.linear_1.bias is not None else torch.zeros(w1.shape[0])
+        b2 = proj.linear_2.bias.detach() if proj.linear_2.bias is not None else torch.zeros(w2.shape[0])
+        eye = torch.eye(w2.shape[0], dtype=w2.dtype)
+        if torch.equal(w2, eye):
+            tensors = {"proj.weight": w1.clone(), "proj.bias": b1 + b2}
+        else:
+            tensors = {"proj.weight": w2 @ w1, "proj.bias": w2 @ b1 + b2}
+    _adopt(vlm.projector, tensors, "projector")
+    _adopt(vlm.lm.base_model, llava.model.language_model, "language model")
+    _adopt(vlm.lm.get_output_embeddings(), llava.lm_head, "lm head")
+    _no_meta(vlm, "mmlm model")
+    vlm.eval()
+    dt = _resolve_dtype(dtype)
+    if dt is not None:
+        vlm.to(dt)
+    stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
+    pconfig = ProcessorConfig(image_transform=vlm.image_transform(), num_image_tokens=vlm.num_image_tokens,
+                              max_length=max_length, stop_tokens=stops)
+    processor = Processor(tokenizer, pconfig, template.template)
+    if out is not None:
+        from mmlm.checkpoint import save_pretrained
+
+        _write_dir(out, overwrite, lambda tmp: save_pretrained(tmp, vlm, processor))
+    return vlm, processor
+
+
+def _processor_chat_template(source: str) -> str | None:
+    """The chat template saved with a transformers processor (chat_template.jinja/.json), if any."""
+    path = Path(source)
+    if path.is_dir():
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        js = path / "chat_template.json"
+        if js.is_file():
+            return json.loads(js.read_text()).get("chat_template")
+        pc = path / "processor_config.json"
+        if pc.is_file():
+            return json.loads(pc.read_text()).get("chat_template")
+        return None
+    try:
+        from transformers import AutoProcessor
+
+        return getattr(AutoProcessor.from_pretrained(source, trust_remote_code=False), "chat_template", None)
+    except Exception:  # noqa: BLE001 - no processor: the tokenizer's template is used
+        return None

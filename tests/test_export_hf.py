@@ -1,0 +1,149 @@
+"""`mmlm export hf`: a stock transformers LLaVA directory that gives mmlm's logits and greedy text."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _tiny import tiny_pair, tiny_tokenizer
+from mmlm import VLM, Processor
+from mmlm.checkpoint import save_pretrained
+from mmlm.cli.main import main
+from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
+from mmlm.interop import ExportError, build_from_pretrained, check_exportable, export_hf, image_processor_for
+from mmlm.processing import ImageTransform
+from test_interop_parts import picture, save_lm, save_vision
+
+PROMPT = "what color is the star?"
+
+
+def hf_pair(path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(str(path))
+
+
+def assert_same_as_transformers(vlm, proc, out, image, check_text: bool = True):
+    """Same input ids, logits within 1e-4 and the same greedy text, transformers vs mmlm."""
+    from mmlm.api import generate_texts
+    from mmlm.generation import GenerationConfig
+
+    model, hp = hf_pair(out)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+    hin = hp.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                 return_tensors="pt")
+    mine = proc(images=[image], text=[PROMPT])
+    assert hin["input_ids"].tolist() == mine["input_ids"].tolist()
+    torch.testing.assert_close(hin["pixel_values"], mine["pixel_values"], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        theirs = model(**hin).logits
+        ours = vlm(input_ids=mine["input_ids"], pixel_values=mine["pixel_values"],
+                   attention_mask=mine["attention_mask"]).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    if check_text:
+        with torch.no_grad():
+            gen = model.generate(**hin, max_new_tokens=8, do_sample=False)
+        text = hp.batch_decode(gen[:, hin["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+        assert text == generate_texts(vlm, proc, [image], [PROMPT], GenerationConfig(max_new_tokens=8))[0]
+
+
+@pytest.mark.parametrize("vision_family,lm_family,template", [("clip", "llama", "vicuna_v1"),
+                                                             ("siglip", "qwen2", None)])
+def test_export_matches_transformers(tmp_path, vision_family, lm_family, template):
+    vpath, _ = save_vision(tmp_path / "v", vision_family, seed=1)
+    lpath = save_lm(tmp_path / "lm", lm_family, seed=2)
+    system = "You are a helpful assistant." if lm_family == "qwen2" else None
+    vlm, proc = build_from_pretrained(vpath, lpath, "mlp2x_gelu", template, max_length=128, system_prompt=system)
+    save_pretrained(tmp_path / "ckpt", vlm.eval(), proc)
+    rc = main(["export", "hf", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    assert rc == 0
+    names = set(os.listdir(tmp_path / "hf"))
+    assert {"config.json", "model.safetensors", "generation_config.json", "chat_template.jinja"} <= names
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # nothing half-written left behind
+    import json
+
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["vision_feature_layer"] == -1
+    assert cfg["vision_config"]["num_hidden_layers"] == 2  # feature layer -2 of 3: the layers kept
+    assert cfg["vision_feature_select_strategy"] == ("default" if vision_family == "clip" else "full")
+    assert cfg["image_token_index"] == vlm.config.image_token_id
+    assert_same_as_transformers(vlm, proc, tmp_path / "hf", picture(seed=3))
+
+
+def test_export_linear_projector_keeping_the_class_token(tmp_path):
+    """Also GPT-2, whose tied embeddings LLaVA cannot tie (no embed_tokens): exported untied."""
+    vpath, _ = save_vision(tmp_path / "v", "clip", seed=4)
+    lpath = save_lm(tmp_path / "lm", "gpt2", seed=5)
+    vlm, proc = build_from_pretrained(vpath, lpath, "linear", "chatml", drop_prefix_tokens=False,
+                                      feature_layer=-1, max_length=128)
+    export_hf((vlm.eval(), proc), tmp_path / "hf")
+    model, hp = hf_pair(tmp_path / "hf")
+    assert hp.vision_feature_select_strategy == "full" and hp.num_additional_image_tokens == 1
+    assert model.config.projector_hidden_act == "linear"
+    assert_same_as_transformers(vlm, proc, tmp_path / "hf", picture(seed=6), check_text=False)
+
+
+def timm_pair(layout: str, seed: int = 0):
+    """A from-scratch timm ViT with CLIP's layout (class token + pre-norm, QuickGELU) or SigLIP's."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    kwargs = {"pre_norm": True, "act_layer": "quick_gelu"} if layout == "clip" else {"act_layer": "gelu_tanh"}
+    cfg = VLMConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=3, num_heads=2, feature_layer=-2,
+                            class_token=layout == "clip", timm_kwargs=kwargs),
+        projector=ProjectorConfig(name="mlp2x_gelu"),
+        text=TextConfig(hf_config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+                                   "vocab_size": len(tok), "max_position_embeddings": 256}),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    vlm = VLM(cfg).eval()
+    return vlm, Processor.for_model(vlm, tok, max_length=128)
+
+
+@pytest.mark.parametrize("layout", ["clip", "siglip"])
+def test_export_timm_tower_converted_to_transformers(tmp_path, layout):
+    vlm, proc = timm_pair(layout, seed=7)
+    plan = check_exportable(vlm)
+    assert plan["vision_hf"]["model_type"] == f"{layout}_vision_model"
+    export_hf((vlm, proc), tmp_path / "hf")
+    assert_same_as_transformers(vlm, proc, tmp_path / "hf", picture(seed=8), check_text=False)
+
+
+def test_refuses_what_llava_cannot_represent(tmp_path, capsys):
+    vlm, proc = tiny_pair(projector="pixel_shuffle")
+    with pytest.raises(ExportError, match=r"pixel_shuffle.*Idefics3.*mlp2x_gelu"):
+        check_exportable(vlm)
+    # the plain from-scratch timm ViT (class token, no pre-norm) and a conv stem
+    with pytest.raises(ExportError, match=r"no pre-norm.*vision.backend='hf'"):
+        check_exportable(tiny_pair()[0])
+    conv = VLM.from_preset("tiny", image_token_id=5)
+    with pytest.raises(ExportError, match="conv stem"):
+        check_exportable(conv)
+    # an MLP projector narrower than the LM
+    vlm2, _ = timm_pair("clip")
+    narrow = VLM(vlm2.config.updated(projector={"hidden_dim": 16}))
+    with pytest.raises(ExportError, match="hidden_dim=None"):
+        check_exportable(narrow)
+    # through the CLI: exit 2, one line, nothing written
+    save_pretrained(tmp_path / "ckpt", vlm, proc)
+    capsys.readouterr()
+    rc = main(["export", "hf", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: cannot export") and "\n" not in err and "Idefics3" in err
+    assert not (tmp_path / "hf").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.parametrize("mode,pct,size", [("squash", 1.0, (50, 37)), ("crop", 1.0, (48, 36)),
+                                           ("crop", 0.875, (50, 37)), ("pad", 1.0, (37, 50))])
+def test_image_processor_matches_the_transform(mode, pct, size):
+    t = ImageTransformConfig(size=32, resize_mode=mode, crop_pct=pct, mean=(0.48145466, 0.4578275, 0.40821073),
+                             std=(0.26862954, 0.26130258, 0.27577711))
+    im = picture(size, seed=9)
+    theirs = image_processor_for(t)(images=[im], return_tensors="pt")["pixel_values"][0]
+    ours = ImageTransform(t)(im)
+    assert theirs.shape == ours.shape == (3, 32, 32)
+    diff = (theirs - ours).abs()  # torchvision vs PIL resampling: the same geometry, rounding apart
+    assert diff.mean() < 0.01 and diff.max() < 0.2
