@@ -287,28 +287,28 @@ class Processor:
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
             return_assistant_tokens_mask=not add_generation_prompt,
         )
-        ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (L0,)
-        if add_generation_prompt:
-            labels = torch.full_like(ids, -100)
-        else:
-            mask = torch.tensor(enc["assistant_masks"], dtype=torch.bool)
-            labels = torch.where(mask, ids, torch.full_like(ids, -100))
-        ids, labels = self._expand_images(ids, labels)
+        ids = list(enc["input_ids"])
+        mask = [0] * len(ids) if add_generation_prompt else enc["assistant_masks"]
+        ids, labels = self._expand_images(ids, [t if m else -100 for t, m in zip(ids, mask)])
         ids, labels = self._truncate(ids, labels, key)
         if ids is None:
             return None
         pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_images": len(images)}
 
-    def _expand_images(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Repeat each image token ``num_image_tokens`` times (labels -100 there)."""
-        is_img = ids == self.image_token_id
-        if not bool(is_img.any()):
-            return ids, labels
-        reps = torch.where(is_img, self.config.num_image_tokens, 1)
-        ids = torch.repeat_interleave(ids, reps)
-        labels = torch.repeat_interleave(torch.where(is_img, -100, labels), reps)
-        return ids, labels
+    def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Repeat each image token ``num_image_tokens`` times (labels -100 there): (L,), (L,)."""
+        img, n = self.image_token_id, self.config.num_image_tokens
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        for t, lab in zip(ids, labels):
+            if t == img:
+                out_ids += [img] * n
+                out_labels += [-100] * n
+            else:
+                out_ids.append(t)
+                out_labels.append(lab)
+        return torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_labels, dtype=torch.long)
 
     def _truncate(self, ids: torch.Tensor, labels: torch.Tensor, key: str | None):
         max_len = self.config.max_length
