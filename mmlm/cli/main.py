@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "eval": "eval",
     "export": "interop",
     "import": "interop",
+    "plot": "plot",
 }
 
 

@@ -1,0 +1,261 @@
+"""``mmlm fit``: train a VLM with LightningCLI (``VLMModule`` + ``VLMDataModule``).
+
+Usage::
+
+    mmlm fit --config configs/tiny-cpu.yaml
+    mmlm fit --config configs/tiny-cpu.yaml --trainer.max_steps 200 --data.batch_size 8
+    mmlm fit --config configs/tiny-cpu.yaml --ckpt_path last          # resume the run
+    mmlm fit --config configs/tiny-cpu.yaml --print_config            # the full resolved config
+    mmlm fit --help                                                   # every option, documented
+
+Sections: ``trainer`` (lightning.Trainer), ``model`` (mmlm.training.VLMModule), ``data``
+(mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint), ``preflight``, ``monitor``
+(throughput/lr), ``signals`` (SIGTERM/SIGUSR1 checkpointing), ``export`` (final model), plus
+``seed_everything`` (default 0) and ``ckpt_path``.
+
+Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>``)::
+
+    RUN_DIR/config.yaml                    full resolved config of the latest start
+    RUN_DIR/checkpoints/last.ckpt          resumable checkpoint: every checkpoint.every_n_train_steps
+                                           steps and on SIGTERM/SIGUSR1 (resume: --ckpt_path last)
+    RUN_DIR/checkpoints/best-step=N.ckpt   best by checkpoint.monitor (val/loss)
+    RUN_DIR/logs/version_K/metrics.csv     CSV logs, one version per start (plot: mmlm plot RUN_DIR)
+    RUN_DIR/logs/version_K/config.yaml     config of that start (+ hparams.yaml)
+    RUN_DIR/tensorboard/version_K/         TensorBoard logs, when tensorboard is installed
+    RUN_DIR/preflight.json                 pre-flight report (labels, images, truncation, memory)
+    RUN_DIR/model/                         final model + processor: mmlm.load(), mmlm describe --model
+
+``--ckpt_path last`` with no checkpoint yet starts a fresh run (so job scripts can always pass it).
+Exit codes: 0 done; 1 training failed (non-finite losses, pre-flight); 2 bad arguments or
+inputs; 128+N stopped by signal N after saving ``last.ckpt``.
+
+Defaults that differ from Lightning's: ``check_val_every_n_epoch: null`` and
+``val_check_interval: 500`` (the training stream is endless: validation counts batches),
+``use_distributed_sampler: false`` (the data module shards by rank itself),
+``log_every_n_steps: 10``. ``trainer.max_steps`` is required (the schedule needs the run's length).
+Global batch = data.batch_size x trainer.accumulate_grad_batches x devices x num_nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+FIT_DESCRIPTION = (__doc__ or "").split("Usage::")[0].strip()
+
+TRAINER_DEFAULTS = {
+    "check_val_every_n_epoch": None,
+    "val_check_interval": 500,
+    "log_every_n_steps": 10,
+    "use_distributed_sampler": False,
+}
+CHECKPOINT_DEFAULTS = {
+    "checkpoint.every_n_train_steps": 500,
+    "checkpoint.save_last": True,
+    "checkpoint.monitor": "val/loss",
+    "checkpoint.mode": "min",
+    "checkpoint.save_top_k": 1,
+    "checkpoint.filename": "best-{step}",
+}
+
+
+def _cli_classes():
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from mmlm.training.callbacks import ExportModel, SignalCheckpoint, TrainingMonitor
+    from mmlm.training.preflight import Preflight
+
+    class SaveRunConfig(SaveConfigCallback):
+        """Also writes the config to RUN_DIR/config.yaml (rank 0)."""
+
+        def save_config(self, trainer, pl_module, stage) -> None:
+            path = Path(trainer.default_root_dir) / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+
+    class ParsedOnly(Exception):
+        def __init__(self, config):
+            super().__init__("parsed")
+            self.config = config
+
+    class FitCLI(LightningCLI):
+        parse_only = False
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(CHECKPOINT_DEFAULTS)
+            parser.add_lightning_class_args(Preflight, "preflight")
+            parser.add_lightning_class_args(TrainingMonitor, "monitor")
+            parser.add_lightning_class_args(SignalCheckpoint, "signals")
+            parser.add_lightning_class_args(ExportModel, "export")
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            root = cfg.trainer.default_root_dir
+            if not root:
+                configs = cfg.get("config") or []
+                name = Path(str(configs[-1])).stem if configs else "fit"
+                root = os.path.join("runs", name)
+                cfg.trainer.default_root_dir = root
+            if cfg.checkpoint.dirpath is None:
+                cfg.checkpoint.dirpath = os.path.join(str(root), "checkpoints")
+            t = cfg.trainer
+            if (t.max_steps is None or t.max_steps < 0) and not t.fast_dev_run and t.limit_train_batches in (None, 1.0):
+                raise ValueError("set --trainer.max_steps: the training stream is endless, and the learning-rate "
+                                 "schedule (warmup + cosine) needs the run's length")
+            if self.parse_only:
+                raise ParsedOnly(self.config)
+
+        def instantiate_trainer(self, **kwargs):
+            tcfg = self._get(self.config_init, "trainer", default={})
+            if tcfg.get("logger") in (None, True) and "logger" not in kwargs:
+                kwargs["logger"] = default_loggers(tcfg.get("default_root_dir") or os.getcwd())
+            callbacks = tcfg.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if tcfg.get("enable_progress_bar", True) is not False and not any(
+                    isinstance(c, ProgressBar) for c in callbacks):
+                tcfg["callbacks"] = [*callbacks, default_progress_bar()]
+            return super().instantiate_trainer(**kwargs)
+
+        def before_fit(self) -> None:
+            cfg = self.config_init[self.subcommand]
+            ckpt = cfg.get("ckpt_path")
+            if ckpt == "last":
+                ckpt = find_last_checkpoint(cfg.checkpoint.dirpath)
+                cfg["ckpt_path"] = ckpt
+                if ckpt is None:
+                    print(f"no checkpoint in {cfg.checkpoint.dirpath}: starting a fresh run", file=sys.stderr)
+            if ckpt and os.path.isfile(str(ckpt)):
+                self.model.resume_from = str(ckpt)
+            print(f"run directory: {cfg.trainer.default_root_dir}", file=sys.stderr)
+
+    return FitCLI, SaveRunConfig, ParsedOnly
+
+
+def default_loggers(root: str) -> list:
+    """CSVLogger under RUN_DIR/logs, and TensorBoardLogger under RUN_DIR/tensorboard when installed."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=root, name="logs")]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            return loggers
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers.append(TensorBoardLogger(save_dir=root, name="tensorboard", default_hp_metric=False))
+    return loggers
+
+
+def default_progress_bar():
+    """Lightning's progress bar, printing metrics with 3 significant digits (learning rates are small)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    try:
+        from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+
+        return RichProgressBar(theme=RichProgressBarTheme(metrics_format=".3g"))
+    except (ImportError, ModuleNotFoundError):
+        return TQDMProgressBar()
+
+
+def find_last_checkpoint(directory: str | os.PathLike | None) -> str | None:
+    """The newest ``last*.ckpt`` in ``directory`` (as Lightning's ``ckpt_path="last"``), or None."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    found = [p for p in Path(directory).glob("last*.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def _datamodule_class():
+    try:
+        from mmlm.data import VLMDataModule
+    except ImportError as e:
+        raise ImportError(f"mmlm.data.VLMDataModule is not available: {e}") from e
+    return VLMDataModule
+
+
+def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only: bool = False):
+    """Run (or with ``parse_only`` just parse) ``mmlm fit ARGV``; returns the LightningCLI
+    (``cli.trainer``, ``cli.model``, ``cli.datamodule``) or, when parsing only, the config."""
+    from mmlm.training.module import VLMModule
+
+    FitCLI, SaveRunConfig, ParsedOnly = _cli_classes()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        argv = argv[1:]
+    dm_class = datamodule_class or _datamodule_class()
+    cli_class = type("FitCLI", (FitCLI,), {"parse_only": parse_only})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        try:
+            return cli_class(
+                VLMModule,
+                dm_class,
+                save_config_callback=SaveRunConfig,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults=dict(TRAINER_DEFAULTS),
+                seed_everything_default=0,
+                parser_kwargs={"prog": "mmlm", "fit": {"description": FIT_DESCRIPTION}},
+                auto_configure_optimizers=False,
+                args=["fit", *argv],
+            )
+        except ParsedOnly as parsed:
+            return parsed.config
+
+
+def parse_config(argv: list[str], *, datamodule_class=None):
+    """The parsed (not instantiated) config of ``mmlm fit ARGV``; bad options exit with code 2."""
+    return make_cli(argv, datamodule_class=datamodule_class, parse_only=True)
+
+
+def main(argv: list[str] | None = None, *, datamodule_class=None) -> int:
+    """``mmlm fit ARGV``; returns the exit code."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mmlm.data.errors import DataErrorBudgetExceeded
+    from mmlm.training.callbacks import NonFiniteLossError, TrainingInterrupted
+    from mmlm.training.preflight import PreflightError
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
+        make_cli(argv, datamodule_class=datamodule_class)
+    except SIGTERMException:  # outside the training steps (set-up, validation): Lightning's own handler
+        print("interrupted by SIGTERM before a checkpoint could be saved", file=sys.stderr)
+        return 128 + 15
+    except SystemExit as e:  # --help, parse errors
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except (NonFiniteLossError, PreflightError, DataErrorBudgetExceeded) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def add_parser(sub) -> None:
+    """``mmlm --help`` lists ``fit``; its own options are parsed by LightningCLI (``mmlm fit --help``)."""
+    p = sub.add_parser("fit", help="train a model from a YAML recipe (LightningCLI; `mmlm fit --help`)",
+                       description=FIT_DESCRIPTION, add_help=False)
+    p.set_defaults(run=lambda args: main(["--help"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Build the (VLM, Processor) pair a training run starts from.
+
+Three ways in:
+
+1. a from-scratch preset (its LM has no hub ``name``, e.g. ``tiny``): a byte-level BPE tokenizer
+   is trained (:func:`mmlm.train_bpe_tokenizer`) on the texts of the training shards (a bounded
+   number of records read with :func:`mmlm.data.schema.iter_tar_records`: captions, questions,
+   answers, conversation turns) plus the caption prompt, the system prompt and the chat
+   template's role tokens; then ``VLM.from_preset(name, image_token_id=..., text={"hf_config":
+   {"vocab_size": len(tokenizer)}})`` and ``Processor.for_model``;
+2. a preset with a pretrained LM (``small``, ``base``, ``llava-1.5-7b``): the LM's tokenizer (hub
+   name or local path; ``tokenizer=`` overrides) through :func:`mmlm.interop.build_from_pretrained`:
+   ``<image>`` added, the LM's chat template when it has ``{% generation %}`` marks, else the named
+   template it matches (``chat_template=`` chooses one), the embeddings grown when needed;
+3. ``init_from``: an mmlm checkpoint directory (``save_pretrained`` output, e.g. the ``model/``
+   of an ``align`` run) to continue with another stage; model and processor come from it.
+
+:func:`processor_files` / :func:`processor_from_files` turn a processor into ``{name: bytes}``
+and back: that is how a processor travels inside a Lightning checkpoint (and from rank 0 to the
+other ranks), so a resumed run never re-trains its tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmlm.config import VLMConfig
+from mmlm.processing import DEFAULT_CAPTION_PROMPT, DEFAULT_SPECIAL_TOKENS, IMAGE_TOKEN, Processor
+
+DEFAULT_MAX_LENGTH_SCRATCH = 512
+DEFAULT_MAX_LENGTH_PRETRAINED = 2048
+
+
+# ---------------------------------------------------------------------------------- shards -> texts
+def shard_specs(train: Any) -> list[str]:
+    """Shard specs of a data module's ``train`` argument: a spec, a list of specs, or a list of
+    ``{"shards": spec, "weight": w}`` mixtures."""
+    if train is None:
+        return []
+    if isinstance(train, (str, os.PathLike)):
+        return [os.fspath(train)]
+    out: list[str] = []
+    for item in train:
+        if isinstance(item, dict):
+            out += shard_specs(item.get("shards"))
+        elif hasattr(item, "shards"):
+            out += shard_specs(item.shards)
+        else:
+            out.append(os.fspath(item))
+    return out
+
+
+def record_texts(record) -> list[str]:
+    """The texts of one shard record (placeholders removed)."""
+    texts: list[str] = []
+    if record.caption:
+        texts.append(record.caption)
+    texts += [c for c in record.captions if c]
+    if record.question:
+        texts.append(record.question)
+    texts += [a for a in record.answers if a]
+    for turn in record.conversations:
+        value = str(turn.get("value", turn.get("content", "")))
+        value = value.replace(IMAGE_TOKEN, " ").strip()
+        if value:
+            texts.append(value)
+    return texts
+
+
+def corpus_from_shards(specs: Sequence[str], max_records: int = 20000) -> tuple[list[str], int]:
+    """Texts of at most ``max_records`` records, taken round-robin over ``specs`` so that every
+    source of a mixture is seen; bad samples are skipped. Returns ``(texts, records_read)``."""
+    from mmlm.data.schema import iter_tar_records
+
+    iters = [iter(iter_tar_records(s, on_error=lambda key, exc: None)) for s in specs]
+    texts: list[str] = []
+    n = 0
+    while iters and n < max_records:
+        alive = []
+        for it in iters:
+            rec = next(it, None)
+            if rec is None:
+                continue
+            alive.append(it)
+            texts += record_texts(rec)
+            n += 1
+            if n >= max_records:
+                break
+        iters = alive
+    return texts, n
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, *, prompts: Iterable[str] = (), records: int = 0):
+    """A byte-level BPE tokenizer for a from-scratch model. ``prompts`` (the caption prompt,
+    the system prompt, a VQA suffix) count once per record (as often as a sample may use them)."""
+    from mmlm.processing import train_bpe_tokenizer
+
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no training text to build a tokenizer from: the training shards hold no caption, "
+                         "question, answer or conversation")
+    reps = max(2, records or len(texts) // 4)
+    extra = [p for p in prompts if p] * reps
+    roles = " ".join(DEFAULT_SPECIAL_TOKENS)  # the chat template's role/end tokens (special tokens)
+    return train_bpe_tokenizer(texts + extra + [roles], vocab_size=vocab_size, min_frequency=2)
+
+
+# ---------------------------------------------------------------------------------- processor <-> bytes
+def _saved_files(save) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory(prefix="mmlm-files-") as tmp:
+        root = Path(tmp) / "d"
+        save(root)
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _load_files(files: dict[str, bytes], load):
+    with tempfile.TemporaryDirectory(prefix="mmlm-files-") as tmp:
+        root = Path(tmp).resolve()
+        for name, data in files.items():
+            target = (root / name).resolve()
+            if root not in target.parents:
+                raise ValueError(f"bad file name {name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return load(root)
+
+
+def processor_files(processor: Processor) -> dict[str, bytes]:
+    """The files ``processor.save_pretrained`` writes, as ``{name: bytes}``."""
+    return _saved_files(processor.save_pretrained)
+
+
+def processor_from_files(files: dict[str, bytes]) -> Processor:
+    """The inverse of :func:`processor_files`."""
+    return _load_files(files, Processor.from_pretrained)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """A tokenizer's saved files as ``{name: bytes}`` (to send it to other ranks)."""
+    return _saved_files(lambda d: tokenizer.save_pretrained(str(d)))
+
+
+def tokenizer_from_files(files: dict[str, bytes]):
+    from transformers import AutoTokenizer
+
+    return _load_files(files, lambda d: AutoTokenizer.from_pretrained(str(d), trust_remote_code=False))
+
+
+# ---------------------------------------------------------------------------------- models
+def _processor_options(processor_cfg: dict, max_length, caption_prompt, system_prompt) -> dict:
+    out = dict(processor_cfg)
+    if max_length is not None:
+        out["max_length"] = int(max_length)
+    if caption_prompt is not None:
+        out["caption_prompt"] = caption_prompt
+    if system_prompt is not None:
+        out["system_prompt"] = system_prompt or None
+    return out
+
+
+def _check_positions(cfg: VLMConfig, max_length: int, from_scratch: bool) -> VLMConfig:
+    hf = cfg.text.hf_config
+    key = next((k for k in ("max_position_embeddings", "n_positions") if k in hf), None)
+    if key and max_length > int(hf[key]):
+        if from_scratch:
+            return cfg.updated(text={"hf_config": {key: int(max_length)}})
+        raise ValueError(f"max_length={max_length} exceeds the LM's {key}={hf[key]}; lower max_length")
+    return cfg
+
+
+def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | None = None, max_length=None,
+                          caption_prompt=None, system_prompt=None):
+    """``(VLM, Processor)`` from an mmlm checkpoint directory (weights loaded strictly)."""
+    from safetensors.torch import load_model
+
+    from mmlm.checkpoint import read_config, weights_file
+    from mmlm.modeling.vlm import VLM
+
+    path = Path(path)
+    cfg = read_config(path).updated(**(model_overrides or {}))
+    cfg = cfg.updated(vision={"pretrained": False, "checkpoint_path": None}, text={"pretrained": False})
+    vlm = VLM(cfg)
+    missing, unexpected = load_model(vlm, str(weights_file(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config (model_overrides must not change shapes): "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    processor = Processor.from_pretrained(path)
+    opts = _processor_options({}, max_length, caption_prompt, system_prompt)
+    for key, value in opts.items():
+        setattr(processor.config, key, value)
+    return vlm, processor
+
+
+def trains_tokenizer(*, preset: str = "tiny", init_from=None, model_overrides: dict | None = None,
+                     tokenizer: str | None = None) -> bool:
+    """Whether :func:`build_model_and_processor` trains a BPE tokenizer (a from-scratch LM)."""
+    from mmlm.presets import get_preset
+
+    if init_from or tokenizer:
+        return False
+    return not get_preset(preset).updated(**(model_overrides or {})).text.name
+
+
+def tokenizer_from_shards(train_shards: Sequence[str], vocab_size: int, *, max_records: int = 20000,
+                          prompts: Iterable[str] = (), log=print):
+    """The BPE tokenizer of a from-scratch model, trained on the texts of ``train_shards``."""
+    specs = list(train_shards)
+    if not specs:
+        raise ValueError("a from-scratch model trains its tokenizer on the training texts: it needs the training "
+                         "shards (data.train)")
+    texts, n = corpus_from_shards(specs, max_records)
+    log(f"training a {vocab_size}-token BPE tokenizer on {len(texts)} texts from {n} records")
+    return train_tokenizer(texts, vocab_size, prompts=prompts, records=n)
+
+
+def build_model_and_processor(
+    *,
+    preset: str = "tiny",
+    init_from: str | os.PathLike | None = None,
+    model_overrides: dict | None = None,
+    train_shards: Sequence[str] = (),
+    tokenizer: str | None = None,
+    tokenizer_vocab_size: int = 512,
+    tokenizer_max_records: int = 20000,
+    extra_texts: Sequence[str] = (),
+    max_length: int | None = None,
+    caption_prompt: str | None = None,
+    system_prompt: str | None = None,
+    prebuilt_tokenizer=None,
+    chat_template: str | None = None,
+    log=print,
+):
+    """``(VLM, Processor)`` for a training run; see the module docstring for the three ways in.
+    ``prebuilt_tokenizer`` replaces the tokenizer training of a from-scratch model (multi-process
+    runs train it once and share it)."""
+    from mmlm.modeling.vlm import VLM
+    from mmlm.presets import get_preset
+
+    if init_from:
+        return build_from_checkpoint(init_from, model_overrides=model_overrides, max_length=max_length,
+                                     caption_prompt=caption_prompt, system_prompt=system_prompt)
+    cfg = get_preset(preset).updated(**(model_overrides or {}))
+    from_scratch = not cfg.text.name and tokenizer is None
+    opts = _processor_options({}, max_length, caption_prompt, system_prompt)
+    opts.setdefault("max_length", DEFAULT_MAX_LENGTH_SCRATCH if from_scratch else DEFAULT_MAX_LENGTH_PRETRAINED)
+    cfg = _check_positions(cfg, opts["max_length"], from_scratch)
+    if from_scratch:
+        tok = prebuilt_tokenizer
+        if tok is None:
+            prompts = [opts.get("caption_prompt", DEFAULT_CAPTION_PROMPT), opts.get("system_prompt"), *extra_texts]
+            tok = tokenizer_from_shards(train_shards, tokenizer_vocab_size, max_records=tokenizer_max_records,
+                                        prompts=prompts, log=log)
+        cfg = cfg.updated(text={"hf_config": {"vocab_size": len(tok)}})
+        vlm = VLM(cfg.updated(image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN)))
+    else:  # a pretrained LM: its tokenizer and (a generation-marked version of) its chat template
+        from transformers import AutoTokenizer
+
+        from mmlm.interop import build_from_pretrained
+
+        tok = AutoTokenizer.from_pretrained(tokenizer or cfg.text.name, trust_remote_code=False)
+        return build_from_pretrained(cfg.vision, cfg.text, cfg.projector, chat_template=chat_template,
+                                     tokenizer=tok, **opts)
+    processor = Processor.for_model(vlm, tok, **opts)
+    return vlm, processor
+
+
+def build_from_config(config: dict, processor: Processor):
+    """A VLM with random weights from a saved ``VLMConfig`` dict (pretrained flags off; the
+    weights come from a checkpoint afterwards)."""
+    from mmlm.modeling.vlm import VLM
+
+    cfg = VLMConfig.from_dict(config).updated(vision={"pretrained": False, "checkpoint_path": None},
+                                              text={"pretrained": False})
+    vlm = VLM(cfg)
+    if vlm.num_image_tokens != processor.config.num_image_tokens:
+        raise ValueError("the checkpoint's processor does not match its model (image tokens per image)")
+    return vlm

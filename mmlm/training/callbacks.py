@@ -1,0 +1,304 @@
+"""Lightning callbacks (and the non-finite-loss guard) of a training run.
+
+- :class:`TrainingMonitor`: throughput and learning rates in the progress bar and the logs:
+  ``perf/samples_per_s``, ``perf/tokens_per_s`` (padded tokens the model processed),
+  ``perf/real_tokens_per_s`` and ``perf/real_token_frac`` (non-padding share), ``lr/<component>``,
+  ``data/skipped`` (bad samples the data module skipped). Rates are averaged over the last
+  ``window`` batches and scaled by the world size (every rank reads equal batches).
+- :class:`NonFiniteGuard`: used by :class:`mmlm.training.module.VLMModule`: a non-finite loss skips
+  the optimizer step (counted in ``train/nonfinite_skipped``); ``max_in_a_row`` consecutive ones
+  abort the run with :class:`NonFiniteLossError`.
+- :class:`SignalCheckpoint`: SIGTERM / SIGUSR1 (e.g. a cluster's pre-emption notice) during training
+  save ``<checkpoint dir>/last.ckpt`` after the current step (its metrics are logged), then the
+  run stops before the next step or validation with
+  :class:`TrainingInterrupted` (``mmlm fit`` exits with 128 + the signal number); resume with
+  ``--ckpt_path last``. In multi-process runs one rank receiving the signal is enough.
+- :class:`ExportModel`: at the end of a successful fit, rank 0 writes ``RUN_DIR/model`` with
+  :func:`mmlm.checkpoint.save_pretrained` (LoRA adapters merged), loadable by ``mmlm.load``.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+# ---------------------------------------------------------------------------------- non-finite loss
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses: each one skips its step; ``max_in_a_row`` consecutive ones raise
+    :class:`NonFiniteLossError` (0: never)."""
+
+    def __init__(self, max_in_a_row: int = 10):
+        if max_in_a_row < 0:
+            raise ValueError(f"max_nonfinite must be >= 0, got {max_in_a_row}")
+        self.max_in_a_row = int(max_in_a_row)
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def update(self, finite: bool, step: int | None = None) -> bool:
+        """Record one loss; True when the step may proceed."""
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
+            where = f" (last at step {step})" if step is not None else ""
+            raise NonFiniteLossError(
+                f"the loss was non-finite (NaN/inf) {self.in_a_row} times in a row{where}; {self.skipped} steps "
+                "skipped in all. Lower the learning rate, add gradient clipping (--trainer.gradient_clip_val 1.0), "
+                "prefer bf16-mixed to 16-mixed, or check the data (a batch whose labels are all masked has no loss)"
+            )
+        return False
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+        self.in_a_row = int(state.get("in_a_row", 0))
+
+
+# ---------------------------------------------------------------------------------- throughput
+class TrainingMonitor(pl.Callback):
+    """Samples/s, tokens/s, real-token fraction, learning rates and skipped samples, in the
+    progress bar and the logs."""
+
+    def __init__(self, window: int = 20, prog_bar: bool = True):
+        """
+        Args:
+            window: batches the throughput is averaged over.
+            prog_bar: show samples/s, tokens/s and the learning rate in the progress bar.
+        """
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.prog_bar = prog_bar
+        self._hist: collections.deque = collections.deque(maxlen=window + 1)
+        self._t_start: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._hist.clear()
+        self._t_start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t_start is None:
+            self._t_start = time.perf_counter()
+
+    @staticmethod
+    def _counts(batch: Any) -> tuple[int, int, int]:
+        if not isinstance(batch, dict):
+            return 0, 0, 0
+        ids = batch.get("input_ids")
+        total = int(batch.get("total_tokens", ids.numel() if ids is not None else 0))
+        real = batch.get("real_tokens")
+        if real is None:
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else total
+        samples = batch.get("num_samples")
+        if samples is None:
+            samples = ids.shape[0] if ids is not None else 0
+        return int(samples), int(real), int(total)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        samples, real, total = self._counts(batch)
+        if not self._hist and self._t_start is not None:
+            self._hist.append((self._t_start, 0, 0, 0))
+        self._hist.append((now, samples, real, total))
+        world = max(1, int(trainer.world_size))
+        metrics: dict[str, float] = {}
+        if len(self._hist) >= 2:
+            dt = self._hist[-1][0] - self._hist[0][0]
+            s = sum(h[1] for h in list(self._hist)[1:])
+            r = sum(h[2] for h in list(self._hist)[1:])
+            t = sum(h[3] for h in list(self._hist)[1:])
+            if dt > 0:
+                metrics["perf/samples_per_s"] = world * s / dt
+                metrics["perf/tokens_per_s"] = world * t / dt
+                metrics["perf/real_tokens_per_s"] = world * r / dt
+        if total:
+            metrics["perf/real_token_frac"] = real / total
+        for comp, lr in self.learning_rates(trainer).items():
+            metrics[f"lr/{comp}"] = lr
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "skipped_counts"):
+            try:
+                counts = dm.skipped_counts() or {}
+                metrics["data/skipped"] = float(sum(int(v) for v in counts.values()))
+            except Exception:  # noqa: BLE001 - a monitoring failure must not stop training
+                pass
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(1, samples))
+        if self.prog_bar:
+            bar = {}
+            if "perf/samples_per_s" in metrics:
+                bar["samples/s"] = metrics["perf/samples_per_s"]
+                bar["tok/s"] = metrics["perf/tokens_per_s"]
+            lrs = self.learning_rates(trainer)
+            if lrs:
+                bar["lr"] = lrs.get("lm", next(iter(lrs.values())))
+            if bar:
+                pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                                   batch_size=max(1, samples))
+
+    @staticmethod
+    def learning_rates(trainer) -> dict[str, float]:
+        """``{component: lr}`` of the first optimizer's groups."""
+        out: dict[str, float] = {}
+        for opt in trainer.optimizers[:1]:
+            for i, group in enumerate(opt.param_groups):
+                name = group.get("component", f"group{i}")
+                out.setdefault(name, float(group["lr"]))
+        return out
+
+
+# ---------------------------------------------------------------------------------- signals
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, path: str | None):
+        self.signum = int(signum)
+        self.path = path
+        self.exit_code = 128 + self.signum
+        name = signal.Signals(self.signum).name if self.signum in {s.value for s in signal.Signals} else str(signum)
+        where = f"checkpoint saved to {path}" if path else "no checkpoint saved"
+        super().__init__(f"interrupted by {name}: {where}; resume with --ckpt_path last")
+
+
+class SignalCheckpoint(pl.Callback):
+    """On SIGTERM/SIGUSR1: save ``last.ckpt`` after the current step and stop with a non-zero exit."""
+
+    def __init__(self, signals: list[str] | None = None, filename: str = "last.ckpt"):
+        """
+        Args:
+            signals: signal names to handle while training (default SIGTERM and SIGUSR1).
+            filename: checkpoint file written in the checkpoint directory (``last.ckpt`` is what
+                ``--ckpt_path last`` finds).
+        """
+        super().__init__()
+        names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
+        self.signals = []
+        for name in names:
+            sig = getattr(signal, str(name).upper(), None)
+            if not isinstance(sig, signal.Signals):
+                raise ValueError(f"unknown signal {name!r}")
+            self.signals.append(sig)
+        self.filename = filename
+        self.received: int | None = None
+        self.pending: TrainingInterrupted | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = int(signum)
+
+    def _install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def _restore(self) -> None:
+        for sig, prev in self._previous.items():
+            try:
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):
+                pass
+        self._previous = {}
+
+    def checkpoint_path(self, trainer) -> str:
+        cb = trainer.checkpoint_callback
+        directory = getattr(cb, "dirpath", None) or str(Path(trainer.default_root_dir) / "checkpoints")
+        return str(Path(directory) / self.filename)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.received = None
+        self.pending = None
+        self._install()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.pending is not None:
+            return
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        signum = self.received if self.received is not None else int(signal.SIGTERM)
+        self.pending = TrainingInterrupted(signum, path)
+
+    # stop before anything else runs (the step's metrics are logged first)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_if_pending()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop_if_pending()
+
+    def _stop_if_pending(self) -> None:
+        if self.pending is not None:
+            exc, self.pending = self.pending, None
+            self._restore()
+            raise exc
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+
+# ---------------------------------------------------------------------------------- export
+class ExportModel(pl.Callback):
+    """At the end of a successful fit, write the model + processor to ``RUN_DIR/<dirname>``."""
+
+    def __init__(self, dirname: str = "model", enabled: bool = True):
+        """
+        Args:
+            dirname: directory under the run directory (``trainer.default_root_dir``).
+            enabled: export at all.
+        """
+        super().__init__()
+        self.dirname = dirname
+        self.enabled = enabled
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self.enabled or getattr(pl_module, "vlm", None) is None:
+            return
+        path = Path(trainer.default_root_dir) / self.dirname
+        if trainer.is_global_zero:
+            export_model(pl_module, path)
+            print(f"model written to {path}")
+        self.path = path
+        trainer.strategy.barrier("mmlm-export")
+
+
+def export_model(pl_module, path: str | Path) -> Path:
+    """Write ``pl_module.vlm`` + ``pl_module.processor`` as an mmlm checkpoint directory
+    (LoRA adapters merged into the LM first)."""
+    from mmlm.checkpoint import save_pretrained
+    from mmlm.training.freeze import is_lora, merge_lora
+
+    vlm = pl_module.vlm
+    if is_lora(vlm):
+        merge_lora(vlm)
+    with torch.no_grad():
+        save_pretrained(path, vlm, pl_module.processor)
+    return Path(path)

@@ -1,0 +1,414 @@
+"""``VLMModule``: the LightningModule that trains a :class:`mmlm.VLM`.
+
+Life cycle
+----------
+The model needs a tokenizer, and a from-scratch tokenizer needs the training shards, so the
+model is built in :meth:`VLMModule.configure_model` (after the data module's ``setup``), not in
+``__init__``:
+
+- a fresh run builds ``(vlm, processor)`` with :func:`mmlm.training.build.build_model_and_processor`
+  from ``preset`` (+ ``model_overrides``) or ``init_from``; in multi-process runs rank 0 trains a
+  from-scratch tokenizer once and broadcasts it, and every rank builds the same model (same seed,
+  or the same pretrained weights);
+- a resumed run (``resume_from``, set by ``mmlm fit`` from ``--ckpt_path``) rebuilds the model from
+  the config and processor stored in the Lightning checkpoint: the tokenizer is never trained twice,
+  and the weights, optimizer, scheduler, loop counters, data position and RNG state come from
+  the checkpoint. (Calling ``Trainer.fit(ckpt_path=...)`` from Python without ``resume_from`` also
+  works: ``on_load_checkpoint`` swaps in the checkpoint's processor and model before the weights load.)
+
+Then the training stage freezes parts (:mod:`mmlm.training.freeze`), and the processor is handed
+to the data module (``datamodule.attach_processor``). ``self.vlm`` and ``self.processor`` are
+public (evaluation callbacks use them) from ``configure_model`` on.
+
+Checkpoints hold, under ``checkpoint["mmlm"]``: the model config, the processor files, the
+non-finite-loss counters and the RNG states (restored before the first batch after a resume;
+validation leaves the training RNG stream as it found it, so a resume reproduces it exactly).
+
+Steps
+-----
+``training_step`` tells the data module the batch was consumed (``record_consumed``), computes
+the loss, and on a non-finite loss (agreed by all ranks) skips the optimizer step (see
+:class:`mmlm.training.callbacks.NonFiniteGuard`). Logged: ``train/loss``, ``val/loss`` (averaged
+over supervised tokens), ``train/nonfinite_skipped``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from mmlm.training.callbacks import NonFiniteGuard
+from mmlm.training.freeze import STAGES, configure_trainable, enable_activation_checkpointing, frozen_modules
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "num_images")
+CHECKPOINT_KEY = "mmlm"
+
+
+class VLMModule(pl.LightningModule):
+    """Trains a LLaVA-style VLM: stage-wise freezing, per-component learning rates, warmup + cosine."""
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        init_from: str | None = None,
+        model_overrides: dict | None = None,
+        stage: Literal["align", "instruct", "full"] = "full",
+        lr: float = 1e-4,
+        vision_lr: float | None = None,
+        projector_lr: float | None = None,
+        lm_lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        lora: dict | None = None,
+        activation_checkpointing: bool = False,
+        max_nonfinite: int = 10,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        tokenizer_vocab_size: int = 512,
+        tokenizer_max_records: int = 20000,
+        max_length: int | None = None,
+        caption_prompt: str | None = None,
+        system_prompt: str | None = None,
+    ):
+        """
+        Args:
+            preset: named model config (tiny, small, base, llava-1.5-7b); see ``mmlm.presets``.
+            init_from: an mmlm checkpoint directory (e.g. RUN_DIR/model of an align run) to start from
+                instead of a preset; its processor (tokenizer, prompt format) comes along.
+            model_overrides: merged into the preset's config, e.g. ``{vision: {pretrained: true},
+                text: {pretrained: true}}`` or ``{text: {hf_config: {num_hidden_layers: 2}}}``.
+            stage: what trains: align (projector), instruct (projector + LM), full (everything).
+            lr: peak learning rate (AdamW).
+            vision_lr: learning rate of the vision encoder (default: lr).
+            projector_lr: learning rate of the projector (default: lr).
+            lm_lr: learning rate of the language model (default: lr).
+            weight_decay: AdamW weight decay (never on biases, norms, embeddings, positional tokens).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            warmup: linear warmup: a fraction of trainer.max_steps when < 1, else a number of steps.
+            min_lr_ratio: the cosine decays to min_lr_ratio * lr at trainer.max_steps.
+            lora: LoRA on the LM (peft.LoraConfig arguments, e.g. ``{r: 16, lora_alpha: 32}``); needs peft.
+            activation_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+            max_nonfinite: abort after this many non-finite losses in a row (each skips its step; 0: never abort).
+            tokenizer: tokenizer name/path for a pretrained LM (default: the LM's own).
+            chat_template: named chat template for a pretrained LM (chatml, llama3, vicuna_v1, mmlm;
+                default: the LM's own when it marks the assistant's text, else the one it matches).
+            tokenizer_vocab_size: vocabulary of the BPE tokenizer trained for from-scratch presets.
+            tokenizer_max_records: training records read to train that tokenizer.
+            max_length: longest sample in tokens, image tokens included (default: 512 from scratch, 2048
+                with a pretrained LM, or the init_from checkpoint's).
+            caption_prompt: the user prompt captions answer (default: "Describe the image briefly.",
+                or the init_from checkpoint's).
+            system_prompt: a system message before every conversation (default: none, or the checkpoint's).
+        """
+        super().__init__()
+        from mmlm.presets import PRESETS
+
+        if init_from is None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        if stage not in STAGES:
+            raise ValueError(f"unknown training stage {stage!r}; known: {list(STAGES)}")
+        for name, value in (("lr", lr), ("vision_lr", vision_lr), ("projector_lr", projector_lr), ("lm_lr", lm_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if max_length is not None and max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        if lora is not None and stage == "align":
+            raise ValueError("LoRA adapts the LM, which stage 'align' keeps frozen: use stage 'instruct' or 'full'")
+        self.save_hyperparameters()
+        self.vlm = None
+        self.processor = None
+        self.resume_from: str | None = None
+        self.guard = NonFiniteGuard(max_nonfinite)
+        self._processor_files: dict[str, bytes] | None = None
+        self._frozen: list = []
+        self._pending_rng: dict | None = None
+        self._rng_before_validation: dict | None = None
+        self._skip_update = False
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        if self.vlm is not None or self._trainer is None:
+            return  # built already, or outside a Trainer (load_from_checkpoint builds in on_load_checkpoint)
+        if self.resume_from:
+            payload = read_checkpoint_payload(self.resume_from)
+            if payload is not None:
+                self._build_from_payload(payload)
+                return
+        self._build_fresh()
+
+    def build(self, train_shards: list[str] | None = None, extra_texts: list[str] | None = None) -> None:
+        """Build ``vlm`` and ``processor`` now (outside a Trainer); from-scratch presets need ``train_shards``."""
+        if self.vlm is None:
+            self._build_fresh(train_shards, extra_texts)
+
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _build_fresh(self, train_shards=None, extra_texts=None) -> None:
+        from mmlm.processing import DEFAULT_CAPTION_PROMPT
+        from mmlm.training.build import (
+            build_model_and_processor,
+            processor_files,
+            shard_specs,
+            tokenizer_files,
+            tokenizer_from_files,
+            tokenizer_from_shards,
+            trains_tokenizer,
+        )
+
+        hp = self.hparams
+        dm = self._datamodule()
+        if train_shards is None:
+            train_shards = shard_specs(_datamodule_train(dm))
+        if extra_texts is None:
+            extra_texts = [t for t in (_get_attr_or_hparam(dm, "vqa_suffix"),) if isinstance(t, str) and t]
+        tokenizer = None
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and trains_tokenizer(
+                preset=hp.preset, init_from=hp.init_from, model_overrides=hp.model_overrides, tokenizer=hp.tokenizer):
+            # rank 0 trains the tokenizer once; every rank then builds the same model (same seed)
+            files = None
+            if trainer.is_global_zero:
+                prompts = [hp.caption_prompt or DEFAULT_CAPTION_PROMPT, hp.system_prompt, *extra_texts]
+                tok = tokenizer_from_shards(train_shards, hp.tokenizer_vocab_size, max_records=hp.tokenizer_max_records,
+                                            prompts=prompts, log=rank_zero_info)
+                files = tokenizer_files(tok)
+            tokenizer = tokenizer_from_files(trainer.strategy.broadcast(files, src=0))
+        vlm, processor = build_model_and_processor(
+            preset=hp.preset, init_from=hp.init_from, model_overrides=hp.model_overrides or {},
+            train_shards=train_shards, tokenizer=hp.tokenizer, tokenizer_vocab_size=hp.tokenizer_vocab_size,
+            tokenizer_max_records=hp.tokenizer_max_records, extra_texts=extra_texts, max_length=hp.max_length,
+            caption_prompt=hp.caption_prompt, system_prompt=hp.system_prompt, prebuilt_tokenizer=tokenizer,
+            chat_template=hp.chat_template, log=rank_zero_info,
+        )
+        self._install(vlm, processor, processor_files(processor))
+
+    def _build_from_payload(self, payload: dict) -> None:
+        from mmlm.training.build import build_from_config, processor_from_files
+
+        processor = processor_from_files(payload["processor"])
+        vlm = build_from_config(payload["model_config"], processor)
+        self._install(vlm, processor, dict(payload["processor"]))
+
+    def _install(self, vlm, processor, files: dict[str, bytes]) -> None:
+        hp = self.hparams
+        configure_trainable(vlm, hp.stage, hp.lora)
+        if hp.activation_checkpointing:
+            enable_activation_checkpointing(vlm)
+        self.vlm = vlm
+        self.processor = processor
+        self._processor_files = files
+        self._frozen = frozen_modules(vlm)  # put in eval mode from on_train_start on
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "attach_processor"):
+            dm.attach_processor(processor)
+
+    # ------------------------------------------------------------------ modes
+    def _keep_frozen_in_eval(self) -> None:
+        for module in self._frozen:
+            if module.training:
+                module.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self._keep_frozen_in_eval()
+        return self
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        return {k: batch.get(k) for k in MODEL_INPUTS}
+
+    def forward(self, **inputs):
+        return self.vlm(**inputs)
+
+    def on_train_start(self) -> None:
+        self._keep_frozen_in_eval()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        self._keep_frozen_in_eval()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._rng_before_validation = get_rng_state()
+
+    def on_validation_end(self) -> None:
+        # validation (its DataLoader draws seeds from the global RNG) must not shift the training RNG
+        # stream, or a resumed run would diverge from an uninterrupted one after the first validation
+        trainer = self._trainer
+        if self._rng_before_validation is not None and trainer is not None and not trainer.sanity_checking \
+                and trainer.state.fn == "fit":
+            set_rng_state(self._rng_before_validation)
+        self._rng_before_validation = None
+
+    def training_step(self, batch: dict, batch_idx: int):
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "record_consumed"):
+            dm.record_consumed(batch)
+        out = self.vlm(**self.model_inputs(batch))
+        loss = out.loss
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        batch_size = _num_samples(batch)
+        if not self.guard.update(finite, self.global_step):
+            self._skip_update = True
+            self.log("train/nonfinite_skipped", float(self.guard.skipped), on_step=True, batch_size=batch_size)
+            return self._zero_loss()
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        if self.guard.skipped:
+            self.log("train/nonfinite_skipped", float(self.guard.skipped), on_step=True, batch_size=batch_size)
+        return loss
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A zero loss that reaches every trainable parameter (so every rank back-propagates)."""
+        params = [p for p in self.vlm.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()  # training_step (+ zero_grad) + backward
+        if self._skip_update:  # a non-finite loss in this accumulation window: drop the update
+            self._skip_update = False
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.step(closure=lambda: loss)
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "record_consumed") and isinstance(batch.get("loader_state"), dict) \
+                and batch["loader_state"].get("split", "train") != "train":
+            dm.record_consumed(batch)  # validation skip counts
+        out = self.vlm(**self.model_inputs(batch))
+        labels = batch["labels"]
+        n = int((labels[:, 1:] != self.vlm.config.ignore_index).sum())
+        if n == 0:
+            return None
+        self.log("val/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
+        return out.loss
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        from mmlm.training.optim import build_optimizer, build_scheduler
+
+        hp = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("set --trainer.max_steps: the training stream is endless, and the learning-rate "
+                             "schedule (warmup + cosine) needs the run's length")
+        optimizer = build_optimizer(self.vlm, lr=hp.lr, vision_lr=hp.vision_lr, projector_lr=hp.projector_lr,
+                                    lm_lr=hp.lm_lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps)
+        scheduler = build_scheduler(optimizer, int(total), hp.warmup, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.vlm is None:
+            return
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": 1,
+            "model_config": self.vlm.config.to_dict(),
+            "processor": self._processor_files,
+            "nonfinite": self.guard.state_dict(),
+            "rng": get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        payload = checkpoint.get(CHECKPOINT_KEY)
+        if payload is None:
+            return
+        if self.vlm is None or payload.get("processor") != self._processor_files:
+            trainer = self._trainer
+            if trainer is not None and getattr(trainer.strategy, "restore_checkpoint_after_setup", False):
+                raise RuntimeError("this strategy restores checkpoints after setup: resume through `mmlm fit "
+                                   "--ckpt_path` (which sets VLMModule.resume_from)")
+            self.vlm = None
+            self._build_from_payload(payload)
+        self.guard.load_state_dict(payload.get("nonfinite", {}))
+        self._pending_rng = payload.get("rng")
+
+
+# ---------------------------------------------------------------------------------- helpers
+def read_checkpoint_payload(path: str) -> dict | None:
+    """``checkpoint["mmlm"]`` of a Lightning checkpoint file (memory-mapped: the weights are not read)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip checkpoint (mmap needs one)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt.get(CHECKPOINT_KEY)
+
+
+def _get_attr_or_hparam(obj, name: str):
+    if obj is None:
+        return None
+    if hasattr(obj, name):
+        return getattr(obj, name)
+    hp = getattr(obj, "hparams", None)
+    try:
+        return hp.get(name) if hp is not None else None
+    except AttributeError:
+        return None
+
+
+def _datamodule_train(dm):
+    for name in ("train_spec", "train_shards", "train"):
+        value = _get_attr_or_hparam(dm, name)
+        if value is not None and not callable(value):
+            return value
+    return None
+
+
+def _num_samples(batch: dict) -> int:
+    n = batch.get("num_samples") if isinstance(batch, dict) else None
+    if n is None:
+        n = batch["input_ids"].shape[0]
+    return max(1, int(n))
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states in checkpoint-safe types."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError):
+            pass  # a different number of devices: keep the fresh CUDA state
+

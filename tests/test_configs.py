@@ -1,0 +1,46 @@
+"""Every recipe in configs/ parses through the `mmlm fit` parser (LightningCLI + VLMModule + VLMDataModule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmlm.cli.fit import parse_config
+from mmlm.presets import PRESETS
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_the_recipes_are_there():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny-cpu", "align-small", "instruct-small", "align-base", "instruct-base",
+            "align-llava-1.5-7b", "instruct-llava-1.5-7b"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_parses(path):
+    cfg = parse_config(["--config", str(path)]).fit
+    assert cfg.trainer.max_steps > 0, "the schedule needs trainer.max_steps"
+    assert cfg.model.stage in ("align", "instruct", "full")
+    assert cfg.model.init_from or cfg.model.preset in PRESETS
+    assert cfg.data.train, "a recipe names its training shards"
+    assert cfg.trainer.default_root_dir == str(Path("runs") / path.stem)  # the run dir follows the config name
+    assert cfg.checkpoint.dirpath == str(Path("runs") / path.stem / "checkpoints")
+
+
+def test_llava_recipe_values():
+    """LLaVA-1.5: align lr 1e-3 at global batch 256, instruct lr 2e-5 at 128; cosine, 3% warmup, bf16."""
+    for stem, lr, global_batch, stage in (("align-llava-1.5-7b", 1e-3, 256, "align"),
+                                          ("instruct-llava-1.5-7b", 2e-5, 128, "instruct")):
+        cfg = parse_config(["--config", str(next(p for p in CONFIGS if p.stem == stem))]).fit
+        t = cfg.trainer
+        assert (cfg.model.lr, cfg.model.stage, cfg.model.warmup, cfg.model.weight_decay) == (lr, stage, 0.03, 0.0)
+        assert cfg.data.batch_size * t.accumulate_grad_batches * t.devices * t.num_nodes == global_batch
+        assert t.precision == "bf16-mixed" and cfg.model.max_length == 2048
+
+
+def test_command_line_overrides_a_config():
+    cfg = parse_config(["--config", str(CONFIGS[0]), "--model.lr", "0.5", "--trainer.default_root_dir", "/tmp/x",
+                        "--data.batch_size", "3"]).fit
+    assert (cfg.model.lr, cfg.data.batch_size, cfg.checkpoint.dirpath) == (0.5, 3, "/tmp/x/checkpoints")

@@ -1,0 +1,57 @@
+"""Two processes (DDP, gloo, CPU) through the same `mmlm fit` command line: the ranks read different
+data (their own resampled training streams; disjoint validation shares that cover the validation set
+together) and end with identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from _training_kit import REPO, TESTS_DIR, fit_args
+
+RECORDER = "trainer:\n  callbacks:\n    - class_path: _training_kit.SampleRecorder\n"
+
+
+def run_ddp(tmp_path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    (tmp_path / "recorder.yaml").write_text(RECORDER)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmlm.cli.main", "fit",
+           *fit_args(run, "--config", str(tmp_path / "recorder.yaml"), "--trainer.strategy", "ddp",
+                     "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1.0",
+                     *extra, steps=steps, workers=0)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def check(tmp_path, proc, steps: int, batch_size: int = 4, resumed_from: int = 0):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    r0 = json.loads((run / "probe-rank0.json").read_text())
+    r1 = json.loads((run / "probe-rank1.json").read_text())
+    assert r0["step"] == r1["step"] == steps
+    assert len(r0["train"]) == len(r1["train"]) == steps - resumed_from
+    assert all(len(b) == batch_size for b in r0["train"] + r1["train"])
+    # the training stream is resampled per rank: every step, the two ranks train on different batches
+    assert all(sorted(a) != sorted(b) for a, b in zip(r0["train"], r1["train"]))
+    # a validation pass splits the validation set: disjoint shares that cover all of it (4 images x 7 samples)
+    assert r0["val"] and r1["val"] and not set(r0["val"]) & set(r1["val"])
+    assert len(set(r0["val"]) | set(r1["val"])) == len(r0["val"]) + len(r1["val"]) == 28
+    assert r0["weights"] == r1["weights"], "the ranks ended with different weights"
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    check(tmp_path, run_ddp(tmp_path, 2), 2)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_longer_with_validation_and_resume(tmp_path):
+    proc = run_ddp(tmp_path, 6)
+    check(tmp_path, proc, 6)
+    proc = run_ddp(tmp_path, 8, "--ckpt_path", "last")
+    check(tmp_path, proc, 8, resumed_from=6)

@@ -1,0 +1,303 @@
+"""Training library: optimizer groups, schedule, stages, model building, the LightningModule
+(smoke run, frozen parameters, non-finite losses), pre-flight and memory estimate."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from _tiny import image, tiny_pair
+from _training_kit import MASKING_TEMPLATE, TINY_OVERRIDES, shards, tiny_model_args
+from mmlm.training.build import (
+    build_from_checkpoint,
+    build_model_and_processor,
+    processor_files,
+    processor_from_files,
+)
+from mmlm.training.callbacks import ExportModel, NonFiniteGuard, NonFiniteLossError, TrainingMonitor
+from mmlm.training.freeze import apply_lora, apply_stage, frozen_modules, parameter_counts
+from mmlm.training.module import VLMModule
+from mmlm.training.optim import param_groups, resolve_warmup, warmup_cosine
+from mmlm.training.preflight import Preflight, PreflightError, analyse_batches, estimate_memory, run_preflight
+
+
+def datamodule(**kw):
+    from mmlm.data import VLMDataModule
+
+    args = dict(train=str(shards() / "train"), batch_size=4, num_workers=0, shuffle_buffer=16, min_samples=1000)
+    args.update(kw)
+    return VLMDataModule(**args)
+
+
+def trainer(tmp_path, steps: int, callbacks=(), **kw) -> pl.Trainer:
+    args = dict(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                default_root_dir=tmp_path, callbacks=list(callbacks))
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+def built_module(**kw) -> VLMModule:
+    module = VLMModule(**tiny_model_args(**kw))
+    module.build(train_shards=[str(shards() / "train")])
+    return module
+
+
+# ---------------------------------------------------------------------------------- optimizer
+def test_param_groups_split_lrs_and_weight_decay():
+    vlm, _ = tiny_pair()
+    groups = param_groups(vlm, lr=1e-3, vision_lr=1e-4, projector_lr=2e-3, weight_decay=0.1)
+    by = {g["name"]: g for g in groups}
+    assert by["vision.decay"]["lr"] == 1e-4 and by["vision.no_decay"]["lr"] == 1e-4
+    assert by["projector.decay"]["lr"] == 2e-3 and by["lm.decay"]["lr"] == 1e-3
+    assert all(g["weight_decay"] == (0.1 if g["name"].endswith(".decay") else 0.0) for g in groups)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len({id(p) for p in vlm.parameters()})  # every parameter once (tied once)
+    assert id(vlm.lm.get_input_embeddings().weight) in no_decay
+    for name, p in vlm.named_parameters():
+        if name.endswith("bias") or "norm" in name.lower() or "pos_embed" in name or "cls_token" in name:
+            assert id(p) in no_decay, name
+        elif p.ndim >= 2 and "embed_tokens" not in name:
+            assert id(p) not in no_decay, name
+    apply_stage(vlm, "align")
+    assert {g["component"] for g in param_groups(vlm, lr=1e-3)} == {"projector"}
+    vlm.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        param_groups(vlm, lr=1e-3)
+
+
+def test_warmup_cosine_schedule():
+    fn = warmup_cosine(100, 10, min_lr_ratio=0.1)
+    assert fn(0) == 0.0 and fn(5) == pytest.approx(0.5) and fn(10) == pytest.approx(1.0)
+    assert fn(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert fn(100) == pytest.approx(0.1) and fn(1000) == pytest.approx(0.1)
+    assert warmup_cosine(10, 0)(0) == 1.0
+    assert resolve_warmup(0.03, 1000) == 30 and resolve_warmup(50, 1000) == 50
+    with pytest.raises(ValueError):
+        resolve_warmup(2.5, 100)
+
+
+# ---------------------------------------------------------------------------------- stages
+def test_stages_freeze_the_right_parts():
+    vlm, _ = tiny_pair()
+    for stage, trains in (("align", {"projector"}), ("instruct", {"projector", "lm"}),
+                          ("full", {"vision", "projector", "lm"})):
+        apply_stage(vlm, stage)
+        counts = parameter_counts(vlm)
+        assert {c for c in ("vision", "projector", "lm") if counts[c]["trainable"]} == trains
+        assert not any(counts[c]["frozen"] for c in trains)
+        assert {id(m) for m in frozen_modules(vlm)} == {id(getattr(vlm, c)) for c in {"vision", "projector", "lm"} - trains}
+    with pytest.raises(ValueError, match="unknown training stage"):
+        apply_stage(vlm, "pretrain")
+    with pytest.raises(ValueError, match="stage 'align'"):
+        apply_lora(vlm, {"r": 4}, "align")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
+def test_lora_without_peft_says_how_to_install():
+    vlm, _ = tiny_pair()
+    with pytest.raises(ImportError, match=r"mmlm\[peft\]"):
+        apply_lora(vlm, {"r": 4}, "instruct")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+def test_lora_trains_adapters_only_and_merges(tmp_path):
+    from mmlm.training.callbacks import export_model
+    from mmlm import load
+
+    module = built_module(stage="instruct", lora={"r": 4, "lora_alpha": 8})
+    counts = parameter_counts(module.vlm)
+    assert counts["vision"]["trainable"] == 0 and counts["lm"]["trainable"] < counts["lm"]["frozen"]
+    export_model(module, tmp_path / "m")
+    vlm, _ = load(tmp_path / "m", device="cpu")
+    assert "lora" not in " ".join(n for n, _ in vlm.named_parameters())
+
+
+def test_module_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown preset"):
+        VLMModule(preset="huge")
+    with pytest.raises(ValueError, match="unknown training stage"):
+        VLMModule(stage="pretrain")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        VLMModule(lr=0.0)
+    with pytest.raises(ValueError, match="stage 'align'"):
+        VLMModule(stage="align", lora={"r": 8})
+
+
+# ---------------------------------------------------------------------------------- building
+def test_build_from_scratch_trains_a_tokenizer_on_the_shards():
+    vlm, proc = build_model_and_processor(preset="tiny", model_overrides=TINY_OVERRIDES,
+                                          train_shards=[str(shards() / "train")], tokenizer_vocab_size=320,
+                                          max_length=160, log=lambda *_: None)
+    tok = proc.tokenizer
+    assert vlm.config.text.hf_config["vocab_size"] == len(tok) <= 320
+    assert vlm.config.image_token_id == proc.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert len(tok(proc.config.caption_prompt)["input_ids"]) <= 6  # the caption prompt is in the corpus
+    assert proc.config.max_length == 160 and proc.config.num_image_tokens == vlm.num_image_tokens == 4
+    batch = proc(images=[image()], conversations=[proc.caption_conversation("a small red star on the left")])
+    assert torch.isfinite(vlm(**batch).loss)
+    with pytest.raises(ValueError, match="needs the training shards"):
+        build_model_and_processor(preset="tiny", train_shards=[])
+
+
+def test_build_init_from_checkpoint_and_processor_bytes(tmp_path):
+    from mmlm.checkpoint import save_pretrained
+
+    vlm, proc = tiny_pair()
+    save_pretrained(tmp_path / "ckpt", vlm, proc)
+    vlm2, proc2 = build_from_checkpoint(tmp_path / "ckpt", max_length=64, caption_prompt="What is shown?")
+    assert all(torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values()))
+    assert proc2.config.max_length == 64 and proc2.config.caption_prompt == "What is shown?"
+    proc3 = processor_from_files(processor_files(proc))
+    conv = [{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]
+    b1, b3 = proc(images=[image()], conversations=[conv]), proc3(images=[image()], conversations=[conv])
+    assert torch.equal(b1["input_ids"], b3["input_ids"]) and torch.equal(b1["labels"], b3["labels"])
+
+
+def test_build_with_a_local_pretrained_lm_grows_the_vocabulary(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mmlm.processing import train_bpe_tokenizer
+    from _tiny import CORPUS
+
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=300, special_tokens=["<pad>", "</s>", "<image>"], min_frequency=1)
+    tok.chat_template = None
+    hf = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": len(tok) - 1,
+          "max_position_embeddings": 256, "tie_word_embeddings": True}
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"}))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    vlm, proc = build_model_and_processor(
+        preset="tiny", model_overrides={**TINY_OVERRIDES, "text": {"name": str(tmp_path / "lm"), "pretrained": True,
+                                                                   "hf_config": hf}},
+        max_length=96, chat_template="vicuna_v1", log=lambda *_: None)
+    vocab = vlm.lm.get_input_embeddings().num_embeddings
+    assert vocab % 64 == 0 and vocab >= len(proc.tokenizer) and vlm.config.text.hf_config["vocab_size"] == vocab
+    rows = len(tok) - 1
+    assert torch.equal(vlm.lm.get_input_embeddings().weight[:rows], lm.get_input_embeddings().weight[:rows])
+    batch = proc(images=[image()], conversations=[proc.caption_conversation("a red star")])
+    assert "ASSISTANT:" in proc.tokenizer.decode(batch["input_ids"][0]) and (batch["labels"] != -100).any()
+    assert torch.isfinite(vlm(**batch).loss)
+
+
+# ---------------------------------------------------------------------------------- the module in a Trainer
+def test_fast_dev_run_smoke_exports_a_loadable_model(tmp_path):
+    from mmlm import describe, load
+
+    module = VLMModule(**tiny_model_args())
+    t = trainer(tmp_path, steps=2, callbacks=[TrainingMonitor(), Preflight(), ExportModel()], fast_dev_run=2)
+    t.fit(module, datamodule(val=str(shards() / "val")))
+    assert t.global_step == 2 and (tmp_path / "preflight.json").is_file()
+    assert math.isfinite(float(t.callback_metrics["train/loss"]))
+    assert {"perf/samples_per_s", "lr/lm", "lr/projector", "perf/real_token_frac"} <= set(t.callback_metrics)
+    vlm, proc = load(tmp_path / "model", device="cpu")
+    out = describe([image()], model=(vlm, proc), max_new_tokens=3)
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+class _Snapshot(pl.Callback):
+    def __init__(self):
+        self.before, self.after, self.modes = {}, {}, []
+
+    @staticmethod
+    def _state(pl_module):
+        return {k: v.detach().clone() for k, v in pl_module.vlm.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self.first = self._state(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[trainer.global_step] = self._state(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = self._state(pl_module)
+        v = pl_module.vlm
+        self.modes.append((v.vision.training, v.projector.training, v.lm.training))
+
+
+def test_align_step_keeps_frozen_parameters_bit_identical(tmp_path):
+    module = VLMModule(**tiny_model_args(stage="align", lr=1e-2))
+    snap = _Snapshot()
+    trainer(tmp_path, steps=2, callbacks=[snap]).fit(module, datamodule())
+    end = module.vlm.state_dict()
+    changed = {k.split(".")[0] for k, v in end.items() if not torch.equal(v, snap.first[k])}
+    assert changed == {"projector"}  # vision (incl. batch-norm statistics) and LM untouched, bit for bit
+    assert snap.modes == [(False, True, False)] * 2  # frozen parts ran in eval mode
+
+
+def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path):
+    class Poison(pl.Callback):
+        def __init__(self, steps):
+            self.steps = steps
+
+        def on_train_start(self, trainer, pl_module):
+            vlm, original = pl_module.vlm, pl_module.vlm.forward
+
+            def forward(*args, **kwargs):
+                out = original(*args, **kwargs)
+                if trainer.global_step in self.steps:
+                    out.loss = out.loss * float("nan")
+                return out
+
+            vlm.forward = forward
+
+    module = VLMModule(**tiny_model_args(max_nonfinite=3))
+    snap = _Snapshot()
+    trainer(tmp_path, steps=3, callbacks=[Poison({1}), snap]).fit(module, datamodule())
+    params = {n for n, _ in module.vlm.named_parameters()}  # (batch-norm statistics do move in a forward pass)
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in params)  # noqa: E731
+    assert same(snap.before[1], snap.after[1])  # the poisoned step changed no parameter
+    assert not same(snap.before[0], snap.after[0]) and not same(snap.before[2], snap.after[2])
+    assert module.guard.skipped == 1 and module.guard.in_a_row == 0
+
+    module = VLMModule(**tiny_model_args(max_nonfinite=2))
+    with pytest.raises(NonFiniteLossError, match="2 times in a row"):
+        trainer(tmp_path, steps=5, callbacks=[Poison(set(range(10)))]).fit(module, datamodule())
+    guard = NonFiniteGuard(0)
+    assert not any(guard.update(False) for _ in range(50))  # 0: never aborts
+
+
+def test_preflight_fails_a_template_that_masks_every_label(tmp_path):
+    class Masking(VLMModule):
+        def _install(self, vlm, processor, files):
+            processor.tokenizer.chat_template = MASKING_TEMPLATE
+            super()._install(vlm, processor, files)
+
+    with pytest.raises(PreflightError, match="template masks every label"):
+        trainer(tmp_path, steps=2, callbacks=[Preflight(num_batches=1)]).fit(Masking(**tiny_model_args()),
+                                                                            datamodule())
+    # the same data with the right template passes, and the report says what it saw
+    module = built_module()
+    dm = datamodule()
+    dm.attach_processor(module.processor)
+    batches = [b for _, b in zip(range(2), dm.train_dataloader())]
+    rep = run_preflight(module, batches, precision="bf16-mixed")
+    assert not rep.errors and 0 < rep.label_coverage < 1 and rep.samples == 8
+    assert rep.image_tokens == rep.image_tokens_expected == 8 * 4 and 0 < rep.real_token_fraction <= 1
+    assert rep.parameters["total"]["frozen"] == 0 and rep.memory["total"] > 0
+    assert "template masks every label" in "".join(
+        analyse_batches([{**batches[0], "labels": torch.full_like(batches[0]["labels"], -100)}],
+                        image_token_id=module.processor.image_token_id, num_image_tokens=4, max_length=160).errors)
+
+
+def test_memory_estimate_follows_precision_stage_and_checkpointing():
+    vlm, _ = tiny_pair()  # 2 vision blocks, 2 LM layers
+    geom = dict(batch_size=8, seq_len=128, num_images=8)
+    fp32 = estimate_memory(vlm, precision="32-true", **geom)
+    mixed = estimate_memory(vlm, precision="bf16-mixed", **geom)
+    half = estimate_memory(vlm, precision="bf16-true", **geom)
+    n = sum(p.numel() for p in vlm.parameters())
+    assert fp32["weights"] == 4 * n and fp32["optimizer"] == 8 * n and fp32["grads"] == 4 * n
+    assert half["weights"] == 2 * n and mixed["autocast"] == 2 * n and fp32["autocast"] == 0
+    assert mixed["activations"] < fp32["activations"]
+    ckpt = estimate_memory(vlm, precision="32-true", activation_checkpointing=True, **geom)
+    assert ckpt["activations"] < fp32["activations"]
+    apply_stage(vlm, "align")
+    align = estimate_memory(vlm, precision="32-true", **geom)
+    assert align["grads"] == 4 * parameter_counts(vlm)["projector"]["trainable"]
