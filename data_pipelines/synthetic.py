@@ -68,7 +68,7 @@ from mmlm.data.writer import ShardWriter, resume_state, shard_name
 
 from ._common import BuildError, atomic_write_bytes, atomic_write_json, cli, parallel_map, progress
 
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon")
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
@@ -93,6 +93,10 @@ WHERE = {
     "bottom": "at the bottom",
 }
 NUMBERS = ("zero", "one", "two", "three")
+# Evaluation references are written as the VQAv2 annotation files write answers: numbers as
+# digits. The official VQA evaluation turns a predicted "two" into "2" but leaves ten identical
+# human answers untouched, so a reference "two" could never be matched. Training text keeps words.
+REFERENCE_FORM = {word: str(i) for i, word in enumerate(NUMBERS)}
 QUESTION_TYPES = ("color", "shape", "size", "count", "position", "exists")
 ANSWER_TYPES = {"exists": "yes/no", "count": "number"}  # others: "other"
 RADIUS = {"small": 0.24, "large": 0.44}  # in cell units
@@ -388,7 +392,8 @@ def make_eval(seed: int, split: str, index: int, size: int, render_image: bool =
     ann["images"].append({"id": index, "file_name": f"{index}.png", "width": size, "height": size})
     ann["captions"].append({"image_id": index, "id": index, "caption": caption})
     for k, qtype in enumerate(QUESTION_TYPES):
-        q, a = question_for(qtype, scene, rng, exists_yes=(index % 2 == 0) if qtype == "exists" else None)
+        q, word = question_for(qtype, scene, rng, exists_yes=(index % 2 == 0) if qtype == "exists" else None)
+        a = REFERENCE_FORM.get(word, word)  # references as VQAv2 stores them: numbers in digits
         qid = index * 10 + k
         atype = ANSWER_TYPES.get(qtype, "other")
         meta = {

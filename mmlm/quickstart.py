@@ -1,0 +1,190 @@
+"""The main job on the embedded default: synthetic data -> tiny model -> scores -> captions.
+
+``run_quickstart(workdir)``:
+
+1. builds the synthetic shapes dataset in ``WORKDIR/data`` (``data_pipelines.synthetic``);
+2. trains the ``tiny`` preset with ``configs/tiny-cpu.yaml`` through the same code as
+   ``mmlm fit`` (run directory = ``WORKDIR``: checkpoints/, logs/, preflight.json, model/), on
+   the GPU when there is one, else the CPU; a killed quickstart resumes from ``last.ckpt``;
+3. evaluates ``WORKDIR/model`` on the synthetic test split with ``mmlm.evaluation`` (the code
+   behind ``mmlm eval``): VQA accuracy (official VQA rule) and caption metrics (CIDEr, BLEU,
+   METEOR, ROUGE-L with pycocoevalcap), plus caption exact match;
+4. describes four test images next to their ground truth;
+5. writes ``WORKDIR/results.json`` and returns it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from mmlm.io import atomic_write_text
+
+N_SHOWN = 4
+
+
+def default_config() -> Path:
+    """``configs/tiny-cpu.yaml`` of this checkout (the quickstart runs from an editable install)."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the quickstart from a checkout (pip install -e .) "
+                                "or pass --config")
+    return path
+
+
+def normalize_caption(text: str) -> str:
+    """Lower case, single spaces, no final period: the form exact match compares."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".").strip()
+
+
+def caption_exact_match(predictions: dict[str, str], references: dict[str, list[str]]) -> float:
+    """Fraction of images whose caption equals one of its references (after normalization)."""
+    if not references:
+        return 0.0
+    hits = sum(
+        normalize_caption(predictions.get(i, "")) in {normalize_caption(r) for r in refs}
+        for i, refs in references.items()
+    )
+    return hits / len(references)
+
+
+def learning_curve(workdir: Path) -> list[dict[str, float]]:
+    """Rows of the newest ``logs/version_*/metrics.csv`` that hold a loss or an eval metric."""
+    versions = sorted((workdir / "logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    rows: list[dict[str, float]] = []
+    for path in versions[-1:]:
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                keep = {k: float(v) for k, v in row.items()
+                        if v not in ("", None) and (k in ("step", "train/loss", "val/loss") or k.startswith("eval/"))}
+                if len(keep) > 1:
+                    rows.append(keep)
+    return rows
+
+
+def train(workdir: Path, data: Path, config: Path, extra_args: list[str]) -> float:
+    """Run ``mmlm fit`` on the synthetic data; returns its wall time in seconds."""
+    from mmlm.cli.fit import main as fit_main
+
+    argv = [
+        "--config", os.fspath(config),
+        "--trainer.default_root_dir", os.fspath(workdir),
+        "--trainer.accelerator", "auto",
+        "--data.train", os.fspath(data / "train"),
+        "--data.val", os.fspath(data / "val"),
+        "--ckpt_path", "last",
+        *extra_args,
+    ]
+    start = time.perf_counter()
+    code = fit_main(argv)
+    if code != 0:
+        raise RuntimeError(f"training failed (mmlm fit exit code {code}); its log is above")
+    return time.perf_counter() - start
+
+
+def evaluate(model_dir: Path, data: Path, out: Path, batch_size: int = 64) -> dict[str, Any]:
+    """VQA and caption scores of ``model_dir`` on the synthetic test split."""
+    from mmlm.evaluation.benchmarks import load_benchmark, read_predictions
+    from mmlm.evaluation.runner import evaluate as run_eval
+    from mmlm.evaluation.runner import model_predict_fn
+
+    ann = data / "test" / "annotations"
+    images = data / "test" / "images"
+    vqa_bench = load_benchmark("vqa", "vqav2", questions=ann / "questions.json",
+                               annotations=ann / "vqa_annotations.json", images=images,
+                               prompt_suffix="")  # the synthetic questions are trained without a suffix
+    vqa = run_eval(vqa_bench, model_predict_fn(os.fspath(model_dir), max_new_tokens=4), out / "vqa",
+                   batch_size=batch_size, resume=False)
+    cap_bench = load_benchmark("caption", "coco", annotations=ann / "captions.json", images=images)
+    cap = run_eval(cap_bench, model_predict_fn(os.fspath(model_dir), max_new_tokens=48), out / "caption",
+                   batch_size=batch_size, resume=False)
+    preds = read_predictions(cap_bench, out / "caption" / cap_bench.submission.filename)
+    refs = {it.id: list(it.references) for it in cap_bench.items}
+    return {"vqa": vqa, "caption": cap, "caption_exact_match": caption_exact_match(preds, refs)}
+
+
+def show_examples(model_dir: Path, data: Path, n: int = N_SHOWN) -> list[dict[str, str]]:
+    """Captions of the first ``n`` test images next to their ground truth."""
+    import mmlm
+
+    captions = json.loads((data / "test" / "annotations" / "captions.json").read_text())
+    truth = {a["image_id"]: a["caption"] for a in captions["annotations"]}
+    files = {im["id"]: data / "test" / "images" / im["file_name"] for im in captions["images"]}
+    ids = sorted(files)[:n]
+    texts = mmlm.describe([files[i] for i in ids], model=os.fspath(model_dir), max_new_tokens=48)
+    return [{"image": os.fspath(files[i]), "truth": truth[i], "model": t} for i, t in zip(ids, texts)]
+
+
+def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: str | os.PathLike | None = None,
+                   train_images: int = 20000, val_images: int = 200, test_images: int = 500,
+                   fit_args: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build data, train, evaluate and describe; returns (and writes) ``WORKDIR/results.json``."""
+    import torch
+
+    from data_pipelines.synthetic import build
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = Path(config) if config else default_config()
+    data = workdir / "data"
+    t0 = time.perf_counter()
+    print(f"[1/4] synthetic dataset -> {data}", flush=True)
+    build(data, train=train_images, val=val_images, test=test_images, seed=0, show_progress=progress)
+    data_seconds = time.perf_counter() - t0
+    print(f"[2/4] training the tiny preset ({config.name}) -> {workdir}", flush=True)
+    train_seconds = train(workdir, data, config, list(fit_args or []))
+    model_dir = workdir / "model"
+    print(f"[3/4] evaluating {model_dir} on the synthetic test split", flush=True)
+    t1 = time.perf_counter()
+    scores = evaluate(model_dir, data, workdir / "eval")
+    eval_seconds = time.perf_counter() - t1
+    print("[4/4] describing test images", flush=True)
+    examples = show_examples(model_dir, data)
+    vqa, cap = scores["vqa"], scores["caption"]
+    results = {
+        "vqa_accuracy": round(vqa["overall"] / 100.0, 4),
+        "vqa_per_question_type": vqa.get("perQuestionType", {}),
+        "caption_exact_match": round(scores["caption_exact_match"], 4),
+        "cider": cap.get("CIDEr"),
+        "bleu_4": cap.get("Bleu_4"),
+        "meteor": cap.get("METEOR"),
+        "rouge_l": cap.get("ROUGE_L"),
+        "ci95": {"vqa": vqa.get("ci95", {}).get("overall"), "cider": cap.get("ci95", {}).get("CIDEr")},
+        "train_seconds": round(train_seconds, 1),
+        "data_seconds": round(data_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "model": os.fspath(model_dir),
+        "examples": examples,
+        "learning_curve": learning_curve(workdir),
+    }
+    atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The table ``mmlm quickstart`` prints."""
+    lines = ["", "results on the synthetic test split", "-" * 36]
+    per_type = results.get("vqa_per_question_type") or {}
+    lines.append(f"{'VQA accuracy':<24}{results['vqa_accuracy']:>10.1%}")
+    for qtype, acc in sorted(per_type.items()):
+        lines.append(f"{'  ' + qtype:<24}{acc / 100:>10.1%}")
+    lines.append(f"{'caption exact match':<24}{results['caption_exact_match']:>10.1%}")
+    for key, label in (("cider", "CIDEr"), ("bleu_4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
+        if results.get(key) is not None:
+            lines.append(f"{label:<24}{results[key]:>10.3f}")
+    lines.append(f"{'training time':<24}{results['train_seconds'] / 60:>9.1f}m")
+    lines.append(f"{'total time':<24}{results['total_seconds'] / 60:>9.1f}m")
+    lines.append(f"{'device':<24}{results['device']:>10}")
+    lines += ["", "test images described:"]
+    for ex in results["examples"]:
+        mark = "ok" if normalize_caption(ex["model"]) == normalize_caption(ex["truth"]) else "  "
+        lines += [f"  {ex['image']}", f"    truth: {ex['truth']}", f"  {mark} model: {ex['model']}"]
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""`mmlm quickstart` end to end at toy scale: data, training, evaluation, examples, results.json."""
+
+import json
+
+from mmlm.cli.main import main
+from mmlm.quickstart import caption_exact_match, normalize_caption
+
+
+def test_caption_exact_match_normalizes_case_space_and_period():
+    assert normalize_caption("  A small red star  on the left. ") == "a small red star on the left"
+    refs = {"1": ["a small red star"], "2": ["a large blue square"]}
+    assert caption_exact_match({"1": "A small red star.", "2": "a large red square"}, refs) == 0.5
+
+
+def test_quickstart_toy_scale(tmp_path, capsys):
+    work = tmp_path / "qs"
+    code = main(["quickstart", "--workdir", str(work), "--train-images", "64", "--test-images", "4",
+                 "--max-steps", "2", "--no-progress"])
+    assert code == 0
+    results = json.loads((work / "results.json").read_text())
+    for key in ("vqa_accuracy", "caption_exact_match", "cider", "train_seconds", "device", "learning_curve"):
+        assert key in results, key
+    assert 0.0 <= results["vqa_accuracy"] <= 1.0 and len(results["examples"]) == 4
+    assert (work / "model" / "model.safetensors").is_file()
+    assert set(results["vqa_per_question_type"]) == {"color", "shape", "size", "count", "position", "exists"}
+    out = capsys.readouterr().out
+    assert "VQA accuracy" in out and "truth:" in out
