@@ -119,7 +119,7 @@ def generate(
         from transformers import DynamicCache
 
         cache = DynamicCache(config=vlm.lm.config)
-    step_embeds, step_mask, step_pos = embeds, attention_mask, _positions(attention_mask)
+    step_embeds, step_pos = embeds, _positions(attention_mask)
     for t in range(cfg.max_new_tokens):
         logits = vlm.lm(
             inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_pos,

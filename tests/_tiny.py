@@ -54,6 +54,30 @@ def image(color: str = "red", size: tuple[int, int] = (40, 30)) -> Image.Image:
     return Image.new("RGB", size, color)
 
 
+def save_tiny_checkpoint(path) -> None:
+    """A random tiny model whose greedy text is not empty and differs between images (untied
+    output layer, weights scaled up), saved with its processor."""
+    from mmlm.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok)
+    cfg.text.hf_config["tie_word_embeddings"] = False
+    vlm = VLM(cfg).eval()
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.mul_(3)
+    save_pretrained(path, vlm, Processor.for_model(vlm, tok, max_length=128))
+
+
+def tiny_checkpoint(tmp_path_factory):
+    """The checkpoint of ``save_tiny_checkpoint``, built once per test session."""
+    path = tmp_path_factory.getbasetemp() / "tiny-inference-model"
+    if not path.exists():
+        save_tiny_checkpoint(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def pair():
     return tiny_pair()

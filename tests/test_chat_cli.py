@@ -10,37 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from _tiny import tiny_config, tiny_tokenizer
-from mmlm import VLM, Processor, describe, load
-from mmlm.checkpoint import save_pretrained
+from _tiny import tiny_checkpoint
+from mmlm import Processor, describe, load
 from mmlm.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "what color is the star?"
-
-
-def tiny_checkpoint(tmp_path_factory):
-    """The checkpoint of ``save_tiny_checkpoint``, built once per test session."""
-    path = tmp_path_factory.getbasetemp() / "tiny-inference-model"
-    if not path.exists():
-        save_tiny_checkpoint(path)
-    return path
-
-
-def save_tiny_checkpoint(path):
-    """A random tiny model whose greedy text is not empty (untied output layer, weights scaled up)."""
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    cfg = tiny_config(tok)
-    cfg.text.hf_config["tie_word_embeddings"] = False
-    vlm = VLM(cfg).eval()
-    with torch.no_grad():
-        for p in vlm.parameters():
-            p.mul_(3)
-    save_pretrained(path, vlm, Processor.for_model(vlm, tok, max_length=128))
 
 
 @pytest.fixture(scope="module")
