@@ -309,13 +309,23 @@ def iter_tar_groups(stream, url: str, *, max_member_size: int | None = None) -> 
 # ------------------------------------------------------------------------------------ stages
 # Each stage: (items or None, ctx, **params) -> iterator. Bound with functools.partial in stages().
 
+def rank_shards(shards: Sequence[str], ctx: StreamContext) -> Sequence[str]:
+    """This rank's share of a source's shards (``shards[rank::world]``), so ranks train on disjoint
+    samples; a source with fewer shards than ranks is shared whole (ranks may then overlap)."""
+    if ctx.world_size > 1 and len(shards) >= ctx.world_size:
+        return shards[ctx.rank::ctx.world_size]
+    return shards
+
+
 def resample_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source]) -> Iterator[str]:
-    """Train: shard URLs drawn forever with replacement (source by weight, then uniformly)."""
+    """Train: shard URLs drawn forever with replacement (source by weight, then uniformly among
+    this rank's shards of that source)."""
     rng = ctx.rng("shards")
     weights = [s.weight for s in sources]
+    pools = [rank_shards(s.shards, ctx) for s in sources]
     while True:
-        src = sources[0] if len(sources) == 1 else rng.choices(sources, weights=weights)[0]
-        yield src.shards[rng.randrange(len(src.shards))]
+        pool = pools[0] if len(sources) == 1 else rng.choices(pools, weights=weights)[0]
+        yield pool[rng.randrange(len(pool))]
 
 
 def list_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source]) -> Iterator[str]:
