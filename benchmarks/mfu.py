@@ -1,0 +1,189 @@
+"""Model FLOPs utilisation (MFU) of the ``small`` preset's training step on a CUDA GPU, in bf16.
+
+MFU = model FLOPs per second of the training step / the bf16 matmul peak measured in the same run.
+
+- Peak: a large bf16 ``torch.matmul`` (``--peak-n`` square, default 8192) in a loop, 2 n^3 FLOPs
+  each, after warm-up; the best of a few timed loops (the GPU's achievable dense bf16 rate, e.g.
+  ~795 TFLOP/s measured on an H100 vs its 989 datasheet number).
+- Model FLOPs of one step: counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
+  forward + backward of the real model (matmuls, convolutions, attention kernels: what the
+  hardware must do, attention counted in full over each row) -- no hand formula to get wrong.
+- Step: ``VLM.from_preset(preset)`` (random weights; the LM keeps its real vocabulary, the
+  tokenizer is not needed for this), bf16 autocast as ``precision=bf16-mixed`` (fp32 master
+  weights), mmlm's AdamW (fused on CUDA), gradient clipping 1.0; ``--batch-size`` rows of
+  ``--seq-len`` tokens, each row one image (its tokens first) then text, on the GPU already:
+  data loading is excluded (``benchmarks/loader.py`` measures it). Steady state over ``--steps``.
+
+Reference (ANCHORS.md): nanoVLM's plain loop ~2-8% MFU; LLM trainers on H100 33-48%.
+
+On a machine without CUDA it prints "needs a CUDA device" and exits 0.
+
+Usage::
+
+    python benchmarks/mfu.py                                # small preset, batch 16 x 1024 tokens
+    python benchmarks/mfu.py --batch-size 32 --seq-len 2048 --steps 20
+    python benchmarks/mfu.py --preset base --compile         # torch.compile the model first
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import _common as C
+
+
+def matmul_peak(device: str, n: int, dtype, loops: int = 3, iters: int = 20) -> dict:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(loops):
+        C_sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.matmul(a, b)
+        C_sync(device)
+        rates.append(2 * n ** 3 * iters / (time.perf_counter() - t0))
+    del a, b
+    return {"n": n, "dtype": str(dtype), "flops_per_s": max(rates), "all": rates}
+
+
+def C_sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_batch(vlm, batch: int, seq_len: int, device: str, vocab_hi: int):
+    """Rows of one image (placeholders first) + random text, labels on the text."""
+    import torch
+
+    n_img = vlm.num_image_tokens
+    if seq_len <= n_img + 2:
+        raise SystemExit(f"error: --seq-len must exceed the {n_img} image tokens + 2")
+    image_id = vlm.config.image_token_id
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, vocab_hi, (batch, seq_len - n_img), generator=g)
+    text[text == image_id] = (image_id + 1) % vocab_hi
+    ids = torch.cat([torch.full((batch, n_img), image_id), text], dim=1)
+    labels = ids.clone()
+    labels[:, :n_img] = -100
+    size = vlm.image_transform().size
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": torch.randn(batch, 3, size, size, generator=g).to(device),
+            "num_images": torch.ones(batch, dtype=torch.long).to(device)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Usage::"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="model preset, random weights (default small)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step (default 16)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per row, image tokens included (default 1024)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--peak-n", type=int, default=8192, help="matrix side of the matmul peak (default 8192)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the VLM before timing")
+    p.add_argument("--force-cpu", action="store_true", help=argparse.SUPPRESS)  # exercise the code on a CPU
+    C.add_common_args(p, threads=0)
+    args = p.parse_args(argv)
+    C.set_threads(args.threads)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    if device != "cuda" and not args.force_cpu:
+        print("mfu.py needs a CUDA device (bf16 matmul peak and a GPU training step); none here: nothing measured.")
+        return 0
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmlm import VLM
+    from mmlm.processing import IMAGE_TOKEN
+    from mmlm.training.optim import build_optimizer
+
+    info = C.system_info(device)
+    info["load_at_start"] = C.machine_load()
+    peak = matmul_peak(device, args.peak_n, torch.bfloat16)
+    print(f"bf16 matmul peak ({args.peak_n}^3): {peak['flops_per_s'] / 1e12:.1f} TFLOP/s on {info['device']}",
+          flush=True)
+
+    syn = C.synthetic_dataset(args.cache_dir)
+    tok = C.bench_tokenizer(syn)
+    torch.manual_seed(0)
+    vlm = VLM.from_preset(args.preset, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                          **C.offline_overrides(args.preset)).to(device).train()
+    vocab = vlm.lm.get_input_embeddings().num_embeddings
+    batch = make_batch(vlm, args.batch_size, args.seq_len, device, vocab)
+    opt = build_optimizer(vlm, lr=1e-4, weight_decay=0.01)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    model = torch.compile(vlm) if args.compile else vlm
+
+    def fwd_bwd():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss
+
+    def step():
+        loss = fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fwd_bwd()
+    opt.zero_grad(set_to_none=True)
+    flops_step = counter.get_total_flops()
+    C_sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step().detach()
+        C_sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    achieved = flops_step / step_s
+    mfu = achieved / peak["flops_per_s"]
+    tokens = args.batch_size * args.seq_len
+    info["load_at_end"] = C.machine_load()
+    C.print_table([{"preset": args.preset, "params M": vlm.num_parameters() / 1e6, "batch": f"{args.batch_size}x"
+                    f"{args.seq_len}", "step ms": 1000 * step_s, "tokens/s": tokens / step_s,
+                    "model TFLOP/step": flops_step / 1e12, "achieved TFLOP/s": achieved / 1e12,
+                    "peak TFLOP/s": peak["flops_per_s"] / 1e12, "MFU": mfu}],
+                  ["preset", "params M", "batch", "step ms", "tokens/s", "model TFLOP/step", "achieved TFLOP/s",
+                   "peak TFLOP/s", "MFU"], title="training-step MFU (bf16 autocast, data on device)")
+    payload = {
+        "config": {"preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+                   "warmup": args.warmup, "compile": args.compile, "parameters": vlm.num_parameters(),
+                   "image_tokens": vlm.num_image_tokens, "vocab": vocab},
+        "reference": {"nanovlm_plain_loop_mfu": [0.02, 0.08], "llm_trainers_h100_mfu": [0.33, 0.48]},
+        "results": {"matmul_peak": peak, "model_flops_per_step": flops_step, "step_seconds": times,
+                    "step_seconds_median": step_s, "tokens_per_s": tokens / step_s, "achieved_flops_per_s": achieved,
+                    "peak_memory_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None},
+        "ratios": {"mfu": mfu},
+    }
+    if not args.no_save:
+        C.write_result("mfu", payload, info, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
