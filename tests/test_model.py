@@ -109,4 +109,4 @@ def test_tiny_preset_runs_on_cpu():
     vlm = VLM.from_preset("tiny", image_token_id=tok.convert_tokens_to_ids("<image>"),
                           text={"hf_config": {"vocab_size": len(tok)}})
     x = torch.randn(2, 3, 64, 64)
-    assert vlm.encode_images(x).shape == (2, vlm.num_image_tokens, 256)
+    assert vlm.encode_images(x).shape == (2, vlm.num_image_tokens, vlm.lm.config.hidden_size)
