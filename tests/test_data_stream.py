@@ -7,6 +7,7 @@ Also holds the small shard-writing helpers the other data tests import (``write_
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import pickle
 import tarfile
@@ -340,6 +341,25 @@ def test_mixed_mode_in_the_stream_uses_both_kinds(tmp_path, proc):
     (b,) = list(loader(stream))
     texts = [proc.tokenizer.decode(row[row != -100]) for row in b["labels"]]
     assert {"red<|end|>", "a small red star<|end|>"} == set(texts)
+
+
+def test_caption_first_samples_trains_captions_then_the_sample_mode(tmp_path, proc):
+    conv = json.dumps({"conversations": [{"from": "human", "value": "<image>\nwhat color is the star?"},
+                                         {"from": "gpt", "value": "red"}]})
+    write_tar(tmp_path / "m-000000.tar", [(f"m{i}", {"png": png(), "txt": "a small red star", "json": conv})
+                                           for i in range(8)])
+    cfg = StreamConfig(split="train", batch_size=4, sample_mode="conversation", caption_first_samples=10,
+                       shuffle_buffer=0)
+    texts = []
+    for b in itertools.islice(loader(VLMStream(resolve_sources(str(tmp_path)), proc, PadCollate(proc), cfg,
+                                               rank=0, world_size=2), num_workers=2), 8):
+        texts += [proc.tokenizer.decode(row[row != -100]) for row in b["labels"]]
+    # 2 ranks x 2 workers share the first 10 samples: each worker's first ceil(10 / 4) = 3 are captions
+    per_worker = [texts[0:4] + texts[8:12] + texts[16:20] + texts[24:28], texts[4:8] + texts[12:16] + texts[20:24] + texts[28:32]]
+    for seq in per_worker:
+        assert seq == ["a small red star<|end|>"] * 3 + ["red<|end|>"] * 13
+    with pytest.raises(ValueError, match="caption_first_samples"):
+        StreamConfig(caption_first_samples=-1)
 
 
 def test_truncated_answers_are_too_long_but_unlabelled_templates_pass(tmp_path):

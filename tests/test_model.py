@@ -108,5 +108,7 @@ def test_tiny_preset_runs_on_cpu():
     tok = tiny_tokenizer()
     vlm = VLM.from_preset("tiny", image_token_id=tok.convert_tokens_to_ids("<image>"),
                           text={"hf_config": {"vocab_size": len(tok)}})
-    x = torch.randn(2, 3, 64, 64)
+    side = vlm.config.vision.image_size
+    x = torch.randn(2, 3, side, side)
+    assert vlm.num_image_tokens == 9  # one token per cell of the synthetic scenes' 3x3 layout
     assert vlm.encode_images(x).shape == (2, vlm.num_image_tokens, vlm.lm.config.hidden_size)

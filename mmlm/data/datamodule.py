@@ -96,6 +96,7 @@ class VLMDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         sample_mode: str = "auto",
+        caption_first_samples: int = 0,
         vqa_suffix: str = "",
         max_bad_fraction: Optional[float] = 0.05,
         max_bad: Optional[int] = None,
@@ -124,6 +125,10 @@ class VLMDataModule(pl.LightningDataModule):
             seed: Seed of the training stream (shard draws, shuffling, mixed-mode choices).
             sample_mode: What a record trains: ``auto`` (conversation, else VQA, else caption), ``caption``,
                 ``conversation``, ``vqa`` or ``mixed`` (a seeded random pick among what the record has).
+            caption_first_samples: Curriculum: the first N training samples (all ranks and workers
+                together) train their caption whatever ``sample_mode`` says. Captions name every object,
+                so a model trained from scratch grounds its image tokens on them before questions ask
+                it to find objects by word (``configs/tiny-cpu.yaml``). 0: no caption phase.
             vqa_suffix: Text appended to VQA questions (e.g. a short-answer instruction).
             max_bad_fraction: Stop when more than this fraction of samples is bad (after ``min_samples``); None: no limit.
             max_bad: Stop when more than this many samples are bad; None: no limit.
@@ -148,6 +153,8 @@ class VLMDataModule(pl.LightningDataModule):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {sample_mode!r}")
+        if caption_first_samples < 0:
+            raise ValueError(f"caption_first_samples must be >= 0, got {caption_first_samples}")
         if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if prefetch_factor < 1:
@@ -166,6 +173,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.sample_mode = sample_mode
+        self.caption_first_samples = int(caption_first_samples)
         self.vqa_suffix = vqa_suffix
         self.max_bad_fraction = max_bad_fraction
         self.max_bad = max_bad
@@ -216,6 +224,7 @@ class VLMDataModule(pl.LightningDataModule):
         return StreamConfig(
             split=split, batch_size=batch_size, seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
             sample_mode=self.sample_mode, vqa_suffix=self.vqa_suffix, max_pixels=self.max_pixels,
+            caption_first_samples=self.caption_first_samples if split == "train" else 0,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
             allow_pipes=self.allow_pipes, allow_remote=self.allow_remote,
         )

@@ -91,6 +91,11 @@ class StreamConfig:
     """Samples in the shuffle buffer (train); 0 or 1: no shuffling."""
     sample_mode: str = "auto"
     """``auto`` | ``caption`` | ``conversation`` | ``vqa`` | ``mixed`` (see ``record_to_conversation``)."""
+    caption_first_samples: int = 0
+    """Training curriculum: the first N samples of the stream (over all ranks and workers) train
+    their caption whatever ``sample_mode`` says (records without one follow ``sample_mode``).
+    Captions supervise every object of an image densely, so a model trained from scratch grounds
+    its image tokens on them before questions ask it to bind words to objects."""
     vqa_suffix: str = ""
     """Appended to VQA questions (e.g. ``"\\nAnswer with a single word."``)."""
     max_pixels: int | None = DEFAULT_MAX_PIXELS
@@ -111,6 +116,8 @@ class StreamConfig:
             raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {self.sample_mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.caption_first_samples < 0:
+            raise ValueError(f"caption_first_samples must be >= 0, got {self.caption_first_samples}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
@@ -407,12 +414,17 @@ def _sample_rng(ctx: StreamContext, item: Item) -> random.Random:
 
 
 def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_suffix: str,
-                  caption_conversation: Callable[[str], list[dict]]) -> Iterator[Item]:
-    """Record -> the conversation to train (before decoding: a record without target costs nothing)."""
+                  caption_conversation: Callable[[str], list[dict]], caption_first: int = 0) -> Iterator[Item]:
+    """Record -> the conversation to train (before decoding: a record without target costs nothing).
+    Training positions below this worker's share of ``caption_first`` train captions where present."""
+    first = -(-caption_first // ctx.units) if ctx.split == "train" else 0  # ceil: this worker's share
     for item in items:
         if item.error is None:
+            m = mode
+            if item.position < first and "caption" in _present_kinds(item.record):
+                m = "caption"
             try:
-                item.conversation = record_to_conversation(item.record, mode, _sample_rng(ctx, item),
+                item.conversation = record_to_conversation(item.record, m, _sample_rng(ctx, item),
                                                            caption_conversation=caption_conversation,
                                                            vqa_suffix=vqa_suffix)
             except BadSample as e:
@@ -612,7 +624,8 @@ class VLMStream(IterableDataset):
             out.append(("shuffle", P(shuffle, ctx=ctx, bufsize=cfg.shuffle_buffer)))
         out.append(("number", P(number, ctx=ctx, resume=resume)))
         out.append(("select_target", P(select_target, ctx=ctx, mode=cfg.sample_mode, vqa_suffix=cfg.vqa_suffix,
-                                       caption_conversation=self.processor.caption_conversation)))
+                                       caption_conversation=self.processor.caption_conversation,
+                                       caption_first=cfg.caption_first_samples)))
         out.append(("decode", P(decode, ctx=ctx, max_pixels=cfg.max_pixels)))
         out.append(("encode", P(encode, ctx=ctx, processor=self.processor,
                                 max_sample_length=self.collate.max_sample_length)))

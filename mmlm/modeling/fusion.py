@@ -4,6 +4,11 @@ The processor expands each ``<image>`` placeholder into exactly T copies of the 
 token id (T = tokens per image). ``check_image_tokens`` verifies that every sample holds
 as many placeholder tokens as its images have features, and names the sample otherwise;
 ``merge_image_features`` writes the features, in order, at the placeholder positions.
+
+The loss lives here too: ``shifted_cross_entropy`` takes full logits (B, L, V);
+``labelled_cross_entropy`` gives the same value from hidden states (B, L, D) and the output
+layer, applying the layer only at the positions that predict a label (position p when
+``labels[:, p+1] != ignore_index``), so no (B, L, V) tensor is built.
 """
 
 from __future__ import annotations
@@ -65,3 +70,27 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
     )
+
+
+def labelled_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, L) bool: True at the positions whose next token is labelled (``labels[:, p+1] != ignore_index``),
+    i.e. the positions that ``shifted_cross_entropy`` scores; the last position never is."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)  # (B, L)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
+
+
+def labelled_cross_entropy(
+    hidden: torch.Tensor,  # (B, L, D) final hidden states of the LM
+    labels: torch.Tensor,  # (B, L)
+    output_layer: torch.nn.Module,  # (..., D) -> (..., V)
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``shifted_cross_entropy(output_layer(hidden), labels, ignore_index)``, with the output layer applied
+    only at the N labelled positions: same mean over those N tokens, same float32 upcast of the logits
+    (NaN when N = 0, as there)."""
+    mask = labelled_positions(labels, ignore_index)  # (B, L)
+    rows = hidden[mask]  # (N, D)
+    targets = labels[:, 1:][mask[:, :-1]]  # (N,)
+    logits = output_layer(rows).float()  # (N, V)
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)

@@ -7,6 +7,14 @@ how many belong to each sample) and runs the LM. With labels it returns the shif
 cross-entropy over labels != -100. Packed rows pass ``position_ids`` that restart at 0 for
 each sample and no attention mask: transformers then keeps attention within each sample.
 
+``forward(..., return_logits=False)`` (what training and validation use: they need the loss
+only) returns ``logits=None``. With labels, no KV cache and an LM that
+``labelled_loss_parts`` accepts (the stock transformers causal LM of an allowlisted
+``model_type``, whose logits are exactly ``lm_head(last hidden state)``), the output layer
+then runs only at the labelled positions: the same loss, without building the (B, L, V)
+logits. Any other LM (other model types, peft-wrapped LMs) computes the full logits and drops
+them.
+
 This module holds nn.Modules only: no tokenizer, no data code, no file I/O but weights.
 """
 
@@ -20,10 +28,54 @@ import torch
 from torch import nn
 
 from mmlm.config import ImageTransformConfig, VLMConfig
-from mmlm.modeling.fusion import check_image_tokens, merge_image_features, shifted_cross_entropy
+from mmlm.modeling.fusion import (
+    check_image_tokens,
+    labelled_cross_entropy,
+    merge_image_features,
+    shifted_cross_entropy,
+)
 from mmlm.modeling.projector import build_projector
 from mmlm.modeling.text import build_language_model, resolve_text_config
 from mmlm.modeling.vision import build_vision_encoder
+
+
+# Causal-LM ``model_type``s whose ``*ForCausalLM.forward`` computes exactly
+# ``logits = lm_head(model(...).last_hidden_state)`` and nothing after it (checked in transformers
+# 5.x, models/<type>/modeling_<type>.py). Left out on purpose: gemma2/gemma3 (final logit
+# softcapping), cohere/cohere2 (logit_scale), granite/granitemoe (logits_scaling), MoE models
+# (router outputs), gpt2 and others whose decoder is not ``.model``. Add a type only after reading
+# its forward.
+LABELLED_LOSS_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo2", "smollm3", "starcoder2"}
+)
+
+
+def labelled_loss_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, output_layer)`` when ``lm(inputs_embeds=...).logits`` is exactly
+    ``output_layer(decoder(inputs_embeds=...).last_hidden_state)``, so the loss may be computed
+    from the hidden states at the labelled positions only; ``None`` otherwise (use full logits).
+
+    Only the stock transformers ``*ForCausalLM`` class of a ``config.model_type`` in
+    ``LABELLED_LOSS_MODEL_TYPES`` qualifies. Wrappers (a peft ``PeftModel``, as LoRA training
+    installs on ``vlm.lm``; a compiled module) and subclasses defined elsewhere, whose forward may
+    differ, get ``None``. Reads ``lm`` only.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(lm, PreTrainedModel):
+        return None
+    model_type = getattr(lm.config, "model_type", None)
+    if model_type not in LABELLED_LOSS_MODEL_TYPES:
+        return None
+    cls = type(lm)
+    stock_module = f"transformers.models.{model_type}.modeling_{model_type}"
+    if cls.__module__ != stock_module or not cls.__name__.endswith("ForCausalLM"):
+        return None
+    decoder = getattr(lm, "model", None)
+    head = lm.get_output_embeddings()
+    if not isinstance(decoder, nn.Module) or head is None:
+        return None
+    return decoder, head
 
 
 @dataclass
@@ -114,8 +166,21 @@ class VLM(nn.Module):
         num_images: torch.Tensor | None = None,  # (B,)
         past_key_values: Any = None,
         use_cache: bool = False,
+        return_logits: bool = True,
     ) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values, num_images)
+        """Loss (with ``labels``) and logits (B, L, V). ``return_logits=False`` returns ``logits=None``
+        and, where ``labelled_loss_parts`` allows (with labels and no cache), never builds the full
+        logits: the output layer runs on the labelled positions only; the loss is the same."""
+        embeds = self.embed(input_ids, pixel_values, num_images)  # (B, L, D)
+        fast = labels is not None and not return_logits and not use_cache and past_key_values is None
+        parts = labelled_loss_parts(self.lm) if fast else None
+        if parts is not None:
+            decoder, head = parts
+            hidden = decoder(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (B, L, D)
+            loss = labelled_cross_entropy(hidden, labels, head, self.config.ignore_index)
+            return VLMOutput(loss=loss, logits=None, past_key_values=None)
         out = self.lm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -126,7 +191,8 @@ class VLM(nn.Module):
         loss = None
         if labels is not None:
             loss = shifted_cross_entropy(out.logits, labels, self.config.ignore_index)
-        return VLMOutput(loss=loss, logits=out.logits, past_key_values=getattr(out, "past_key_values", None))
+        logits = out.logits if return_logits else None
+        return VLMOutput(loss=loss, logits=logits, past_key_values=getattr(out, "past_key_values", None))
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, num_images=None, **kwargs):

@@ -263,7 +263,7 @@ class VLMModule(pl.LightningModule):
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "record_consumed"):
             dm.record_consumed(batch)
-        out = self.vlm(**self.model_inputs(batch))
+        out = self.vlm(**self.model_inputs(batch), return_logits=False)
         loss = out.loss
         finite = bool(torch.isfinite(loss.detach()).all())
         if self.trainer.world_size > 1:
@@ -298,7 +298,7 @@ class VLMModule(pl.LightningModule):
         if dm is not None and hasattr(dm, "record_consumed") and isinstance(batch.get("loader_state"), dict) \
                 and batch["loader_state"].get("split", "train") != "train":
             dm.record_consumed(batch)  # validation skip counts
-        out = self.vlm(**self.model_inputs(batch))
+        out = self.vlm(**self.model_inputs(batch), return_logits=False)
         labels = batch["labels"]
         n = int((labels[:, 1:] != self.vlm.config.ignore_index).sum())
         if n == 0:
