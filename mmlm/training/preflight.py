@@ -16,7 +16,8 @@ The report (printed on rank 0 and written to ``RUN_DIR/preflight.json``):
   AdamW states (two per trained parameter) + autocast weight copies (mixed precision) +
   activations (per transformer layer ~ tokens x (9 hidden + 4 intermediate) values, or one hidden
   state per layer plus one layer with activation checkpointing; the vision encoder only when it
-  trains) + logits (fp32 for the loss and its gradient). A rough guide, not a measurement;
+  trains) + logits (fp32 for the loss and its gradient; at the labelled positions only when the LM
+  takes the labelled-loss path, else at every position). A rough guide, not a measurement;
   compared with the device's memory on GPUs.
 """
 
@@ -251,8 +252,10 @@ def _dims_vision(vision) -> dict:
 
 
 def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, precision: str = "32-true",
-                    activation_checkpointing: bool = False) -> dict:
-    """Bytes (and GiB) a training step needs per device; see the module docstring for the model."""
+                    activation_checkpointing: bool = False, logit_tokens: int | None = None) -> dict:
+    """Bytes (and GiB) a training step needs per device; see the module docstring for the model.
+    ``logit_tokens``: positions whose logits are built (the labelled ones when the LM takes the
+    labelled-loss path, ``mmlm.modeling.vlm.labelled_loss_parts``); None: every position."""
     precision = str(precision)
     counts = parameter_counts(vlm)
     p_total = counts["total"]["trainable"] + counts["total"]["frozen"]
@@ -280,7 +283,7 @@ def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, prec
         v_layer = v_tokens * (9 * v["width"] + 2 * v["mlp"])
         v_act = (v_tokens * v["width"] * v["layers"] + v_layer) if activation_checkpointing else v_layer * v["layers"]
         act += v_act * abytes
-    logits = tokens * lm["vocab"] * (abytes + 8)
+    logits = (tokens if logit_tokens is None else logit_tokens) * lm["vocab"] * (abytes + 8)
     total = weights + grads + optimizer + autocast + act + logits
     out = {"precision": precision, "weights": weights, "grads": grads, "optimizer": optimizer,
            "autocast": autocast, "activations": act, "logits": logits, "total": total}
@@ -306,10 +309,14 @@ def run_preflight(pl_module, batches: Sequence[dict], *, precision: str = "32-tr
     if rep.parameters["total"]["trainable"] == 0:
         rep.errors.append("no parameter trains: check the stage and LoRA settings")
     if rep.batches:
+        from mmlm.modeling.vlm import labelled_loss_parts
+
         hp = getattr(pl_module, "hparams", {})
+        labelled_only = labelled_loss_parts(vlm.lm) is not None  # training builds labelled logits only
         rep.memory = estimate_memory(
             vlm, batch_size=rep.batch_shape[0], seq_len=rep.batch_shape[1], num_images=rep.images_per_batch_max,
             precision=precision, activation_checkpointing=bool(hp.get("activation_checkpointing", False)),
+            logit_tokens=-(-rep.label_tokens // rep.batches) if labelled_only else None,
         )
         if torch.cuda.is_available() and vlm.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(vlm.device)
