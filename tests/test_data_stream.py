@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import pickle
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -292,8 +293,6 @@ def _caption_conv(caption):
 
 
 def _conv(rec, mode, seed=0, suffix=""):
-    import random
-
     return record_to_conversation(rec, mode, random.Random(seed), caption_conversation=_caption_conv,
                                   vqa_suffix=suffix)
 
@@ -308,6 +307,15 @@ def test_sample_modes():
     assert _conv(both, "caption") == _caption_conv("a red star")
     picked = {json.dumps(_conv(both, "mixed", seed)) for seed in range(20)}
     assert picked == {json.dumps(conv), json.dumps(_caption_conv("a red star"))}
+    weighted = [record_to_conversation(both, "mixed", random.Random(seed), caption_conversation=_caption_conv,
+                                       mixed_weights={"caption": 1, "conversation": 3})
+                for seed in range(400)]
+    assert 0.65 < sum(c == conv for c in weighted) / 400 < 0.85  # 3:1 -> 0.75
+    assert all(record_to_conversation(both, "mixed", random.Random(s), caption_conversation=_caption_conv,
+                                      mixed_weights={"conversation": 0}) == _caption_conv("a red star")
+               for s in range(20))
+    with pytest.raises(ValueError, match="mixed_weights"):
+        StreamConfig(mixed_weights={"captions": 1.0})
 
     vqa = Record(key="q", images=[b"x"], image_exts=["png"], question="what color?",
                  answers=["blue", "red", "red", "blue", "red"])

@@ -96,6 +96,7 @@ class VLMDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         sample_mode: str = "auto",
+        mixed_weights: Optional[dict[str, float]] = None,
         caption_first_samples: int = 0,
         vqa_suffix: str = "",
         max_bad_fraction: Optional[float] = 0.05,
@@ -125,6 +126,9 @@ class VLMDataModule(pl.LightningDataModule):
             seed: Seed of the training stream (shard draws, shuffling, mixed-mode choices).
             sample_mode: What a record trains: ``auto`` (conversation, else VQA, else caption), ``caption``,
                 ``conversation``, ``vqa`` or ``mixed`` (a seeded random pick among what the record has).
+            mixed_weights: With ``sample_mode: mixed``, the relative weight of each kind a record has
+                (``caption``, ``conversation``, ``vqa``; missing kinds weigh 1), e.g.
+                ``{caption: 1, conversation: 3}`` trains conversations three times as often.
             caption_first_samples: Curriculum: the first N training samples (all ranks and workers
                 together) train their caption whatever ``sample_mode`` says. Captions name every object,
                 so a model trained from scratch grounds its image tokens on them before questions ask
@@ -174,6 +178,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.sample_mode = sample_mode
         self.caption_first_samples = int(caption_first_samples)
+        self.mixed_weights = dict(mixed_weights) if mixed_weights else None
         self.vqa_suffix = vqa_suffix
         self.max_bad_fraction = max_bad_fraction
         self.max_bad = max_bad
@@ -225,6 +230,7 @@ class VLMDataModule(pl.LightningDataModule):
             split=split, batch_size=batch_size, seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
             sample_mode=self.sample_mode, vqa_suffix=self.vqa_suffix, max_pixels=self.max_pixels,
             caption_first_samples=self.caption_first_samples if split == "train" else 0,
+            mixed_weights=self.mixed_weights,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
             allow_pipes=self.allow_pipes, allow_remote=self.allow_remote,
         )

@@ -91,6 +91,9 @@ class StreamConfig:
     """Samples in the shuffle buffer (train); 0 or 1: no shuffling."""
     sample_mode: str = "auto"
     """``auto`` | ``caption`` | ``conversation`` | ``vqa`` | ``mixed`` (see ``record_to_conversation``)."""
+    mixed_weights: dict[str, float] | None = None
+    """``sample_mode="mixed"``: relative weight of each kind (``caption``, ``conversation``,
+    ``vqa``) when a record has several; missing kinds weigh 1."""
     caption_first_samples: int = 0
     """Training curriculum: the first N samples of the stream (over all ranks and workers) train
     their caption whatever ``sample_mode`` says (records without one follow ``sample_mode``).
@@ -116,6 +119,9 @@ class StreamConfig:
             raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {self.sample_mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        bad = {k: w for k, w in (self.mixed_weights or {}).items() if k not in _KINDS or not w >= 0}
+        if bad:
+            raise ValueError(f"mixed_weights must map {list(_KINDS)} to weights >= 0, got {bad}")
         if self.caption_first_samples < 0:
             raise ValueError(f"caption_first_samples must be >= 0, got {self.caption_first_samples}")
         if self.shuffle_buffer < 0:
@@ -189,6 +195,9 @@ def vqa_answer(rec: Record) -> str | None:
     return Counter(answers).most_common(1)[0][0] if answers else None
 
 
+_KINDS = ("conversation", "vqa", "caption")
+
+
 def _present_kinds(rec: Record) -> list[str]:
     kinds = []
     if rec.conversations:
@@ -235,14 +244,16 @@ def _caption_target(rec: Record, rng: random.Random, caption_conversation: Calla
 
 
 def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
-                           caption_conversation: Callable[[str], list[dict]], vqa_suffix: str = "") -> list[dict]:
+                           caption_conversation: Callable[[str], list[dict]], vqa_suffix: str = "",
+                           mixed_weights: dict[str, float] | None = None) -> list[dict]:
     """The conversation a record trains, by ``mode``:
 
     * ``auto``: the conversation if the record has one, else VQA (question -> the most common
       answer or ``meta["multiple_choice_answer"]``), else the caption. The first kind *present*
       is used; if it is broken the sample is bad (no silent fall-back to another field).
     * ``caption`` / ``conversation`` / ``vqa``: that kind (``no_target`` when absent).
-    * ``mixed``: one of the kinds present, chosen with ``rng`` (seeded per sample).
+    * ``mixed``: one of the kinds present, chosen with ``rng`` (seeded per sample), with
+      probabilities proportional to ``mixed_weights[kind]`` (default 1 each).
 
     Captions become ``caption_conversation(caption)`` (the processor's caption prompt; one caption
     picked with ``rng`` when the record has several); VQA questions get ``vqa_suffix`` appended.
@@ -258,7 +269,13 @@ def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
     elif mode == "mixed":
         if not present:
             raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
-        kind = present[0] if len(present) == 1 else rng.choice(present)
+        weights = [float((mixed_weights or {}).get(k, 1.0)) for k in present]
+        if len(present) == 1:
+            kind = present[0]
+        elif mixed_weights and sum(weights) > 0:
+            kind = rng.choices(present, weights=weights)[0]
+        else:
+            kind = rng.choice(present)
     else:
         kind = mode
         if kind not in present:
@@ -414,7 +431,8 @@ def _sample_rng(ctx: StreamContext, item: Item) -> random.Random:
 
 
 def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_suffix: str,
-                  caption_conversation: Callable[[str], list[dict]], caption_first: int = 0) -> Iterator[Item]:
+                  caption_conversation: Callable[[str], list[dict]], caption_first: int = 0,
+                  mixed_weights: dict[str, float] | None = None) -> Iterator[Item]:
     """Record -> the conversation to train (before decoding: a record without target costs nothing).
     Training positions below this worker's share of ``caption_first`` train captions where present."""
     first = -(-caption_first // ctx.units) if ctx.split == "train" else 0  # ceil: this worker's share
@@ -426,7 +444,7 @@ def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_s
             try:
                 item.conversation = record_to_conversation(item.record, m, _sample_rng(ctx, item),
                                                            caption_conversation=caption_conversation,
-                                                           vqa_suffix=vqa_suffix)
+                                                           vqa_suffix=vqa_suffix, mixed_weights=mixed_weights)
             except BadSample as e:
                 item.error = e
         yield item
@@ -625,7 +643,7 @@ class VLMStream(IterableDataset):
         out.append(("number", P(number, ctx=ctx, resume=resume)))
         out.append(("select_target", P(select_target, ctx=ctx, mode=cfg.sample_mode, vqa_suffix=cfg.vqa_suffix,
                                        caption_conversation=self.processor.caption_conversation,
-                                       caption_first=cfg.caption_first_samples)))
+                                       caption_first=cfg.caption_first_samples, mixed_weights=cfg.mixed_weights)))
         out.append(("decode", P(decode, ctx=ctx, max_pixels=cfg.max_pixels)))
         out.append(("encode", P(encode, ctx=ctx, processor=self.processor,
                                 max_sample_length=self.collate.max_sample_length)))
