@@ -127,6 +127,14 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph as the description and its ``Usage::``
+    section (when present) as the epilog, both printed as written."""
+    epilog = doc[doc.index("Usage::"):] if "Usage::" in doc else None
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_args(p: argparse.ArgumentParser, *, device: bool = True, threads: int | None = 1) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda (default auto)")
@@ -140,7 +148,7 @@ def add_common_args(p: argparse.ArgumentParser, *, device: bool = True, threads:
 
 
 # ---------------------------------------------------------------------------------- datasets
-def synthetic_dataset(cache: Path, *, train: int = 2000, image_size: int = 64, shard_size: int = 250) -> Path:
+def synthetic_dataset(cache: Path, *, train: int = 2000, image_size: int = 72, shard_size: int = 250) -> Path:
     """The synthetic shapes set (``data_pipelines.synthetic.build``), built once; returns its
     ``train`` shard directory. Train records hold a caption and a 3-5 turn VQA conversation."""
     from data_pipelines.synthetic import build

@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -52,8 +51,7 @@ def make_images(n: int, seed: int = 0):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Usage::"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.script_parser(__doc__)
     p.add_argument("--preset", default="tiny", help="model preset, random weights (default tiny)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per image (default 32)")
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=16,

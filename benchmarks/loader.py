@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -95,8 +94,7 @@ def mmlm_rate(shards: str, processor, *, batch_size: int, num_workers: int, batc
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Usage::"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.script_parser(__doc__)
     p.add_argument("--preset", default="small", help="model preset: the image size (default small, 224 px)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")

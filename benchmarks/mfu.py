@@ -83,8 +83,7 @@ def make_batch(vlm, batch: int, seq_len: int, device: str, vocab_hi: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Usage::"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.script_parser(__doc__)
     p.add_argument("--preset", default="small", help="model preset, random weights (default small)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step (default 16)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row, image tokens included (default 1024)")

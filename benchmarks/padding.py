@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import io
 import tempfile
 import time
@@ -83,9 +82,7 @@ def fractions(shards, processor, *, packing: bool, batch_size: int, max_length: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__[__doc__.index("Usage::"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.script_parser(__doc__)
     p.add_argument("--preset", default="tiny", help="model preset: its tokens per image (default tiny)")
     p.add_argument("--max-length", type=int, default=256, help="longest sample / packed row length (default 256)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per padded batch (default 16)")

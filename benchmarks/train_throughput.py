@@ -410,8 +410,7 @@ def quiet_lightning() -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Usage::"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.script_parser(__doc__)
     p.add_argument("--preset", default="tiny", help="model preset, random weights (default tiny)")
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per mode (default 12)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")

@@ -269,12 +269,12 @@ def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
     elif mode == "mixed":
         if not present:
             raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
-        weights = [float((mixed_weights or {}).get(k, 1.0)) for k in present]
+        weights = [float(mixed_weights.get(k, 1.0)) for k in present] if mixed_weights else []
         if len(present) == 1:
             kind = present[0]
-        elif mixed_weights and sum(weights) > 0:
+        elif sum(weights) > 0:
             kind = rng.choices(present, weights=weights)[0]
-        else:
+        else:  # no weights (or all present kinds weigh 0): uniform
             kind = rng.choice(present)
     else:
         kind = mode
