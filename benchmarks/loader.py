@@ -12,10 +12,12 @@ process, one after another:
     scaling, as if each worker had a free core).
 ``mmlm``
     ``VLMDataModule(train=shards, sample_mode="caption").train_dataloader()``: tar streaming, safe
-    decode (bomb/truncation checks, EXIF, RGB), the processor (chat template, tokenizing, resize,
-    normalise to float tensors), collate, and the hand-over from the worker processes. Timed after
-    the first batch (worker start-up excluded), with ``--num-workers`` workers and in-process
-    (``num_workers=0``, compared with the one-thread ceiling).
+    decode (bomb/truncation checks, EXIF, RGB), the processor (chat template, tokenizing, resize to
+    uint8 tensors), collate, and the hand-over from the worker processes. Timed after the first
+    batch (worker start-up excluded), with ``--num-workers`` workers and in-process
+    (``num_workers=0``, compared with the one-thread ceiling). The pixels stay uint8 RGB
+    (``uint8_pixels``, the default): their normalisation to float runs in the model, on its device,
+    and is not part of this measurement (it was, in the worker, before that option existed).
 
 Target (issue 8): mmlm with N workers >= 0.8x the N-worker ceiling (wall clock). On a machine with
 fewer free cores than workers (see the load in the result file) the N-worker ceiling is not

@@ -8,10 +8,12 @@ lognormal``: long-tailed caption lengths, as in ``padding.py``):
 
 ``plain_pad`` (the baseline)
     A plain loop as one writes it by hand: a minimal tar reader (``iter_tar_records``) -> decode ->
-    ``processor.encode`` in a ``DataLoader`` (``--batch-size`` samples, pad to the longest), eager
-    model, ``loss.backward(); clip; opt.step(); sched.step()``.
+    ``processor.encode`` (float pixel values, normalised in the workers) in a ``DataLoader``
+    (``--batch-size`` samples, pad to the longest), eager model, ``loss.backward(); clip;
+    opt.step(); sched.step()``.
 ``plain_packed`` (equally optimised plain loop)
-    The same plain loop fed by mmlm's packed stream (``VLMDataModule(packing=True)``), so that
+    The same plain loop fed by mmlm's packed stream (``VLMDataModule(packing=True)``; uint8 pixel
+    values, which the model normalises on its device to the same floats), so that
     ``mmlm / plain_packed`` is the cost of Lightning and mmlm's per-step bookkeeping.
 ``mmlm``
     ``lightning.Trainer.fit(VLMModule, VLMDataModule(packing=True))`` as ``mmlm fit`` runs it: CSV

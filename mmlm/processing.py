@@ -13,6 +13,9 @@ Contract:
   inside (or before the end of) an image span: then it raises ``ImageSpanTruncated`` or, with
   ``on_overflow="drop"``, ``encode`` returns None. The error names the sample.
 - Batches are right-padded for training and left-padded for generation.
+- ``pixel_values`` are float32, normalised as the image transform says; ``encode(...,
+  pixel_dtype="uint8")`` gives the fitted RGB images as uint8 instead, which the model normalises
+  on its device with the same formula (``mmlm.pixels``; the training stream's default).
 
 From-scratch models get a byte-level BPE tokenizer trained with ``tokenizers``
 (``train_bpe_tokenizer``). Saving writes the tokenizer files (the chat template travels
@@ -34,6 +37,7 @@ from PIL import Image
 
 from mmlm.config import ImageTransformConfig
 from mmlm.io import atomic_dir
+from mmlm.pixels import cat_pixel_values, check_pixel_dtype, normalize_pixels  # noqa: F401  (re-exported)
 
 IMAGE_TOKEN = "<image>"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -67,14 +71,15 @@ class ImageSpanTruncated(ValueError):
 
 # ---------------------------------------------------------------------------------- images
 class ImageTransform:
-    """PIL image -> normalised float tensor (3, size, size), as ``ImageTransformConfig`` says."""
+    """PIL image -> normalised float tensor (3, size, size), as ``ImageTransformConfig`` says
+    (``to_uint8``: the fitted RGB image as a uint8 tensor, not normalised)."""
 
     def __init__(self, cfg: ImageTransformConfig):
         if cfg.interpolation not in _RESAMPLE:
             raise ValueError(f"unknown interpolation {cfg.interpolation!r}; known: {sorted(_RESAMPLE)}")
         self.cfg = cfg
-        self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self._std = torch.tensor(cfg.std).view(3, 1, 1)
+        self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
 
     def fit(self, image: Image.Image) -> Image.Image:
         """Resize/crop/pad to the square input size (RGB, uint8)."""
@@ -102,10 +107,14 @@ class ImageTransform:
             image = image.resize((size, size), resample)
         return image
 
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """The fitted RGB image as a uint8 (3, size, size) tensor (a channels-last view)."""
+        arr = np.array(self.fit(image), dtype=np.uint8)  # (H, W, 3), writable, owned
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        arr = np.asarray(self.fit(image), dtype=np.uint8)  # (H, W, 3)
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
-        return (x - self._mean) / self._std
+        """(3, size, size) float32: ``(x / 255 - mean) / std`` (``mmlm.pixels.normalize_pixels``)."""
+        return normalize_pixels(self.to_uint8(image), self._mean, self._std)
 
 
 # ---------------------------------------------------------------------------------- text
@@ -277,11 +286,15 @@ class Processor:
         return messages
 
     def encode(self, conversation: Sequence[dict], images: Sequence[Image.Image] = (), *,
-               add_generation_prompt: bool = False, key: str | None = None) -> dict | None:
+               add_generation_prompt: bool = False, key: str | None = None, pixel_dtype: str = "float") -> dict | None:
         """One sample -> ``{input_ids (L,), labels (L,), pixel_values (n, 3, H, W) | None, num_images}``.
 
-        Returns None only when the sample overflows into an image span and on_overflow="drop".
+        ``pixel_dtype="float"``: pixel values normalised as the image transform says (float32);
+        ``"uint8"``: the fitted RGB images, not normalised (the model normalises them on its device,
+        see ``mmlm.pixels``; what the training data pipeline sends). Returns None only when the
+        sample overflows into an image span and on_overflow="drop".
         """
+        check_pixel_dtype(pixel_dtype)
         messages = self._with_system(place_images(normalize_messages(conversation, key), len(images), key))
         enc = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
@@ -293,22 +306,20 @@ class Processor:
         ids, labels = self._truncate(ids, labels, key)
         if ids is None:
             return None
-        pixel_values = torch.stack([self.image_transform(im) for im in images]) if images else None
+        pixel_values = None
+        if images:
+            to_tensor = self.image_transform.to_uint8 if pixel_dtype == "uint8" else self.image_transform
+            pixel_values = torch.stack([to_tensor(im) for im in images])
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_images": len(images)}
 
     def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Repeat each image token ``num_image_tokens`` times (labels -100 there): (L,), (L,)."""
         img, n = self.image_token_id, self.config.num_image_tokens
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        for t, lab in zip(ids, labels):
-            if t == img:
-                out_ids += [img] * n
-                out_labels += [-100] * n
-            else:
-                out_ids.append(t)
-                out_labels.append(lab)
-        return torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_labels, dtype=torch.long)
+        ids_a = np.asarray(ids, dtype=np.int64)
+        is_img = ids_a == img
+        repeats = np.where(is_img, n, 1)
+        labels_a = np.where(is_img, -100, np.asarray(labels, dtype=np.int64))
+        return torch.from_numpy(np.repeat(ids_a, repeats)), torch.from_numpy(np.repeat(labels_a, repeats))
 
     def _truncate(self, ids: torch.Tensor, labels: torch.Tensor, key: str | None):
         max_len = self.config.max_length
@@ -342,12 +353,11 @@ class Processor:
             input_ids[i, sl] = s["input_ids"]
             labels[i, sl] = s["labels"]
             attention_mask[i, sl] = 1
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.cat(pixels) if pixels else None,
+            "pixel_values": cat_pixel_values([s["pixel_values"] for s in samples]),
             "num_images": torch.tensor([s["num_images"] for s in samples], dtype=torch.long),
         }
 

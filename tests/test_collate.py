@@ -83,6 +83,17 @@ def test_pack_collate_contract(pair):
     assert b["total_tokens"] == b["input_ids"].numel()
 
 
+def test_collates_keep_uint8_pixels_and_refuse_a_dtype_mix(pair):
+    _, proc = pair
+    convs = [[{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]] * 3
+    u8 = [proc.encode(c, [image()], pixel_dtype="uint8") for c in convs]
+    for collate in (PadCollate(proc), PackCollate(proc, max_length=128)):
+        b = collate(u8)
+        assert b["pixel_values"].dtype == torch.uint8 and b["pixel_values"].shape == (3, 3, 32, 32)
+        with pytest.raises(ValueError, match="cannot batch pixel values of different dtypes"):
+            collate(u8[:2] + [proc.encode(convs[0], [image()])])
+
+
 def test_pack_plan_best_fit_oldest_first_bounded():
     pack = PackCollate(processor=None, max_length=10)
     rows = pack.plan([2, 9, 5, 5, 1, 8], batch_size=2)

@@ -152,6 +152,37 @@ def test_constructor_checks_and_pickling(tmp_path, proc):
     assert (strict.config.max_length, strict.config.on_overflow) == (128, "raise")
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_uint8_pixels_option(tmp_path, proc, packing):
+    """On (the default): batches carry the fitted images as uint8; off: the processor's normalised
+    float32. Same samples, and the uint8 ones normalise to exactly the float ones."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmlm.data.stream import StreamConfig
+    from mmlm.pixels import normalize_pixels
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8), "RGB").save(buf, "PNG")
+        samples.append((f"n{i}", {"png": buf.getvalue(), "txt": "a small red star" + " on the left" * i}))
+    write_tar(tmp_path / "n-000000.tar", samples)
+    assert VLMDataModule(train=str(tmp_path)).uint8_pixels is True and StreamConfig().uint8_pixels is True
+    kw = dict(num_workers=0, batch_size=3, packing=packing, max_length=128 if packing else None)
+    on = next(iter(_dm(tmp_path, proc, **kw).train_dataloader()))
+    off = next(iter(_dm(tmp_path, proc, uint8_pixels=False, **kw).train_dataloader()))
+    assert on["keys"] == off["keys"] and torch.equal(on["input_ids"], off["input_ids"])
+    assert on["pixel_values"].dtype == torch.uint8 and off["pixel_values"].dtype == torch.float32
+    assert on["pixel_values"].shape == off["pixel_values"].shape and on["pixel_values"].shape[0] >= 3
+    cfg = proc.config.image_transform
+    assert torch.equal(normalize_pixels(on["pixel_values"], cfg.mean, cfg.std), off["pixel_values"])
+    assert on["pixel_values"].float().std() > 20  # real image content, not a constant
+
+
 def test_constructor_is_cli_ready():
     from jsonargparse import ArgumentParser
 

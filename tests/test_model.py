@@ -1,5 +1,7 @@
 """The VLM: shapes, loss, placeholder checks, parity with the bare LM, projectors, presets."""
 
+import copy
+
 import pytest
 import torch
 
@@ -112,3 +114,54 @@ def test_tiny_preset_runs_on_cpu():
     x = torch.randn(2, 3, side, side)
     assert vlm.num_image_tokens == 9  # one token per cell of the synthetic scenes' 3x3 layout
     assert vlm.encode_images(x).shape == (2, vlm.num_image_tokens, vlm.lm.config.hidden_size)
+
+
+# ------------------------------------------------------------------ uint8 pixel values
+def _noise(seed: int, size=(40, 30)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def _float_and_uint8_batches(proc):
+    images = [[_noise(0)], [_noise(1), _noise(2, (20, 50))]]
+    convs = [_conv(1), _conv(2, "blue")]
+    batch = proc(images=images, conversations=convs)  # float pixel values, normalised by the processor
+    u8 = torch.cat([proc.encode(c, ims, pixel_dtype="uint8")["pixel_values"] for c, ims in zip(convs, images)])
+    assert batch["pixel_values"].dtype == torch.float32 and u8.dtype == torch.uint8
+    return batch, {**batch, "pixel_values": u8}
+
+
+def test_uint8_pixels_give_the_float_path_s_loss_and_logits(pair):
+    """The model normalises uint8 pixel values on its device: same loss and logits as the processor's
+    float pixel values (in fact bit-identical: one formula, float32, true divisions)."""
+    vlm, proc = pair
+    f, u = _float_and_uint8_batches(proc)
+    with torch.no_grad():
+        out_f, out_u = vlm(**f), vlm(**u)
+        torch.testing.assert_close(out_u.logits, out_f.logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out_u.loss, out_f.loss, rtol=0, atol=1e-6)
+        assert torch.equal(vlm.encode_images(u["pixel_values"]), vlm.encode_images(f["pixel_values"]))
+        # the training path (labelled positions only) and bf16 autocast see the same normalised input
+        lf, lu = vlm(**f, return_logits=False).loss, vlm(**u, return_logits=False).loss
+        torch.testing.assert_close(lu, lf, rtol=0, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            af, au = vlm(**f).loss, vlm(**u).loss
+        assert torch.equal(af, au)
+        # a float64 model: float pixels are cast, uint8 ones normalised in float32 then cast: the same
+        vlm64 = copy.deepcopy(vlm).double()
+        torch.testing.assert_close(vlm64(**u).logits, vlm64(**f).logits, rtol=0, atol=0)
+
+
+def test_pixel_dtypes_other_than_uint8_or_float_are_refused(pair):
+    vlm, proc = pair
+    enc = proc.encode(_conv(1), [image()], pixel_dtype="uint8")
+    ids = enc["input_ids"][None]
+    with torch.no_grad():
+        vlm(ids, enc["pixel_values"].double() / 255)  # any floating dtype: taken as normalised already
+        for bad in (torch.int32, torch.int64, torch.bool):
+            with pytest.raises(ValueError, match=r"pixel_values must be uint8 RGB \(normalised by the model\) or "
+                                                 rf"floating point \(normalised already\), got {bad}$"):
+                vlm(ids, enc["pixel_values"].to(bad))

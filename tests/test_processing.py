@@ -124,3 +124,142 @@ def test_image_transform_matches_timm_for_crop():
     timm_tf = create_transform(input_size=(3, 32, 32), crop_pct=0.875, interpolation="bicubic",
                                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     torch.testing.assert_close(ours, timm_tf(im), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- pixel values
+def _noise(size: tuple[int, int] = (40, 30), seed: int = 0) -> Image.Image:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.mark.parametrize("mean,std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), (CLIP_MEAN, CLIP_STD)])
+def test_normalisation_is_exactly_torchvision_to_tensor_then_normalize(mean, std):
+    """``(x / 255 - mean) / std`` as torchvision (and timm's eval transform) compute it, bit for bit,
+    whether the processor normalises (float path) or ``normalize_pixels`` does (the model's uint8 path)."""
+    import numpy as np
+    from torchvision.transforms import functional as TF
+
+    from mmlm.processing import normalize_pixels
+
+    t = ImageTransform(ImageTransformConfig(size=32, resize_mode="crop", crop_pct=0.9, mean=mean, std=std))
+    im = _noise()
+    fitted = t.fit(im)
+    ref = TF.normalize(TF.to_tensor(fitted), mean, std)
+    x = t(im)
+    assert x.dtype == torch.float32 and torch.equal(x, ref)
+    u8 = t.to_uint8(im)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 32, 32)
+    assert torch.equal(u8, torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1))
+    assert torch.equal(normalize_pixels(u8, mean, std), ref)
+    assert torch.equal(normalize_pixels(u8[None].expand(2, -1, -1, -1), mean, std), ref.expand(2, -1, -1, -1))
+    # the formula ImageTransform used before the model could normalise
+    old = (u8.float().div_(255.0) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.equal(x, old)
+
+
+def test_normalize_pixels_ignores_the_default_dtype_and_refuses_floats():
+    from mmlm.processing import normalize_pixels
+
+    u8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref = normalize_pixels(u8, CLIP_MEAN, CLIP_STD)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # Lightning's "*-true" precisions change it around the forward
+    try:
+        got = normalize_pixels(u8, CLIP_MEAN, CLIP_STD)
+    finally:
+        torch.set_default_dtype(before)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    half = normalize_pixels(u8, CLIP_MEAN, CLIP_STD, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, ref.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="takes uint8 RGB pixels, got torch.float32"):
+        normalize_pixels(u8.float(), CLIP_MEAN, CLIP_STD)
+
+
+def test_encode_uint8_pixels_same_tokens_and_normalise_to_the_float_path(pair):
+    from mmlm.processing import normalize_pixels
+
+    _, proc = pair
+    conv = proc.caption_conversation("a small red star")
+    images = [_noise(seed=1), _noise((20, 50), seed=2)]
+    f = proc.encode(conv, images)
+    u = proc.encode(conv, images, pixel_dtype="uint8")
+    assert f["pixel_values"].dtype == torch.float32 and u["pixel_values"].dtype == torch.uint8
+    assert u["pixel_values"].shape == f["pixel_values"].shape == (2, 3, 32, 32)
+    assert torch.equal(u["input_ids"], f["input_ids"]) and torch.equal(u["labels"], f["labels"])
+    cfg = proc.config.image_transform
+    assert torch.equal(normalize_pixels(u["pixel_values"], cfg.mean, cfg.std), f["pixel_values"])
+    with pytest.raises(ValueError, match=r"pixel_dtype must be one of \('float', 'uint8'\), got 'int32'"):
+        proc.encode(conv, images, pixel_dtype="int32")
+    with pytest.raises(ValueError, match="cannot batch pixel values of different dtypes"):
+        proc.pad([f, u])  # uint8 would silently become unnormalised float
+    assert proc.pad([u, u])["pixel_values"].dtype == torch.uint8
+
+
+def _old_encode(proc, conversation, images, add_generation_prompt=False, key=None):
+    """``Processor.encode`` as it was before the uint8 option and the vectorised image expansion."""
+    import numpy as np
+
+    from mmlm.processing import normalize_messages, place_images
+
+    messages = proc._with_system(place_images(normalize_messages(conversation, key), len(images), key))
+    enc = proc.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             add_generation_prompt=add_generation_prompt,
+                                             return_assistant_tokens_mask=not add_generation_prompt)
+    ids = list(enc["input_ids"])
+    mask = [0] * len(ids) if add_generation_prompt else enc["assistant_masks"]
+    img, n = proc.image_token_id, proc.config.num_image_tokens
+    out_ids, out_labels = [], []
+    for t, lab in zip(ids, [t if m else -100 for t, m in zip(ids, mask)]):
+        if t == img:
+            out_ids += [img] * n
+            out_labels += [-100] * n
+        else:
+            out_ids.append(t)
+            out_labels.append(lab)
+    ids, labels = proc._truncate(torch.tensor(out_ids, dtype=torch.long),
+                                 torch.tensor(out_labels, dtype=torch.long), key)
+    if ids is None:
+        return None
+    tf = proc.image_transform
+    old = [(torch.from_numpy(np.asarray(tf.fit(im), dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+            - tf._mean) / tf._std for im in images]
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.stack(old) if images else None,
+            "num_images": len(images)}
+
+
+def test_encode_is_byte_identical_to_the_old_path():
+    _, proc = tiny_pair()
+    proc.config.system_prompt = "You are a helpful assistant."
+    proc.config.on_overflow = "drop"
+    cases = [
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "two"}], 0, False),
+        (proc.caption_conversation("a small red star on the left"), 1, False),
+        ([{"from": "human", "value": "<image>\nwhat color is the star?"}, {"from": "gpt", "value": "red"},
+          {"from": "human", "value": "how many <image> shapes?"}, {"from": "gpt", "value": "two"}], 2, False),
+        ([{"role": "user", "content": "what color?"}, {"role": "assistant", "content": "blue"}], 3, False),
+        ([{"role": "user", "content": "<image>what color is the star?"}], 1, True),
+        ([{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "red " * 40}], 1, False),
+    ]
+    truncated = 0
+    for max_length in (128, 30):
+        proc.config.max_length = max_length
+        for i, (conv, n, gen) in enumerate(cases):
+            images = [_noise((30 + 7 * j, 25), seed=10 * i + j) for j in range(n)]
+            new = proc.encode(conv, images, add_generation_prompt=gen)
+            old = _old_encode(proc, conv, images, add_generation_prompt=gen)
+            if old is None:  # max_length 30 cuts into an image span
+                assert new is None and max_length == 30
+                continue
+            truncated += int(old["input_ids"].numel() == max_length)
+            assert new.keys() == old.keys() and new["num_images"] == old["num_images"]
+            for k in ("input_ids", "labels", "pixel_values"):
+                if old[k] is None:
+                    assert new[k] is None
+                else:
+                    assert new[k].dtype == old[k].dtype and torch.equal(new[k], old[k]), (i, k)
+    assert truncated  # a cut after the image span was compared too

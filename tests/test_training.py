@@ -301,3 +301,18 @@ def test_memory_estimate_follows_precision_stage_and_checkpointing():
     apply_stage(vlm, "align")
     align = estimate_memory(vlm, precision="32-true", **geom)
     assert align["grads"] == 4 * parameter_counts(vlm)["projector"]["trainable"]
+
+
+def test_uint8_training_needs_the_processor_s_normalisation_to_be_the_model_s():
+    """uint8 batches are normalised by the model with its own mean/std; describe/eval normalise with
+    the processor's: a mismatch would train and infer on differently normalised images."""
+    import dataclasses
+
+    from mmlm.training.module import check_normalization
+
+    vlm, proc = tiny_pair()
+    check_normalization(vlm, proc)  # built together: they agree
+    proc.config = dataclasses.replace(proc.config, image_transform=dataclasses.replace(
+        proc.config.image_transform, mean=(0.485, 0.456, 0.406)))
+    with pytest.raises(ValueError, match=r"the processor normalises images with mean=\(0.485, 0.456, 0.406\)"):
+        check_normalization(vlm, proc)

@@ -12,8 +12,10 @@ Batch contract (both collates), a dict:
 ``position_ids``      None when padding; (B, L) long when packing, restarting at 0 for each
                       sample (and for the trailing padding), so that transformers keeps
                       attention within each sample (its packed-sequence masks)
-``pixel_values``      (N, 3, H, W) float, the images in the order their placeholders appear,
-                      row-major; None when the batch has no image
+``pixel_values``      (N, 3, H, W), the images in the order their placeholders appear,
+                      row-major; None when the batch has no image. The samples' dtype: uint8
+                      RGB (the stream's default; ``VLM.encode_images`` normalises them) or
+                      normalised float; never a mix
 ``num_images``        (B,) long, images per row
 ``num_samples``       int, samples in the batch (packing: varies per batch)
 ``real_tokens``       int, non-padding tokens; ``total_tokens``: int, B * L
@@ -39,6 +41,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from mmlm.pixels import cat_pixel_values
 
 __all__ = ["PadCollate", "PackCollate", "MODEL_INPUTS", "model_inputs", "empty_batch_fields"]
 
@@ -178,7 +182,7 @@ class PackCollate:
         labels = torch.full((batch, length), -100, dtype=torch.long)  # (B, L)
         position_ids = torch.zeros((batch, length), dtype=torch.long)  # (B, L)
         num_images = torch.zeros(batch, dtype=torch.long)  # (B,)
-        pixels = []
+        pixels = []  # (n, 3, H, W) per sample with images
         for r, row in enumerate(rows):
             off = 0
             for s in row:
@@ -198,7 +202,7 @@ class PackCollate:
             "labels": labels,
             "attention_mask": None,
             "position_ids": position_ids,
-            "pixel_values": torch.cat(pixels) if pixels else None,  # (N, 3, H, W)
+            "pixel_values": cat_pixel_values(pixels),  # (N, 3, H, W) | None
             "num_images": num_images,
             "num_samples": sum(len(r) for r in rows),
             "real_tokens": int(sum(row_lengths)),

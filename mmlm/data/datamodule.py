@@ -14,6 +14,8 @@ Contract:
   alive across ``iter()`` calls (Lightning's "epochs" over an endless stream are chunks of the
   same stream, not restarts); the trainer bounds training with ``max_steps`` (or
   ``limit_train_batches``).
+* Batches carry ``pixel_values`` as uint8 RGB by default (``uint8_pixels``); ``VLM.encode_images``
+  normalises them on the model's device, to exactly the processor's float values.
 * ``val_dataloader()``: a finite pass in which every sample is seen exactly once over all ranks
   and workers; ``[]`` when no ``val`` is given.
 * **The trainer calls** ``record_consumed(batch)`` after each training step (and may call it with
@@ -109,6 +111,7 @@ class VLMDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         strict_resume: bool = True,
+        uint8_pixels: bool = True,
     ):
         """
         Args:
@@ -145,6 +148,10 @@ class VLMDataModule(pl.LightningDataModule):
             prefetch_factor: Batches prefetched per worker (when ``num_workers > 0``).
             strict_resume: On restoring a checkpoint made with another seed, ``num_workers`` or world size,
                 raise (True) or warn and start a fresh stream at the next epoch (False).
+            uint8_pixels: Send images as uint8 RGB (the resized image, not normalised) and let the model
+                normalise them on its device (``VLM.encode_images``, same values as the processor's): 4x
+                fewer bytes from the workers and in pinned memory, no float work in the workers. False:
+                normalised float32 pixel values, as ``Processor.encode`` returns by default.
         """
         super().__init__()
         if batch_size < 1:
@@ -187,6 +194,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.allow_pipes = allow_pipes
         self.allow_remote = allow_remote
         self.pin_memory = pin_memory
+        self.uint8_pixels = bool(uint8_pixels)
         self.persistent_workers = persistent_workers
         self.prefetch_factor = int(prefetch_factor)
         self.strict_resume = strict_resume
@@ -232,7 +240,7 @@ class VLMDataModule(pl.LightningDataModule):
             caption_first_samples=self.caption_first_samples if split == "train" else 0,
             mixed_weights=self.mixed_weights,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
-            allow_pipes=self.allow_pipes, allow_remote=self.allow_remote,
+            allow_pipes=self.allow_pipes, allow_remote=self.allow_remote, uint8_pixels=self.uint8_pixels,
         )
 
     def _loader_kwargs(self) -> dict:

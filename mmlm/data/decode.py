@@ -67,7 +67,7 @@ def decode_image(data: bytes, *, key: str | None = None, max_pixels: int | None 
     except Exception as e:
         raise BadSample(key, CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from None
     try:
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an upright image
     except Exception:  # a broken EXIF block does not make the pixels bad
         pass
     try:

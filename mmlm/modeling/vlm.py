@@ -7,6 +7,13 @@ how many belong to each sample) and runs the LM. With labels it returns the shif
 cross-entropy over labels != -100. Packed rows pass ``position_ids`` that restart at 0 for
 each sample and no attention mask: transformers then keeps attention within each sample.
 
+``pixel_values`` are either float, normalised already (what ``Processor.encode`` returns by
+default), or uint8 RGB (the fitted images as they are: what the training data pipeline sends,
+4x fewer bytes), which ``encode_images`` normalises on the model's device with the model's own
+``image_transform()`` mean/std (``mmlm.pixels.normalize_pixels``, bit-identical to the
+processor's float path). Under autocast the normalisation runs in float32 and the encoder then
+sees the same float input as on the float path.
+
 ``forward(..., return_logits=False)`` (what training and validation use: they need the loss
 only) returns ``logits=None``. With labels, no KV cache and an LM that
 ``labelled_loss_parts`` accepts (the stock transformers causal LM of an allowlisted
@@ -37,6 +44,7 @@ from mmlm.modeling.fusion import (
 from mmlm.modeling.projector import build_projector
 from mmlm.modeling.text import build_language_model, resolve_text_config
 from mmlm.modeling.vision import build_vision_encoder
+from mmlm.pixels import normalize_pixels
 
 
 # Causal-LM ``model_type``s whose ``*ForCausalLM.forward`` computes exactly
@@ -136,9 +144,29 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, T, D_text) image tokens."""
+        """(N, 3, H, W) -> (N, T, D_text) image tokens. ``pixel_values``: float, normalised as
+        ``image_transform()`` says, or uint8 RGB, normalised here (on their device, in float32)."""
         dtype = next(self.vision.parameters()).dtype
+        if pixel_values.dtype == torch.uint8:
+            mean, std = self._pixel_stats(pixel_values.device)
+            pixel_values = normalize_pixels(pixel_values, mean, std)
+        elif not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be uint8 RGB (normalised by the model) or floating point "
+                             f"(normalised already), got {pixel_values.dtype}")
         return self.projector(self.vision(pixel_values.to(dtype)))
+
+    def _pixel_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image transform's mean and std as float32 tensors on ``device``, made once per device
+        (a host-to-device copy in every forward would synchronise the CPU with the GPU)."""
+        t = self.image_transform()
+        key = (str(device), t.mean, t.std)
+        cached = self.__dict__.get("_pixel_stats_cache")
+        if cached is None or cached[0] != key:
+            mean = torch.tensor(t.mean, dtype=torch.float32).to(device)
+            std = torch.tensor(t.std, dtype=torch.float32).to(device)
+            cached = (key, mean, std)
+            self.__dict__["_pixel_stats_cache"] = cached  # a plain attribute: no buffer, not in the state dict
+        return cached[1], cached[2]
 
     def embed(
         self,

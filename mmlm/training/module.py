@@ -207,6 +207,9 @@ class VLMModule(pl.LightningModule):
 
     def _install(self, vlm, processor, files: dict[str, bytes]) -> None:
         hp = self.hparams
+        dm = self._datamodule()
+        if getattr(dm, "uint8_pixels", False):
+            check_normalization(vlm, processor)
         configure_trainable(vlm, hp.stage, hp.lora)
         if hp.activation_checkpointing:
             enable_activation_checkpointing(vlm)
@@ -214,7 +217,6 @@ class VLMModule(pl.LightningModule):
         self.processor = processor
         self._processor_files = files
         self._frozen = frozen_modules(vlm)  # put in eval mode from on_train_start on
-        dm = self._datamodule()
         if dm is not None and hasattr(dm, "attach_processor"):
             dm.attach_processor(processor)
 
@@ -348,6 +350,17 @@ class VLMModule(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------------------- helpers
+def check_normalization(vlm, processor) -> None:
+    """The model normalises uint8 batches with its own ``image_transform()`` mean/std, the processor
+    normalises float pixel values (``describe``, ``eval``) with its config's: they must agree, or
+    training and inference would feed the encoder differently normalised images."""
+    mine, theirs = vlm.image_transform(), processor.config.image_transform
+    if (tuple(mine.mean), tuple(mine.std)) != (tuple(theirs.mean), tuple(theirs.std)):
+        raise ValueError(f"the processor normalises images with mean={theirs.mean} std={theirs.std} but the model "
+                         f"with mean={mine.mean} std={mine.std}: fix image_transform in processor_config.json or in "
+                         "the vision config so that they agree")
+
+
 def read_checkpoint_payload(path: str) -> dict | None:
     """``checkpoint["mmlm"]`` of a Lightning checkpoint file (memory-mapped: the weights are not read)."""
     try:
