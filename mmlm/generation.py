@@ -120,7 +120,15 @@ def generate(
 
         cache = DynamicCache(config=vlm.lm.config)
     step_embeds, step_pos = embeds, _positions(attention_mask)
+    prompt_len = attention_mask.shape[1]
+    # prompts without padding need no mask at all (plain causal attention, nothing built per step);
+    # padded ones grow a view of one preallocated (B, L + T) mask instead of a torch.cat per token
+    full_mask = None
+    if not bool(attention_mask.all()):
+        full_mask = torch.ones((batch, prompt_len + cfg.max_new_tokens), dtype=attention_mask.dtype, device=device)
+        full_mask[:, :prompt_len] = attention_mask
     for t in range(cfg.max_new_tokens):
+        attention_mask = None if full_mask is None else full_mask[:, : prompt_len + t]
         logits = vlm.lm(
             inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_pos,
             past_key_values=cache, use_cache=cfg.use_cache, logits_to_keep=1,
@@ -135,13 +143,12 @@ def generate(
             finished |= stop(out[:, : t + 1])
         if bool(finished.all()):
             return out[:, : t + 1]
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         new_embed = embed_tokens(nxt[:, None])  # (B, 1, D)
         if cfg.use_cache:
             step_embeds, step_pos = new_embed, step_pos[:, -1:] + 1
         else:
             step_embeds = torch.cat([step_embeds, new_embed], dim=1)
-            step_pos = _positions(attention_mask)
+            step_pos = torch.cat([step_pos, step_pos[:, -1:] + 1], dim=1)
     return out
 
 

@@ -21,7 +21,7 @@ from mmlm.training.build import (
 from mmlm.training.callbacks import ExportModel, NonFiniteGuard, NonFiniteLossError, TrainingMonitor
 from mmlm.training.freeze import apply_lora, apply_stage, frozen_modules, parameter_counts
 from mmlm.training.module import VLMModule
-from mmlm.training.optim import param_groups, resolve_warmup, warmup_cosine
+from mmlm.training.optim import build_optimizer, param_groups, resolve_warmup, warmup_cosine
 from mmlm.training.preflight import Preflight, PreflightError, analyse_batches, estimate_memory, run_preflight
 
 
@@ -69,6 +69,32 @@ def test_param_groups_split_lrs_and_weight_decay():
     vlm.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(vlm, lr=1e-3)
+
+
+def test_cpu_optimizer_is_fused_and_steps_like_torch_s_default_adamw():
+    vlm, _ = tiny_pair()
+    ref = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    opt = build_optimizer(vlm, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
+    assert opt.defaults["fused"] is True
+    torch.manual_seed(0)
+    grads = {n: torch.randn_like(p) for n, p in vlm.named_parameters()}
+    # the same groups stepped by torch's default (foreach) AdamW on copies of the parameters
+    copies = {n: torch.nn.Parameter(t.clone()) for n, t in ref.items()}
+    by_id = {id(p): n for n, p in vlm.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [copies[by_id[id(p)]] for p in g["params"]]}
+              for g in opt.param_groups]
+    plain = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98))
+    assert not plain.defaults["fused"]
+    for _ in range(3):
+        for n, p in vlm.named_parameters():
+            p.grad = grads[n].clone()
+            copies[n].grad = grads[n].clone()
+        opt.step()
+        plain.step()
+    for n, p in vlm.named_parameters():
+        assert not torch.equal(p, ref[n]), n  # it trained
+        torch.testing.assert_close(p.detach(), copies[n].detach(), rtol=1e-6, atol=1e-7, msg=n)
+    assert build_optimizer(vlm, lr=1e-3, fused=False).defaults["fused"] in (None, False)
 
 
 def test_warmup_cosine_schedule():

@@ -107,12 +107,13 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; ``fused=None`` uses the fused kernel when every
-    trainable parameter is on a CUDA device."""
+    """AdamW over :func:`param_groups`; ``fused=None`` uses torch's fused kernel when every
+    trainable parameter is on a CUDA or CPU device (one kernel over all parameters instead of a
+    loop of foreach ops: on the CPU, ~4x faster for the tiny preset), else the default foreach."""
     groups = param_groups(vlm, lr=lr, vision_lr=vision_lr, projector_lr=projector_lr, lm_lr=lm_lr,
                           weight_decay=weight_decay)
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
