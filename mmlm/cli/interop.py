@@ -1,6 +1,7 @@
 """``mmlm export hf`` and ``mmlm import hf``: to and from transformers LLaVA checkpoints.
 
-Thin: parse, call ``mmlm.interop``, print. See ``mmlm.interop`` for what maps to what."""
+Thin: parse, call ``mmlm.interop``, print. See ``mmlm.interop.export`` and ``mmlm.interop.import_``
+for what maps to what."""
 
 from __future__ import annotations
 

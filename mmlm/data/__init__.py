@@ -1,4 +1,4 @@
-"""The data side: shard specs, safe decoding, the streaming pipeline, collation, the DataModule.
+"""The data side: shard specs, safe decoding, training targets, the streaming pipeline, collation, the DataModule.
 
 Public names (see each module's docstring for its contract)::
 
@@ -15,8 +15,8 @@ import importlib
 
 _EXPORTS = {
     "mmlm.data.datamodule": ["VLMDataModule", "StreamLoader"],
-    "mmlm.data.stream": ["VLMStream", "StreamConfig", "StreamContext", "Item", "SAMPLE_MODES", "detect_rank_world",
-                         "record_to_conversation", "vqa_answer"],
+    "mmlm.data.stream": ["VLMStream", "StreamConfig", "StreamContext", "Item", "detect_rank_world"],
+    "mmlm.data.targets": ["SAMPLE_MODES", "record_to_conversation", "vqa_answer"],
     "mmlm.data.collate": ["PadCollate", "PackCollate", "MODEL_INPUTS", "model_inputs"],
     "mmlm.data.decode": ["decode_image", "to_rgb", "DEFAULT_MAX_PIXELS"],
     "mmlm.data.errors": ["BadSample", "DataErrorBudgetExceeded", "ErrorBudget", "budget_violation", "classify",

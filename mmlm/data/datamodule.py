@@ -52,7 +52,8 @@ from mmlm.data.collate import PackCollate, PadCollate
 from mmlm.data.decode import DEFAULT_MAX_PIXELS
 from mmlm.data.errors import LOGGER_NAME, DataErrorBudgetExceeded, bad_count, budget_message, budget_violation
 from mmlm.data.sources import parse_sources, resolve_sources
-from mmlm.data.stream import SAMPLE_MODES, StreamConfig, VLMStream, detect_rank_world
+from mmlm.data.stream import StreamConfig, VLMStream, detect_rank_world
+from mmlm.data.targets import check_sample_mode
 
 __all__ = ["VLMDataModule", "StreamLoader"]
 
@@ -162,8 +163,7 @@ class VLMDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if sample_mode not in SAMPLE_MODES:
-            raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {sample_mode!r}")
+        check_sample_mode(sample_mode)
         if caption_first_samples < 0:
             raise ValueError(f"caption_first_samples must be >= 0, got {caption_first_samples}")
         if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:

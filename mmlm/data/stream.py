@@ -22,8 +22,10 @@ Stages (train | eval)::
     -> to_records -> shuffle (train) -> number (positions; resume fast-forward)
     -> select_target -> decode -> encode -> handle_errors -> batch
 
-``encode`` makes uint8 RGB ``pixel_values`` by default (``StreamConfig.uint8_pixels``): the model
-normalises them on its device (``mmlm.pixels``).
+``select_target`` asks ``mmlm.data.targets`` what each record trains (sample mode, mixed weights,
+VQA suffix) and applies the ``caption_first_samples`` curriculum by position. ``encode`` makes
+uint8 RGB ``pixel_values`` by default (``StreamConfig.uint8_pixels``): the model normalises them
+on its device (``mmlm.pixels``).
 
 ``expand_tar`` reads only image/txt/json members (other members -- pickle, pth, npy, ... -- are
 never read, let alone decoded). ``pipe:`` and remote shards are opened only when allowed.
@@ -62,18 +64,18 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmlm.data.decode import DEFAULT_MAX_PIXELS, decode_image
-from mmlm.data.errors import (
-    BAD_SHARD, EMPTY_CAPTION, NO_ANSWER, NO_TARGET, SCHEMA_ERROR, TOO_LONG, BadSample, ErrorBudget, classify,
-)
-from mmlm.data.schema import IMAGE_PLACEHOLDER, Record, SchemaError, is_image_ext, record_from_members, split_member
+from mmlm.data.errors import BAD_SHARD, SCHEMA_ERROR, TOO_LONG, BadSample, ErrorBudget, classify
+from mmlm.data.schema import Record, SchemaError, is_image_ext, record_from_members, split_member
 from mmlm.data.sources import Source, open_shard
+from mmlm.data.targets import (  # record_to_conversation, vqa_answer, SAMPLE_MODES: re-exported
+    SAMPLE_MODES, check_mixed_weights, check_sample_mode, present_kinds, record_to_conversation, vqa_answer,
+)
 
 __all__ = [
     "SAMPLE_MODES", "SPLITS", "StreamConfig", "StreamContext", "Item", "VLMStream", "detect_rank_world",
     "record_to_conversation", "vqa_answer", "iter_tar_groups",
 ]
 
-SAMPLE_MODES = ("auto", "caption", "conversation", "vqa", "mixed")
 SPLITS = ("train", "eval")
 _WANTED_TEXT = ("txt", "json")
 
@@ -93,7 +95,7 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     """Samples in the shuffle buffer (train); 0 or 1: no shuffling."""
     sample_mode: str = "auto"
-    """``auto`` | ``caption`` | ``conversation`` | ``vqa`` | ``mixed`` (see ``record_to_conversation``)."""
+    """``auto`` | ``caption`` | ``conversation`` | ``vqa`` | ``mixed`` (see ``mmlm.data.targets``)."""
     mixed_weights: dict[str, float] | None = None
     """``sample_mode="mixed"``: relative weight of each kind (``caption``, ``conversation``,
     ``vqa``) when a record has several; missing kinds weigh 1."""
@@ -123,13 +125,10 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.sample_mode not in SAMPLE_MODES:
-            raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {self.sample_mode!r}")
+        check_sample_mode(self.sample_mode)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        bad = {k: w for k, w in (self.mixed_weights or {}).items() if k not in _KINDS or not w >= 0}
-        if bad:
-            raise ValueError(f"mixed_weights must map {list(_KINDS)} to weights >= 0, got {bad}")
+        check_mixed_weights(self.mixed_weights)
         if self.caption_first_samples < 0:
             raise ValueError(f"caption_first_samples must be >= 0, got {self.caption_first_samples}")
         if self.shuffle_buffer < 0:
@@ -190,110 +189,6 @@ class Item:
     sample: dict | None = None
     error: BadSample | None = None
     position: int = -1
-
-
-# ------------------------------------------------------------------------------------ records -> conversations
-def vqa_answer(rec: Record) -> str | None:
-    """``meta["multiple_choice_answer"]`` when present, else the most common answer (ties: the
-    first given), else None."""
-    mc = rec.meta.get("multiple_choice_answer")
-    if isinstance(mc, str) and mc.strip():
-        return mc.strip()
-    answers = [a.strip() for a in rec.answers if isinstance(a, str) and a.strip()]
-    return Counter(answers).most_common(1)[0][0] if answers else None
-
-
-_KINDS = ("conversation", "vqa", "caption")
-
-
-def _present_kinds(rec: Record) -> list[str]:
-    kinds = []
-    if rec.conversations:
-        kinds.append("conversation")
-    if rec.question is not None:
-        kinds.append("vqa")
-    if rec.caption is not None or rec.captions:
-        kinds.append("caption")
-    return kinds
-
-
-def _conversation_target(rec: Record) -> list[dict]:
-    roles = {t.get("from") for t in rec.conversations}
-    if not {"human", "gpt"} <= roles:
-        raise BadSample(rec.key, SCHEMA_ERROR, "a conversation needs at least one human and one gpt turn")
-    for i, t in enumerate(rec.conversations):
-        if t.get("from") == "gpt" and not str(t.get("value", "")).strip():
-            raise BadSample(rec.key, NO_ANSWER, f"conversations[{i}] (gpt) is empty")
-    n = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in rec.conversations)
-    if n and n != len(rec.images):
-        raise BadSample(rec.key, SCHEMA_ERROR, f"{n} {IMAGE_PLACEHOLDER} placeholders but {len(rec.images)} images")
-    return [dict(t) for t in rec.conversations]
-
-
-def _vqa_target(rec: Record, suffix: str) -> list[dict]:
-    if rec.question is None:
-        raise BadSample(rec.key, NO_TARGET, "no question")
-    if not rec.question.strip():
-        raise BadSample(rec.key, SCHEMA_ERROR, "empty question")
-    answer = vqa_answer(rec)
-    if answer is None:
-        raise BadSample(rec.key, NO_ANSWER, "a question without answers")
-    return [{"role": "user", "content": rec.question + suffix}, {"role": "assistant", "content": answer}]
-
-
-def _caption_target(rec: Record, rng: random.Random, caption_conversation: Callable[[str], list[dict]]) -> list[dict]:
-    texts = ([rec.caption] if rec.caption is not None else []) + list(rec.captions)
-    texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        if rec.caption is not None or rec.captions:
-            raise BadSample(rec.key, EMPTY_CAPTION, "empty caption")
-        raise BadSample(rec.key, NO_TARGET, "no caption")
-    return caption_conversation(texts[0] if len(texts) == 1 else rng.choice(texts))
-
-
-def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
-                           caption_conversation: Callable[[str], list[dict]], vqa_suffix: str = "",
-                           mixed_weights: dict[str, float] | None = None) -> list[dict]:
-    """The conversation a record trains, by ``mode``:
-
-    * ``auto``: the conversation if the record has one, else VQA (question -> the most common
-      answer or ``meta["multiple_choice_answer"]``), else the caption. The first kind *present*
-      is used; if it is broken the sample is bad (no silent fall-back to another field).
-    * ``caption`` / ``conversation`` / ``vqa``: that kind (``no_target`` when absent).
-    * ``mixed``: one of the kinds present, chosen with ``rng`` (seeded per sample), with
-      probabilities proportional to ``mixed_weights[kind]`` (default 1 each).
-
-    Captions become ``caption_conversation(caption)`` (the processor's caption prompt; one caption
-    picked with ``rng`` when the record has several); VQA questions get ``vqa_suffix`` appended.
-    Raises :class:`BadSample` (``empty_caption``, ``no_answer``, ``no_target``, ``schema_error``).
-    """
-    if mode not in SAMPLE_MODES:
-        raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {mode!r}")
-    present = _present_kinds(rec)
-    if mode == "auto":
-        if not present:
-            raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
-        kind = present[0]
-    elif mode == "mixed":
-        if not present:
-            raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
-        weights = [float(mixed_weights.get(k, 1.0)) for k in present] if mixed_weights else []
-        if len(present) == 1:
-            kind = present[0]
-        elif sum(weights) > 0:
-            kind = rng.choices(present, weights=weights)[0]
-        else:  # no weights (or all present kinds weigh 0): uniform
-            kind = rng.choice(present)
-    else:
-        kind = mode
-        if kind not in present:
-            raise BadSample(rec.key, NO_TARGET, f"sample_mode={mode!r} but the record has no {mode} "
-                                                f"(it has: {', '.join(present) or 'nothing usable'})")
-    if kind == "conversation":
-        return _conversation_target(rec)
-    if kind == "vqa":
-        return _vqa_target(rec, vqa_suffix)
-    return _caption_target(rec, rng, caption_conversation)
 
 
 # ------------------------------------------------------------------------------------ tar reading
@@ -447,7 +342,7 @@ def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_s
     for item in items:
         if item.error is None:
             m = mode
-            if item.position < first and "caption" in _present_kinds(item.record):
+            if item.position < first and "caption" in present_kinds(item.record):
                 m = "caption"
             try:
                 item.conversation = record_to_conversation(item.record, m, _sample_rng(ctx, item),

@@ -1,16 +1,14 @@
-"""Interop with the transformers ecosystem: pretrained parts in, LLaVA checkpoints out and in.
+"""mmlm -> transformers LLaVA.
 
-- ``build_from_pretrained(vision, text, projector, chat_template)``: a VLM from a pretrained
-  vision tower (a timm name, or a transformers CLIP/SigLIP name or directory) and any
-  transformers causal LM (name or directory), with the LM's tokenizer. ``<image>`` (and the
-  chat template's own special tokens) are added to the tokenizer when missing and the LM's
-  embeddings grow to match (to a multiple of 64); ``config.text.hf_config["vocab_size"]`` and
-  ``image_token_id`` follow, so the checkpoint saves and reloads. The chat template is chosen
-  by ``mmlm.templates.choose_chat_template`` (the LM's own when it marks ``{% generation %}``).
-- ``export_hf(model, out)``: an mmlm checkpoint -> a stock ``LlavaForConditionalGeneration``
-  directory (config, safetensors, generation config, ``LlavaProcessor`` with a matching image
-  processor and the chat template) that ``AutoModelForImageTextToText``/``AutoProcessor`` load.
-- ``import_hf(source, out)``: a LLaVA checkpoint (directory or hub name) -> an mmlm checkpoint.
+``export_hf(model, out)`` writes an mmlm checkpoint (or a ``(vlm, processor)`` pair) as a stock
+``LlavaForConditionalGeneration`` directory (config, safetensors, generation config,
+``LlavaProcessor`` with a matching image processor and the chat template) that
+``AutoModelForImageTextToText``/``AutoProcessor`` load. Its steps are public too:
+``check_exportable(vlm)`` (the plan, or ``ExportError`` naming what cannot be represented and what
+would be needed), ``to_llava`` (a LLaVA model sharing ``vlm``'s tensors), ``to_llava_processor``
+(with ``image_processor_for`` and ``export_chat_template``) and ``timm_to_hf_vision`` (a timm ViT
+as a transformers CLIP/SigLIP tower). The tensor-sharing helpers (``_adopt``, ``_no_meta``) serve
+:mod:`mmlm.interop.import_` too.
 
 Decisions worth knowing:
 
@@ -52,190 +50,25 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
-from mmlm.io import atomic_dir
-from mmlm.processing import IMAGE_TOKEN, Processor, ProcessorConfig
-from mmlm.templates import LIST_CONTENT_PRELUDE, ChatTemplate, choose_chat_template, missing_special_tokens
+from mmlm.config import ImageTransformConfig
+from mmlm.interop._common import _RESAMPLE_IDS, _resolve_dtype, _write_dir
+from mmlm.processing import IMAGE_TOKEN, Processor
+from mmlm.templates import LIST_CONTENT_PRELUDE
 
 __all__ = [
-    "ExportError", "build_from_pretrained", "export_hf", "import_hf", "check_exportable",
-    "vision_config_for", "timm_to_hf_vision",
+    "ExportError", "check_exportable", "export_chat_template", "export_hf", "image_processor_for",
+    "timm_to_hf_vision", "to_llava", "to_llava_processor",
 ]
-
-_RESAMPLE_IDS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
-_RESAMPLE_NAMES = {v: k for k, v in _RESAMPLE_IDS.items()}
 
 
 class ExportError(ValueError):
     """A model that transformers' LLaVA cannot represent; the message says what would be needed."""
-
-
-# ====================================================================== pretrained parts
-def _looks_like_hf_vision(name: str) -> bool:
-    from mmlm.modeling.hf_vision import FAMILIES, FULL_MODELS
-
-    path = Path(name)
-    if path.is_dir():
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            return False
-        model_type = json.loads(cfg.read_text()).get("model_type")
-        return model_type in FAMILIES or model_type in FULL_MODELS
-    if name.startswith(("timm/", "hf-hub:", "hf_hub:")):
-        return False
-    try:
-        import timm
-
-        if timm.is_model(name.split(".")[0]):
-            return False
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return True
-
-
-def vision_config_for(name: str, *, backend: str | None = None, pretrained: bool = True,
-                      feature_layer: int = -2, drop_prefix_tokens: bool = True,
-                      resize_mode: str | None = None) -> VisionConfig:
-    """A ``VisionConfig`` for a pretrained tower: a timm model name, or a transformers CLIP/SigLIP
-    hub name or directory (``backend`` None guesses: a timm model name -> timm, else hf)."""
-    if backend is None:
-        backend = "hf" if _looks_like_hf_vision(name) else "timm"
-    if backend == "timm":
-        import re
-
-        if name.startswith("timm/"):  # a timm repo on the hub
-            name = "hf-hub:" + name
-
-        import timm
-        from timm.models import get_pretrained_cfg
-
-        if not timm.is_model(name.split(".")[0]) and not name.startswith(("hf-hub:", "hf_hub:")):
-            raise ValueError(f"unknown timm model {name!r}")
-        pcfg = get_pretrained_cfg(name)
-        size = int(pcfg.input_size[-1]) if pcfg is not None and pcfg.input_size else VisionConfig.image_size
-        patch = re.search(r"patch(\d+)", name)
-        return VisionConfig(backend="timm", name=name, pretrained=pretrained, image_size=size,
-                            patch_size=int(patch.group(1)) if patch else VisionConfig.patch_size,
-                            feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
-                            resize_mode=resize_mode)
-    if backend != "hf":
-        raise ValueError(f"unknown vision backend {backend!r}; known: ['hf', 'timm']")
-    from mmlm.modeling.hf_vision import hf_vision_config, record_hf_vision, resolve_hf_vision_config
-
-    cfg = VisionConfig(backend="hf", name=name, pretrained=pretrained, feature_layer=feature_layer,
-                       drop_prefix_tokens=drop_prefix_tokens, resize_mode=resize_mode)
-    cfg = resolve_hf_vision_config(cfg)
-    transform = _checkpoint_transform(name, cfg.image_size)
-    if transform is not None:
-        record_hf_vision(cfg, hf_vision_config(cfg), transform)
-    return cfg
-
-
-def _checkpoint_transform(name: str, image_size: int) -> dict | None:
-    """The image transform of ``name``'s own image processor (None when it has none we can read)."""
-    from transformers import AutoImageProcessor
-
-    try:
-        ip = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
-        t = _transform_from_image_processor(ip, image_size)
-    except (OSError, ValueError):  # no preprocessor_config.json, or one mmlm cannot mirror: family defaults
-        return None
-    return {"mean": list(t.mean), "std": list(t.std), "interpolation": t.interpolation,
-            "resize_mode": t.resize_mode, "crop_pct": t.crop_pct}
-
-
-def _add_tokens(tokenizer, tokens: list[str]) -> list[str]:
-    vocab = tokenizer.get_vocab()
-    new = [t for t in tokens if t not in vocab]
-    if new:
-        tokenizer.add_tokens(new, special_tokens=True)
-    return new
-
-
-def _fit_vocab(vlm, tokenizer, image_token_id: int) -> None:
-    """Grow the LM's embeddings to hold every token id (to a multiple of 64, as LLaVA does), and
-    record vocab size and image id in the config."""
-    emb = vlm.lm.get_input_embeddings().num_embeddings
-    need = len(tokenizer)
-    if need > emb:
-        vlm.lm.resize_token_embeddings(need, pad_to_multiple_of=64, mean_resizing=True)
-        emb = vlm.lm.get_input_embeddings().num_embeddings
-    hf = dict(vlm.config.text.hf_config)
-    hf["vocab_size"] = emb
-    vlm.config = vlm.config.updated(image_token_id=image_token_id, text={"hf_config": hf})
-    if hasattr(vlm.lm.config, "vocab_size"):
-        vlm.lm.config.vocab_size = emb
-
-
-def build_from_pretrained(
-    vision: str | VisionConfig,
-    text: str | TextConfig,
-    projector: str | ProjectorConfig = "mlp2x_gelu",
-    chat_template: str | None = None,
-    *,
-    tokenizer=None,
-    vision_backend: str | None = None,
-    vision_pretrained: bool = True,
-    text_pretrained: bool = True,
-    feature_layer: int = -2,
-    drop_prefix_tokens: bool = True,
-    resize_mode: str | None = None,
-    max_length: int = 2048,
-    **processor_config: Any,
-):
-    """``(VLM, Processor)`` from pretrained parts (see the module docstring).
-
-    ``vision``: timm name, transformers CLIP/SigLIP name or directory, or a ``VisionConfig``.
-    ``text``: transformers causal-LM name or directory, or a ``TextConfig`` (with ``name``).
-    ``chat_template``: a name from ``mmlm.templates`` (None: the LM's own template when it has
-    generation marks, else a named one recognised from it). ``tokenizer``: instead of the LM's.
-    ``processor_config``: further ``ProcessorConfig`` fields (``caption_prompt``, ``system_prompt``...).
-    """
-    from transformers import AutoTokenizer
-
-    from mmlm.modeling.text import resolve_text_config
-    from mmlm.modeling.vlm import VLM
-
-    if isinstance(vision, str):
-        vcfg = vision_config_for(vision, backend=vision_backend, pretrained=vision_pretrained,
-                                 feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
-                                 resize_mode=resize_mode)
-    else:
-        vcfg = copy.deepcopy(vision)
-        if vcfg.backend == "hf":
-            from mmlm.modeling.hf_vision import resolve_hf_vision_config
-
-            vcfg = resolve_hf_vision_config(vcfg)
-    tcfg = TextConfig(name=text, pretrained=text_pretrained) if isinstance(text, str) else copy.deepcopy(text)
-    if tokenizer is None:
-        if not tcfg.name:
-            raise ValueError("text needs a name (hub name or directory) to take the tokenizer from, or pass tokenizer=")
-        tokenizer = AutoTokenizer.from_pretrained(tcfg.name, trust_remote_code=False)
-    template = choose_chat_template(tokenizer, chat_template, source=tcfg.name)
-    _add_tokens(tokenizer, [IMAGE_TOKEN, *missing_special_tokens(tokenizer, template)])
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    tcfg = resolve_text_config(tcfg)
-    vocab = int(tcfg.hf_config.get("vocab_size", 0) or 0)
-    pcfg = ProjectorConfig(name=projector) if isinstance(projector, str) else projector
-    # the VLM checks image_token_id against the LM's vocabulary: a new token gets its row below
-    config = VLMConfig(vision=vcfg, projector=pcfg, text=tcfg, image_token_id=image_id if image_id < vocab else 0)
-    vlm = VLM(config)
-    _fit_vocab(vlm, tokenizer, image_id)
-    stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
-    processor_config.setdefault("stop_tokens", stops)
-    processor = Processor.for_model(vlm, tokenizer, chat_template=template.template, max_length=max_length,
-                                    **processor_config)
-    return vlm, processor
 
 
 # ====================================================================== tensors between models
@@ -522,37 +355,6 @@ def _load_pair(model):
     return model
 
 
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    from mmlm.api import resolve_dtype
-
-    return resolve_dtype(dtype, torch.device("cpu"))
-
-
-def _write_dir(out: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Write a whole directory atomically; an existing non-empty ``out`` needs ``overwrite``
-    and is replaced only once the new one is complete."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-        staging = out.with_name(f".{out.name}.new")
-        shutil.rmtree(staging, ignore_errors=True)
-        with atomic_dir(staging) as tmp:
-            write(tmp)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        return out
-    with atomic_dir(out) as tmp:
-        write(tmp)
-    return out
-
 
 def to_llava(vlm, processor=None, plan: dict | None = None, dtype: torch.dtype | None = None):
     """A ``LlavaForConditionalGeneration`` sharing ``vlm``'s tensors (nothing copied but what
@@ -675,187 +477,3 @@ def export_hf(model, out: str | Path, *, dtype: str | torch.dtype | None = None,
         (tmp / "chat_template.jinja").write_text(lp.chat_template)
 
     return _write_dir(out, overwrite, write)
-
-
-# ====================================================================== import
-def _transform_from_image_processor(ip, image_size: int) -> ImageTransformConfig:
-    """The mmlm transform doing what a (CLIP/LLaVA/SigLIP-like) transformers image processor does."""
-
-    def get(name, default=None):
-        return getattr(ip, name, default)
-
-    def as_dict(value, square: bool) -> dict:
-        if value is None:
-            return {}
-        if isinstance(value, int):
-            return {"height": value, "width": value} if square else {"shortest_edge": value}
-        if not isinstance(value, dict):  # transformers' SizeDict
-            value = {k: getattr(value, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
-        return {k: v for k, v in value.items() if v is not None}
-
-    size = as_dict(get("size"), square=False)
-    crop = as_dict(get("crop_size"), square=True)
-    resample = get("resample", 3)
-    resample = int(getattr(resample, "value", resample)) if resample is not None else 3
-    if resample not in _RESAMPLE_NAMES:
-        raise ValueError(f"the image processor's resample={resample} has no mmlm equivalent "
-                         f"(known: {sorted(_RESAMPLE_NAMES.values())})")
-    if get("do_rescale", True) is False or abs(float(get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-        raise ValueError("the image processor does not rescale pixels by 1/255, which mmlm always does")
-    mean = tuple(get("image_mean") or (0.5, 0.5, 0.5)) if get("do_normalize", True) else (0.0, 0.0, 0.0)
-    std = tuple(get("image_std") or (0.5, 0.5, 0.5)) if get("do_normalize", True) else (1.0, 1.0, 1.0)
-    crop_pct = 1.0
-    if get("do_pad", False):
-        mode = "pad"
-    elif get("do_center_crop", False) and "shortest_edge" in size:
-        mode = "crop"
-        crop_pct = min(1.0, float(crop.get("height", image_size)) / float(size["shortest_edge"]))
-    elif "height" in size and "width" in size:
-        if size["height"] != size["width"]:
-            raise ValueError(f"the image processor resizes to a non-square {size}; mmlm inputs are square")
-        mode = "squash"
-    elif "shortest_edge" in size:  # shortest edge only: square inputs need a crop
-        mode, crop_pct = "crop", min(1.0, image_size / float(size["shortest_edge"]))
-    else:
-        raise ValueError(f"the image processor's size {size} has no mmlm equivalent")
-    return ImageTransformConfig(size=image_size, resize_mode=mode, mean=mean, std=std,
-                                interpolation=_RESAMPLE_NAMES[resample], crop_pct=crop_pct)
-
-
-def _import_plan(config) -> dict:
-    """Check a LlavaConfig for what mmlm can represent."""
-    from mmlm.modeling.hf_vision import FAMILIES
-
-    if getattr(config, "model_type", None) != "llava":
-        raise ValueError(f"not a LLaVA checkpoint (model_type={getattr(config, 'model_type', None)!r}); "
-                         "`mmlm import hf` reads LlavaForConditionalGeneration checkpoints")
-    problems = []
-    vision_type = config.vision_config.model_type
-    if vision_type not in FAMILIES:
-        problems.append(f"vision tower {vision_type!r} (mmlm supports {sorted(FAMILIES)})")
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
-        problems.append(f"several vision feature layers {list(layer)} (mmlm uses one)")
-    act = config.projector_hidden_act
-    if act not in ("gelu", "linear"):
-        problems.append(f"projector activation {act!r} (mmlm's mlp2x_gelu uses exact GELU; 'linear' folds into "
-                        "mmlm's linear projector)")
-    prefix = 1 if vision_type == "clip_vision_model" else 0
-    strategy = config.vision_feature_select_strategy
-    if strategy == "default" and prefix == 0:
-        problems.append("vision_feature_select_strategy='default' on a tower without a class token (it drops "
-                        "the first patch, which mmlm cannot express)")
-    if problems:
-        raise ValueError("cannot import this LLaVA checkpoint: " + "; ".join(problems))
-    return {"prefix": prefix, "drop": strategy == "default", "layer": int(layer), "act": act}
-
-
-def import_hf(source: str | Path, out: str | Path | None = None, *, chat_template: str | None = None,
-              dtype: str | torch.dtype | None = None, overwrite: bool = False, max_length: int = 2048):
-    """A transformers LLaVA checkpoint (directory or hub name) -> ``(VLM, Processor)``; with
-    ``out``, also written there as an mmlm checkpoint (atomically)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
-    from mmlm.modeling.hf_vision import record_hf_vision
-    from mmlm.modeling.vlm import VLM
-
-    source = str(source)
-    if not Path(source).is_dir() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(f"LLaVA checkpoint directory not found: {source}")
-    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    plan = _import_plan(config)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    own_template = _processor_chat_template(source) or getattr(tokenizer, "chat_template", None)
-    if own_template:
-        tokenizer.chat_template = own_template
-    template: ChatTemplate = choose_chat_template(tokenizer, chat_template, source=source)
-    if missing_special_tokens(tokenizer, template):
-        raise ValueError(f"chat template {template.name!r} needs tokens {missing_special_tokens(tokenizer, template)} "
-                         f"that the tokenizer of {source} lacks; pick another with --chat-template")
-    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id or \
-            IMAGE_TOKEN not in tokenizer.get_vocab():
-        token = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
-        raise ValueError(f"the LLaVA image token id {config.image_token_id} is {token!r} in the tokenizer, "
-                         f"not {IMAGE_TOKEN!r}: mmlm expects {IMAGE_TOKEN!r}")
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
-    except OSError as e:
-        raise ValueError(f"{source} has no image processor (preprocessor_config.json / processor_config.json): "
-                         "save the LlavaProcessor together with the model") from e
-    vision_hf = {k: v for k, v in config.vision_config.to_dict().items()
-                 if k not in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
-    transform = _transform_from_image_processor(image_processor, int(vision_hf["image_size"]))
-    vcfg = VisionConfig(backend="hf", name=None, pretrained=False, image_size=int(vision_hf["image_size"]),
-                        patch_size=int(vision_hf["patch_size"]), feature_layer=plan["layer"],
-                        drop_prefix_tokens=plan["drop"], resize_mode=transform.resize_mode)
-    record_hf_vision(vcfg, vision_hf, {
-        "mean": list(transform.mean), "std": list(transform.std), "interpolation": transform.interpolation,
-        "resize_mode": transform.resize_mode, "crop_pct": transform.crop_pct,
-    })
-    text_hf = config.text_config.to_dict()
-    text_hf.pop("_name_or_path", None)
-    mcfg = VLMConfig(
-        vision=vcfg,
-        projector=ProjectorConfig(name="mlp2x_gelu" if plan["act"] == "gelu" else "linear"),
-        text=TextConfig(hf_config=text_hf, name=None, pretrained=False),
-        image_token_id=int(config.image_token_id),
-    )
-    llava = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
-    with torch.device("meta"):
-        vlm = VLM(mcfg)
-    vt = llava.model.vision_tower
-    _adopt(vlm.vision.tower, getattr(vt, "vision_model", vt), "vision tower")
-    proj = llava.model.multi_modal_projector
-    if plan["act"] == "gelu":
-        tensors = {n: p for n, p in proj.named_parameters()}
-        if proj.linear_1.bias is None:
-            tensors["linear_1.bias"] = torch.zeros(proj.linear_1.out_features)
-            tensors["linear_2.bias"] = torch.zeros(proj.linear_2.out_features)
-    else:  # linear -> identity -> linear folds into one linear map
-        w1, w2 = proj.linear_1.weight.detach(), proj.linear_2.weight.detach()
-        b1 = proj.linear_1.bias.detach() if proj.linear_1.bias is not None else torch.zeros(w1.shape[0])
-        b2 = proj.linear_2.bias.detach() if proj.linear_2.bias is not None else torch.zeros(w2.shape[0])
-        eye = torch.eye(w2.shape[0], dtype=w2.dtype)
-        if torch.equal(w2, eye):
-            tensors = {"proj.weight": w1.clone(), "proj.bias": b1 + b2}
-        else:
-            tensors = {"proj.weight": w2 @ w1, "proj.bias": w2 @ b1 + b2}
-    _adopt(vlm.projector, tensors, "projector")
-    _adopt(vlm.lm.base_model, llava.model.language_model, "language model")
-    _adopt(vlm.lm.get_output_embeddings(), llava.lm_head, "lm head")
-    _no_meta(vlm, "mmlm model")
-    vlm.eval()
-    dt = _resolve_dtype(dtype)
-    if dt is not None:
-        vlm.to(dt)
-    stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
-    pconfig = ProcessorConfig(image_transform=vlm.image_transform(), num_image_tokens=vlm.num_image_tokens,
-                              max_length=max_length, stop_tokens=stops)
-    processor = Processor(tokenizer, pconfig, template.template)
-    if out is not None:
-        from mmlm.checkpoint import save_pretrained
-
-        _write_dir(out, overwrite, lambda tmp: save_pretrained(tmp, vlm, processor))
-    return vlm, processor
-
-
-def _processor_chat_template(source: str) -> str | None:
-    """The chat template saved with a transformers processor (chat_template.jinja/.json), if any."""
-    path = Path(source)
-    if path.is_dir():
-        jinja = path / "chat_template.jinja"
-        if jinja.is_file():
-            return jinja.read_text()
-        js = path / "chat_template.json"
-        if js.is_file():
-            return json.loads(js.read_text()).get("chat_template")
-        pc = path / "processor_config.json"
-        if pc.is_file():
-            return json.loads(pc.read_text()).get("chat_template")
-        return None
-    try:
-        from transformers import AutoProcessor
-
-        return getattr(AutoProcessor.from_pretrained(source, trust_remote_code=False), "chat_template", None)
-    except Exception:  # noqa: BLE001 - no processor: the tokenizer's template is used
-        return None

@@ -1,0 +1,150 @@
+"""What a record trains: the choice of target conversation for one :class:`~mmlm.data.schema.Record`.
+
+Contract: pure functions of a ``Record``, the sample mode and options, and an ``rng`` (a
+``random.Random`` the caller seeds per sample); they touch no global state, decode nothing and
+never fall back silently. A record that cannot give what is asked raises
+:class:`~mmlm.data.errors.BadSample` with its reason; a bad option raises ``ValueError``.
+
+Sample modes (:data:`SAMPLE_MODES`, see :func:`record_to_conversation`):
+
+* ``auto`` -- the first kind the record has, in the order of :data:`KINDS`: its conversation,
+  else VQA, else its caption.
+* ``caption`` / ``conversation`` / ``vqa`` -- that kind (``no_target`` when the record lacks it).
+* ``mixed`` -- one of the kinds the record has, drawn with ``rng`` by relative weight
+  (``mixed_weights``, default 1 each).
+
+A target is a list of chat turns: a record's own ``conversations`` turns (copied, LLaVA
+``from``/``value`` form), VQA as ``[user: question + vqa_suffix, assistant: answer]`` (the answer
+from :func:`vqa_answer`), a caption as ``caption_conversation(caption)`` (the processor's caption
+prompt). The streaming pipeline (``mmlm.data.stream``, stage ``select_target``) calls
+:func:`record_to_conversation` once per sample.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+
+from mmlm.data.errors import EMPTY_CAPTION, NO_ANSWER, NO_TARGET, SCHEMA_ERROR, BadSample
+from mmlm.data.schema import IMAGE_PLACEHOLDER, Record
+
+__all__ = ["SAMPLE_MODES", "KINDS", "record_to_conversation", "vqa_answer", "present_kinds",
+           "check_sample_mode", "check_mixed_weights"]
+
+SAMPLE_MODES = ("auto", "caption", "conversation", "vqa", "mixed")
+KINDS = ("conversation", "vqa", "caption")
+"""The kinds of target a record can hold, in ``auto``'s order of preference."""
+
+
+def check_sample_mode(mode: str) -> None:
+    """``ValueError`` unless ``mode`` is one of :data:`SAMPLE_MODES`."""
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"sample_mode must be one of {SAMPLE_MODES}, got {mode!r}")
+
+
+def check_mixed_weights(weights: dict[str, float] | None) -> None:
+    """``ValueError`` unless ``weights`` (None allowed) maps kinds of :data:`KINDS` to weights >= 0."""
+    bad = {k: w for k, w in (weights or {}).items() if k not in KINDS or not w >= 0}
+    if bad:
+        raise ValueError(f"mixed_weights must map {list(KINDS)} to weights >= 0, got {bad}")
+
+
+def vqa_answer(rec: Record) -> str | None:
+    """``meta["multiple_choice_answer"]`` when present, else the most common answer (ties: the
+    first given), else None."""
+    mc = rec.meta.get("multiple_choice_answer")
+    if isinstance(mc, str) and mc.strip():
+        return mc.strip()
+    answers = [a.strip() for a in rec.answers if isinstance(a, str) and a.strip()]
+    return Counter(answers).most_common(1)[0][0] if answers else None
+
+
+def present_kinds(rec: Record) -> list[str]:
+    """The kinds of :data:`KINDS` the record has (in that order), whether or not they are usable."""
+    kinds = []
+    if rec.conversations:
+        kinds.append("conversation")
+    if rec.question is not None:
+        kinds.append("vqa")
+    if rec.caption is not None or rec.captions:
+        kinds.append("caption")
+    return kinds
+
+
+def _conversation_target(rec: Record) -> list[dict]:
+    roles = {t.get("from") for t in rec.conversations}
+    if not {"human", "gpt"} <= roles:
+        raise BadSample(rec.key, SCHEMA_ERROR, "a conversation needs at least one human and one gpt turn")
+    for i, t in enumerate(rec.conversations):
+        if t.get("from") == "gpt" and not str(t.get("value", "")).strip():
+            raise BadSample(rec.key, NO_ANSWER, f"conversations[{i}] (gpt) is empty")
+    n = sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in rec.conversations)
+    if n and n != len(rec.images):
+        raise BadSample(rec.key, SCHEMA_ERROR, f"{n} {IMAGE_PLACEHOLDER} placeholders but {len(rec.images)} images")
+    return [dict(t) for t in rec.conversations]
+
+
+def _vqa_target(rec: Record, suffix: str) -> list[dict]:
+    if rec.question is None:
+        raise BadSample(rec.key, NO_TARGET, "no question")
+    if not rec.question.strip():
+        raise BadSample(rec.key, SCHEMA_ERROR, "empty question")
+    answer = vqa_answer(rec)
+    if answer is None:
+        raise BadSample(rec.key, NO_ANSWER, "a question without answers")
+    return [{"role": "user", "content": rec.question + suffix}, {"role": "assistant", "content": answer}]
+
+
+def _caption_target(rec: Record, rng: random.Random, caption_conversation: Callable[[str], list[dict]]) -> list[dict]:
+    texts = ([rec.caption] if rec.caption is not None else []) + list(rec.captions)
+    texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        if rec.caption is not None or rec.captions:
+            raise BadSample(rec.key, EMPTY_CAPTION, "empty caption")
+        raise BadSample(rec.key, NO_TARGET, "no caption")
+    return caption_conversation(texts[0] if len(texts) == 1 else rng.choice(texts))
+
+
+def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
+                           caption_conversation: Callable[[str], list[dict]], vqa_suffix: str = "",
+                           mixed_weights: dict[str, float] | None = None) -> list[dict]:
+    """The conversation a record trains, by ``mode``:
+
+    * ``auto``: the conversation if the record has one, else VQA (question -> the most common
+      answer or ``meta["multiple_choice_answer"]``), else the caption. The first kind *present*
+      is used; if it is broken the sample is bad (no silent fall-back to another field).
+    * ``caption`` / ``conversation`` / ``vqa``: that kind (``no_target`` when absent).
+    * ``mixed``: one of the kinds present, chosen with ``rng`` (seeded per sample), with
+      probabilities proportional to ``mixed_weights[kind]`` (default 1 each).
+
+    Captions become ``caption_conversation(caption)`` (the processor's caption prompt; one caption
+    picked with ``rng`` when the record has several); VQA questions get ``vqa_suffix`` appended.
+    Raises :class:`BadSample` (``empty_caption``, ``no_answer``, ``no_target``, ``schema_error``).
+    """
+    check_sample_mode(mode)
+    present = present_kinds(rec)
+    if mode == "auto":
+        if not present:
+            raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
+        kind = present[0]
+    elif mode == "mixed":
+        if not present:
+            raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
+        weights = [float(mixed_weights.get(k, 1.0)) for k in present] if mixed_weights else []
+        if len(present) == 1:
+            kind = present[0]
+        elif sum(weights) > 0:
+            kind = rng.choices(present, weights=weights)[0]
+        else:  # no weights (or all present kinds weigh 0): uniform
+            kind = rng.choice(present)
+    else:
+        kind = mode
+        if kind not in present:
+            raise BadSample(rec.key, NO_TARGET, f"sample_mode={mode!r} but the record has no {mode} "
+                                                f"(it has: {', '.join(present) or 'nothing usable'})")
+    if kind == "conversation":
+        return _conversation_target(rec)
+    if kind == "vqa":
+        return _vqa_target(rec, vqa_suffix)
+    return _caption_target(rec, rng, caption_conversation)

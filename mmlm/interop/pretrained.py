@@ -1,0 +1,186 @@
+"""Pretrained parts in: a VLM from a pretrained vision tower and a pretrained causal LM.
+
+- ``build_from_pretrained(vision, text, projector, chat_template)``: a VLM from a pretrained
+  vision tower (a timm name, or a transformers CLIP/SigLIP name or directory) and any
+  transformers causal LM (name or directory), with the LM's tokenizer. ``<image>`` (and the
+  chat template's own special tokens) are added to the tokenizer when missing and the LM's
+  embeddings grow to match (to a multiple of 64); ``config.text.hf_config["vocab_size"]`` and
+  ``image_token_id`` follow, so the checkpoint saves and reloads. The chat template is chosen
+  by ``mmlm.templates.choose_chat_template`` (the LM's own when it marks ``{% generation %}``).
+- ``vision_config_for(name)``: the ``VisionConfig`` of a pretrained tower (``backend`` None guesses:
+  a timm model name -> timm, else transformers). A transformers tower also records the image
+  transform of its checkpoint's own image processor when mmlm can mirror it (else its family's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from mmlm.config import ProjectorConfig, TextConfig, VisionConfig, VLMConfig
+from mmlm.interop.import_ import _transform_from_image_processor
+from mmlm.processing import IMAGE_TOKEN, Processor
+from mmlm.templates import choose_chat_template, missing_special_tokens
+
+__all__ = ["build_from_pretrained", "vision_config_for"]
+
+
+def _looks_like_hf_vision(name: str) -> bool:
+    from mmlm.modeling.hf_vision import FAMILIES, FULL_MODELS
+
+    path = Path(name)
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            return False
+        model_type = json.loads(cfg.read_text()).get("model_type")
+        return model_type in FAMILIES or model_type in FULL_MODELS
+    if name.startswith(("timm/", "hf-hub:", "hf_hub:")):
+        return False
+    try:
+        import timm
+
+        if timm.is_model(name.split(".")[0]):
+            return False
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return True
+
+
+def vision_config_for(name: str, *, backend: str | None = None, pretrained: bool = True,
+                      feature_layer: int = -2, drop_prefix_tokens: bool = True,
+                      resize_mode: str | None = None) -> VisionConfig:
+    """A ``VisionConfig`` for a pretrained tower: a timm model name, or a transformers CLIP/SigLIP
+    hub name or directory (``backend`` None guesses: a timm model name -> timm, else hf)."""
+    if backend is None:
+        backend = "hf" if _looks_like_hf_vision(name) else "timm"
+    if backend == "timm":
+        import re
+
+        if name.startswith("timm/"):  # a timm repo on the hub
+            name = "hf-hub:" + name
+
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        if not timm.is_model(name.split(".")[0]) and not name.startswith(("hf-hub:", "hf_hub:")):
+            raise ValueError(f"unknown timm model {name!r}")
+        pcfg = get_pretrained_cfg(name)
+        size = int(pcfg.input_size[-1]) if pcfg is not None and pcfg.input_size else VisionConfig.image_size
+        patch = re.search(r"patch(\d+)", name)
+        return VisionConfig(backend="timm", name=name, pretrained=pretrained, image_size=size,
+                            patch_size=int(patch.group(1)) if patch else VisionConfig.patch_size,
+                            feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
+                            resize_mode=resize_mode)
+    if backend != "hf":
+        raise ValueError(f"unknown vision backend {backend!r}; known: ['hf', 'timm']")
+    from mmlm.modeling.hf_vision import hf_vision_config, record_hf_vision, resolve_hf_vision_config
+
+    cfg = VisionConfig(backend="hf", name=name, pretrained=pretrained, feature_layer=feature_layer,
+                       drop_prefix_tokens=drop_prefix_tokens, resize_mode=resize_mode)
+    cfg = resolve_hf_vision_config(cfg)
+    transform = _checkpoint_transform(name, cfg.image_size)
+    if transform is not None:
+        record_hf_vision(cfg, hf_vision_config(cfg), transform)
+    return cfg
+
+
+def _checkpoint_transform(name: str, image_size: int) -> dict | None:
+    """The image transform of ``name``'s own image processor (None when it has none we can read)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        ip = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
+        t = _transform_from_image_processor(ip, image_size)
+    except (OSError, ValueError):  # no preprocessor_config.json, or one mmlm cannot mirror: family defaults
+        return None
+    return {"mean": list(t.mean), "std": list(t.std), "interpolation": t.interpolation,
+            "resize_mode": t.resize_mode, "crop_pct": t.crop_pct}
+
+
+def _add_tokens(tokenizer, tokens: list[str]) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    new = [t for t in tokens if t not in vocab]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+    return new
+
+
+def _fit_vocab(vlm, tokenizer, image_token_id: int) -> None:
+    """Grow the LM's embeddings to hold every token id (to a multiple of 64, as LLaVA does), and
+    record vocab size and image id in the config."""
+    emb = vlm.lm.get_input_embeddings().num_embeddings
+    need = len(tokenizer)
+    if need > emb:
+        vlm.lm.resize_token_embeddings(need, pad_to_multiple_of=64, mean_resizing=True)
+        emb = vlm.lm.get_input_embeddings().num_embeddings
+    hf = dict(vlm.config.text.hf_config)
+    hf["vocab_size"] = emb
+    vlm.config = vlm.config.updated(image_token_id=image_token_id, text={"hf_config": hf})
+    if hasattr(vlm.lm.config, "vocab_size"):
+        vlm.lm.config.vocab_size = emb
+
+
+def build_from_pretrained(
+    vision: str | VisionConfig,
+    text: str | TextConfig,
+    projector: str | ProjectorConfig = "mlp2x_gelu",
+    chat_template: str | None = None,
+    *,
+    tokenizer=None,
+    vision_backend: str | None = None,
+    vision_pretrained: bool = True,
+    text_pretrained: bool = True,
+    feature_layer: int = -2,
+    drop_prefix_tokens: bool = True,
+    resize_mode: str | None = None,
+    max_length: int = 2048,
+    **processor_config: Any,
+):
+    """``(VLM, Processor)`` from pretrained parts (see the module docstring).
+
+    ``vision``: timm name, transformers CLIP/SigLIP name or directory, or a ``VisionConfig``.
+    ``text``: transformers causal-LM name or directory, or a ``TextConfig`` (with ``name``).
+    ``chat_template``: a name from ``mmlm.templates`` (None: the LM's own template when it has
+    generation marks, else a named one recognised from it). ``tokenizer``: instead of the LM's.
+    ``processor_config``: further ``ProcessorConfig`` fields (``caption_prompt``, ``system_prompt``...).
+    """
+    from transformers import AutoTokenizer
+
+    from mmlm.modeling.text import resolve_text_config
+    from mmlm.modeling.vlm import VLM
+
+    if isinstance(vision, str):
+        vcfg = vision_config_for(vision, backend=vision_backend, pretrained=vision_pretrained,
+                                 feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
+                                 resize_mode=resize_mode)
+    else:
+        vcfg = copy.deepcopy(vision)
+        if vcfg.backend == "hf":
+            from mmlm.modeling.hf_vision import resolve_hf_vision_config
+
+            vcfg = resolve_hf_vision_config(vcfg)
+    tcfg = TextConfig(name=text, pretrained=text_pretrained) if isinstance(text, str) else copy.deepcopy(text)
+    if tokenizer is None:
+        if not tcfg.name:
+            raise ValueError("text needs a name (hub name or directory) to take the tokenizer from, or pass tokenizer=")
+        tokenizer = AutoTokenizer.from_pretrained(tcfg.name, trust_remote_code=False)
+    template = choose_chat_template(tokenizer, chat_template, source=tcfg.name)
+    _add_tokens(tokenizer, [IMAGE_TOKEN, *missing_special_tokens(tokenizer, template)])
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tcfg = resolve_text_config(tcfg)
+    vocab = int(tcfg.hf_config.get("vocab_size", 0) or 0)
+    pcfg = ProjectorConfig(name=projector) if isinstance(projector, str) else projector
+    # the VLM checks image_token_id against the LM's vocabulary: a new token gets its row below
+    config = VLMConfig(vision=vcfg, projector=pcfg, text=tcfg, image_token_id=image_id if image_id < vocab else 0)
+    vlm = VLM(config)
+    _fit_vocab(vlm, tokenizer, image_id)
+    stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
+    processor_config.setdefault("stop_tokens", stops)
+    processor = Processor.for_model(vlm, tokenizer, chat_template=template.template, max_length=max_length,
+                                    **processor_config)
+    return vlm, processor
