@@ -37,7 +37,7 @@ from PIL import Image
 
 from mmlm.config import ImageTransformConfig
 from mmlm.io import atomic_dir
-from mmlm.pixels import cat_pixel_values, check_pixel_dtype, normalize_pixels  # noqa: F401  (re-exported)
+from mmlm.pixels import cat_pixel_values, check_pixel_dtype, normalize_pixels
 
 IMAGE_TOKEN = "<image>"
 PROCESSOR_CONFIG = "processor_config.json"
