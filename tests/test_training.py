@@ -342,3 +342,54 @@ def test_uint8_training_needs_the_processor_s_normalisation_to_be_the_model_s():
         proc.config.image_transform, mean=(0.485, 0.456, 0.406)))
     with pytest.raises(ValueError, match=r"the processor normalises images with mean=\(0.485, 0.456, 0.406\)"):
         check_normalization(vlm, proc)
+
+
+@pytest.mark.parametrize("precision", [
+    "bf16-mixed",
+    pytest.param("16-mixed", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP needs CUDA")),
+])
+def test_mixed_precision_clips_gradients_and_steps(tmp_path, precision):
+    """Lightning refuses to clip under AMP with a fused optimizer (meant for 16-mixed, whose fused
+    step unscales inside); bf16-mixed has no loss scale, so mmlm clips itself and keeps fused AdamW,
+    and 16-mixed with clipping gets the non-fused optimizer. Both must train, clipped."""
+    module = VLMModule(**tiny_model_args(lr=1e-2))
+    norms = []
+
+    class Spy(pl.Callback):  # the gradients the step used (zeroed only at the next step's backward)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            grads = [p.grad for p in pl_module.vlm.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    snap = _Snapshot()
+    accelerator = "cuda" if precision == "16-mixed" else "cpu"
+    trainer(tmp_path, steps=2, callbacks=[snap, Spy()], precision=precision, gradient_clip_val=1e-3,
+            accelerator=accelerator).fit(module, datamodule())
+    fused = module.trainer.optimizers[0].defaults.get("fused")
+    assert bool(fused) == (precision == "bf16-mixed")
+    assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-3) for n in norms)  # clipped before each step
+    end = module.vlm.state_dict()
+    assert any(not torch.equal(v.cpu(), snap.first[k].cpu()) for k, v in end.items())  # and the weights moved
+
+
+def test_compile_blocks_compiles_every_layer_in_place_and_keeps_outputs(monkeypatch, tmp_path):
+    from mmlm.training import compile as regional
+
+    vlm, _ = tiny_pair()
+    keys = list(vlm.state_dict())
+    vlm.eval()
+    with torch.no_grad():
+        ids = torch.randint(0, 50, (2, 12))
+        ref = vlm.lm(input_ids=ids).logits
+    n = regional.compile_blocks(vlm, backend="eager")
+    assert n == len(regional.decoder_layers(vlm.lm)) + len(regional.vision_blocks(vlm.vision)) > 0
+    assert list(vlm.state_dict()) == keys  # in place: checkpoints and export see the same names
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.lm(input_ids=ids).logits, ref)
+    with pytest.raises(ValueError, match="no decoder layers"):
+        regional.decoder_layers(torch.nn.Linear(2, 2))
+    # VLMModule(compile=True) compiles after building and trains (the eager backend keeps this fast)
+    monkeypatch.setattr(regional, "DEFAULT_BACKEND", "eager")
+    module = VLMModule(**tiny_model_args(compile=True))
+    trainer(tmp_path, steps=2).fit(module, datamodule())
+    layers = regional.decoder_layers(module.vlm.lm)
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)

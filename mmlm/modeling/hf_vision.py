@@ -143,6 +143,8 @@ class HFVisionEncoder(nn.Module):
             tower.post_layernorm = nn.Identity()
         if getattr(tower, "head", None) is not None:
             tower.head = None
+            if hasattr(tower, "use_head"):  # transformers 5.17 reads this flag, not `head is None`
+                tower.use_head = False
         self.tower = tower
         emb = tower.embeddings
         self._num_patches = int(emb.num_patches)

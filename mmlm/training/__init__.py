@@ -21,6 +21,7 @@ _EXPORTS = {
                                 "NonFiniteLossError", "TrainingInterrupted", "export_model"],
     "mmlm.training.preflight": ["Preflight", "PreflightError", "PreflightReport", "run_preflight",
                                 "analyse_batches", "check_template", "estimate_memory"],
+    "mmlm.training.compile": ["compile_blocks"],
     "mmlm.training.build": ["build_model_and_processor", "build_from_checkpoint", "train_tokenizer",
                             "tokenizer_from_shards", "corpus_from_shards", "processor_files", "processor_from_files"],
 }

@@ -70,6 +70,7 @@ class VLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         lora: dict | None = None,
         activation_checkpointing: bool = False,
+        compile: bool = False,
         max_nonfinite: int = 10,
         tokenizer: str | None = None,
         chat_template: str | None = None,
@@ -98,6 +99,9 @@ class VLMModule(pl.LightningModule):
             min_lr_ratio: the cosine decays to min_lr_ratio * lr at trainer.max_steps.
             lora: LoRA on the LM (peft.LoraConfig arguments, e.g. ``{r: 16, lora_alpha: 32}``); needs peft.
             activation_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+            compile: torch.compile each LM decoder layer and vision block (``mmlm.training.compile``):
+                faster GPU steps (~1.5x for the small preset on an H100) after a compile of seconds to a
+                minute at the first steps; slower on CPU.
             max_nonfinite: abort after this many non-finite losses in a row (each skips its step; 0: never abort).
             tokenizer: tokenizer name/path for a pretrained LM (default: the LM's own).
             chat_template: named chat template for a pretrained LM (chatml, llama3, vicuna_v1, mmlm;
@@ -213,6 +217,10 @@ class VLMModule(pl.LightningModule):
         configure_trainable(vlm, hp.stage, hp.lora)
         if hp.activation_checkpointing:
             enable_activation_checkpointing(vlm)
+        if hp.get("compile"):
+            from mmlm.training.compile import compile_blocks
+
+            compile_blocks(vlm)
         self.vlm = vlm
         self.processor = processor
         self._processor_files = files
@@ -317,10 +325,30 @@ class VLMModule(pl.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError("set --trainer.max_steps: the training stream is endless, and the learning-rate "
                              "schedule (warmup + cosine) needs the run's length")
+        # A fused AdamW unscales 16-mixed's GradScaler'd gradients inside its step, too late to clip
+        # them: with a loss scale and clipping, use the non-fused kernel (bf16-mixed: see below).
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        fused = False if scaled and (self.trainer.gradient_clip_val or 0) > 0 else None
         optimizer = build_optimizer(self.vlm, lr=hp.lr, vision_lr=hp.vision_lr, projector_lr=hp.projector_lr,
-                                    lm_lr=hp.lm_lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps)
+                                    lm_lr=hp.lm_lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps,
+                                    fused=fused)
         scheduler = build_scheduler(optimizer, int(total), hp.warmup, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip under AMP whenever the optimizer is fused (its fused step would
+        # unscale a GradScaler's gradients after the clip). bf16-mixed has no loss scale: the
+        # gradients are already the true ones, so clip them as full precision does.
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and optimizer.defaults.get("fused"):
+            clip = self.trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, clip or 0.0, algorithm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
