@@ -52,304 +52,94 @@ holds ``shard_size // 7`` images (at least 1) with their questions. Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import os
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmlm.data.schema import IMAGE_PLACEHOLDER, Record
+from mmlm.data.schema import Record
 from mmlm.data.writer import ShardWriter, resume_state, shard_name
 
 from ._common import BuildError, atomic_write_bytes, atomic_write_json, cli, parallel_map, progress
+from .synthetic_render import RADIUS, encode_png, render
+from .synthetic_scenes import (
+    CELLS,
+    COLORS,
+    NUMBERS,
+    PLURALS,
+    POSITIONS,
+    QUESTION_TYPES,
+    SHAPES,
+    SIZES,
+    WHERE,
+    Obj,
+    Scene,
+    article,
+    caption_of,
+    conversation_for,
+    image_rng,
+    objects_of,
+    question_for,
+    sample_scene,
+)
+
+# The scenes, their text and their drawing live in synthetic_scenes and synthetic_render; their
+# names are re-exported here, where callers have always imported them from.
+__all__ = [
+    # dataset: this module
+    "VERSION",
+    "SPLITS",
+    "REFERENCE_FORM",
+    "ANSWER_TYPES",
+    "N_HUMAN_ANSWERS",
+    "image_key",
+    "make_train",
+    "make_eval",
+    "Task",
+    "run_task",
+    "plan",
+    "write_annotations",
+    "make_parser",
+    "check_args",
+    "build",
+    "run",
+    "main",
+    # scenes and their text: synthetic_scenes
+    "SHAPES",
+    "PLURALS",
+    "COLORS",
+    "SIZES",
+    "POSITIONS",
+    "CELLS",
+    "WHERE",
+    "NUMBERS",
+    "QUESTION_TYPES",
+    "Obj",
+    "Scene",
+    "image_rng",
+    "sample_scene",
+    "article",
+    "caption_of",
+    "objects_of",
+    "question_for",
+    "conversation_for",
+    # drawing: synthetic_render
+    "RADIUS",
+    "render",
+    "encode_png",
+]
 
 VERSION = 3
 SPLITS = ("train", "val", "test")
-# Version 3 dropped the hexagon (at 64-72 px a small hexagon is hardly told from a circle: it was
-# half of all shape confusions of a supervised probe) and drew small shapes larger.
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (250, 140, 10),
-    "yellow": (245, 225, 30),
-    "green": (30, 170, 50),
-    "cyan": (30, 215, 225),
-    "blue": (30, 70, 235),
-    "purple": (145, 45, 200),
-    "white": (250, 250, 250),
-}
-SIZES = ("small", "large")
-POSITIONS = ("top", "left", "center", "right", "bottom")  # reading order: the caption's order
-CELLS = {"top": (1, 0), "left": (0, 1), "center": (1, 1), "right": (2, 1), "bottom": (1, 2)}  # (col, row)
-WHERE = {
-    "top": "at the top",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom": "at the bottom",
-}
-NUMBERS = ("zero", "one", "two", "three")
 # Evaluation references are written as the VQAv2 annotation files write answers: numbers as
 # digits. The official VQA evaluation turns a predicted "two" into "2" but leaves ten identical
 # human answers untouched, so a reference "two" could never be matched. Training text keeps words.
 REFERENCE_FORM = {word: str(i) for i, word in enumerate(NUMBERS)}
-QUESTION_TYPES = ("color", "shape", "size", "count", "position", "exists")
 ANSWER_TYPES = {"exists": "yes/no", "count": "number"}  # others: "other"
-RADIUS = {"small": 0.32, "large": 0.46}  # in cell units
 N_HUMAN_ANSWERS = 10
-
-
-# ----------------------------------------------------------------------------- scene
-
-
-@dataclass(frozen=True)
-class Obj:
-    shape: str
-    color: str
-    size: str
-    position: str
-    dx: float = 0.0  # centre offset, cell units
-    dy: float = 0.0
-    scale: float = 1.0
-    rotation: float = 0.0  # degrees
-    tint: tuple[int, int, int] = (0, 0, 0)
-
-
-@dataclass(frozen=True)
-class Scene:
-    objects: tuple[Obj, ...]  # in reading order
-    background: str  # plain | noise | stripes
-    bg_color: tuple[int, int, int]
-    bg_color2: tuple[int, int, int]
-    stripe_period: float  # fraction of the image side
-    stripe_dir: int  # 0 horizontal, 1 vertical, 2 diagonal, 3 anti-diagonal
-    noise_seed: int
-
-
-def image_rng(seed: int, split: str, index: int) -> random.Random:
-    """The generator of one image: a function of (seed, split, index) only."""
-    return random.Random(f"mmlm-synthetic/{seed}/{split}/{index}")
-
-
-def _muted(rng: random.Random, lo: int = 75, hi: int = 150) -> tuple[int, int, int]:
-    g = rng.randint(lo, hi)
-    return tuple(max(0, min(255, g + rng.randint(-10, 10))) for _ in range(3))  # type: ignore[return-value]
-
-
-def sample_scene(rng: random.Random) -> Scene:
-    n = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
-    positions = sorted(rng.sample(POSITIONS, n), key=POSITIONS.index)
-    pairs: set[tuple[str, str]] = set()
-    objs = []
-    for pos in positions:
-        while True:
-            pair = (rng.choice(tuple(COLORS)), rng.choice(SHAPES))
-            if pair not in pairs:
-                break
-        pairs.add(pair)
-        objs.append(
-            Obj(
-                shape=pair[1],
-                color=pair[0],
-                size=rng.choice(SIZES),
-                position=pos,
-                dx=rng.uniform(-0.1, 0.1),
-                dy=rng.uniform(-0.1, 0.1),
-                scale=rng.uniform(0.9, 1.05),
-                rotation=rng.uniform(-8.0, 8.0),
-                tint=(rng.randint(-12, 12), rng.randint(-12, 12), rng.randint(-12, 12)),
-            )
-        )
-    # occasionally pull a neighbour towards the center object so that they partly overlap
-    if "center" in positions and n > 1 and rng.random() < 0.2:
-        i = rng.choice([k for k, o in enumerate(objs) if o.position != "center"])
-        o = objs[i]
-        col, row = CELLS[o.position]
-        pull = rng.uniform(0.2, 0.32)
-        objs[i] = Obj(**{**asdict(o), "dx": o.dx + pull * (1 - col), "dy": o.dy + pull * (1 - row), "tint": o.tint})
-    background = rng.choice(("plain", "noise", "stripes"))
-    c1 = _muted(rng)
-    shift = rng.choice((-1, 1)) * rng.randint(18, 30)  # same shift on every channel: stays grey
-    c2 = tuple(max(0, min(255, v + shift)) for v in c1)
-    return Scene(
-        objects=tuple(objs),
-        background=background,
-        bg_color=c1,
-        bg_color2=c2,  # type: ignore[arg-type]
-        stripe_period=rng.uniform(0.06, 0.14),
-        stripe_dir=rng.randrange(4),
-        noise_seed=rng.getrandbits(63),
-    )
-
-
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def caption_of(scene: Scene) -> str:
-    parts = [f"a {o.size} {o.color} {o.shape} {WHERE[o.position]}" for o in scene.objects]
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def objects_of(scene: Scene) -> list[dict[str, str]]:
-    return [{"shape": o.shape, "color": o.color, "size": o.size, "position": o.position} for o in scene.objects]
-
-
-# ----------------------------------------------------------------------------- questions
-
-
-def _name_without_color(scene: Scene, o: Obj) -> str:
-    if sum(x.shape == o.shape for x in scene.objects) == 1:
-        return f"the {o.shape}"
-    if sum(x.shape == o.shape and x.size == o.size for x in scene.objects) == 1:
-        return f"the {o.size} {o.shape}"
-    return f"the {o.shape} {WHERE[o.position]}"
-
-
-def question_for(qtype: str, scene: Scene, rng: random.Random, *, exists_yes: bool | None = None) -> tuple[str, str]:
-    """One (question, answer) of ``qtype`` about ``scene``."""
-    objs = scene.objects
-    o = rng.choice(objs)
-    if qtype == "color":
-        return f"what color is {_name_without_color(scene, o)}?", o.color
-    if qtype == "shape":
-        return f"what shape is {WHERE[o.position]}?", o.shape
-    if qtype == "size":
-        return f"what size is the {o.color} {o.shape}?", o.size
-    if qtype == "position":
-        return f"where is the {o.color} {o.shape}?", o.position
-    if qtype == "count":
-        variant = rng.choice(("all", "all", "color", "shape"))
-        if variant == "all":
-            return "how many shapes are there?", NUMBERS[len(objs)]
-        if variant == "color":
-            color = o.color if rng.random() < 0.6 else rng.choice(tuple(COLORS))
-            return f"how many {color} shapes are there?", NUMBERS[sum(x.color == color for x in objs)]
-        shape = o.shape if rng.random() < 0.6 else rng.choice(SHAPES)
-        return f"how many {PLURALS[shape]} are there?", NUMBERS[sum(x.shape == shape for x in objs)]
-    if qtype == "exists":
-        yes = rng.random() < 0.5 if exists_yes is None else exists_yes
-        present = {(x.color, x.shape) for x in objs}
-        if yes:
-            color, shape = o.color, o.shape
-        else:
-            while True:  # a distractor that often shares the colour or the shape of an object
-                r = rng.random()
-                color = o.color if r < 0.35 else rng.choice(tuple(COLORS))
-                shape = o.shape if 0.35 <= r < 0.7 else rng.choice(SHAPES)
-                if (color, shape) not in present:
-                    break
-        return f"is there {article(color)} {color} {shape}?", "yes" if yes else "no"
-    raise ValueError(f"unknown question type {qtype!r}")
-
-
-def conversation_for(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    """3 to 5 distinct QA turns, the first human turn starting with ``<image>\\n``."""
-    n = rng.randint(3, 5)
-    types = list(QUESTION_TYPES)
-    rng.shuffle(types)
-    turns: list[dict[str, str]] = []
-    asked: set[str] = set()
-    attempts = 0
-    while len(turns) < 2 * n and attempts < 50:
-        qtype = types[(len(turns) // 2) % len(types)] if attempts < len(types) else rng.choice(QUESTION_TYPES)
-        attempts += 1
-        q, a = question_for(qtype, scene, rng)
-        if q in asked:
-            continue
-        asked.add(q)
-        prefix = f"{IMAGE_PLACEHOLDER}\n" if not turns else ""
-        turns += [{"from": "human", "value": prefix + q}, {"from": "gpt", "value": a}]
-    return turns
-
-
-# ----------------------------------------------------------------------------- drawing
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
-    def rotate(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        a = math.radians(rot)
-        ca, sa = math.cos(a), math.sin(a)
-        return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in pts]
-
-    if shape == "square":
-        h = r * 0.82
-        return rotate([(-h, -h), (h, -h), (h, h), (-h, h)])
-    if shape == "diamond":
-        return rotate([(0, -r), (r * 0.66, 0), (0, r), (-r * 0.66, 0)])
-    if shape == "triangle":
-        pts = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a)) + r * 0.12) for a in (-90, 30, 150)]
-        return rotate(pts)
-    if shape == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else r * 0.45
-            a = math.radians(-90 + 36 * k)
-            pts.append((rad * math.cos(a), rad * math.sin(a) + r * 0.05))
-        return rotate(pts)
-    if shape == "cross":
-        w, L = r * 0.34, r * 0.95
-        return rotate(
-            [(-w, -L), (w, -L), (w, -w), (L, -w), (L, w), (w, w), (w, L), (-w, L), (-w, w), (-L, w), (-L, -w), (-w, -w)]
-        )
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def _background(scene: Scene, size: int):
-    import numpy as np
-
-    c1 = np.array(scene.bg_color, dtype=np.float32)
-    if scene.background == "plain":
-        arr = np.broadcast_to(c1, (size, size, 3))
-    elif scene.background == "noise":
-        rng = np.random.default_rng(scene.noise_seed)
-        arr = c1 + rng.normal(0.0, 9.0, (size, size, 1)) + rng.normal(0.0, 3.0, (size, size, 3))
-    else:
-        c2 = np.array(scene.bg_color2, dtype=np.float32)
-        y, x = np.mgrid[0:size, 0:size]
-        coord = (y, x, x + y, x - y + size)[scene.stripe_dir]
-        period = max(2.0, scene.stripe_period * size)
-        band = (np.floor(coord / (period / 2)) % 2).astype(bool)[..., None]
-        arr = np.where(band, c2, c1)
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-
-
-def render(scene: Scene, size: int):
-    """Draw ``scene`` as a ``size`` x ``size`` RGB PIL image (2x supersampled up to 256 px)."""
-    from PIL import Image, ImageDraw
-
-    ss = 2 if size <= 256 else 1
-    img = Image.fromarray(_background(scene, size), "RGB")
-    if ss > 1:
-        img = img.resize((size * ss, size * ss), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(img)
-    cell = size * ss / 3.0
-    for o in scene.objects:
-        col, row = CELLS[o.position]
-        cx, cy = (col + 0.5 + o.dx) * cell, (row + 0.5 + o.dy) * cell
-        r = RADIUS[o.size] * o.scale * cell
-        fill = tuple(max(0, min(255, c + t)) for c, t in zip(COLORS[o.color], o.tint))
-        if o.shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon(_polygon(o.shape, cx, cy, r, o.rotation), fill=fill)
-    if ss > 1:
-        img = img.resize((size, size), Image.Resampling.BOX)
-    return img
-
-
-def encode_png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- samples

@@ -20,6 +20,7 @@ from mmlm.training.build import (
 )
 from mmlm.training.callbacks import ExportModel, NonFiniteGuard, NonFiniteLossError, TrainingMonitor
 from mmlm.training.freeze import apply_lora, apply_stage, frozen_modules, parameter_counts
+from mmlm.modeling.fusion import projected_cross_entropy
 from mmlm.training.module import VLMModule
 from mmlm.training.optim import build_optimizer, param_groups, resolve_warmup, warmup_cosine
 from mmlm.training.preflight import Preflight, PreflightError, analyse_batches, estimate_memory, run_preflight
@@ -381,7 +382,8 @@ def test_compile_blocks_compiles_every_layer_in_place_and_keeps_outputs(monkeypa
         ids = torch.randint(0, 50, (2, 12))
         ref = vlm.lm(input_ids=ids).logits
     n = regional.compile_blocks(vlm, backend="eager")
-    assert n == len(regional.decoder_layers(vlm.lm)) + len(regional.vision_blocks(vlm.vision)) > 0
+    assert n == len(regional.decoder_layers(vlm.lm)) + len(regional.vision_blocks(vlm.vision)) + 1 > 1
+    assert vlm.projected_loss is not projected_cross_entropy  # the loss projection is compiled too
     assert list(vlm.state_dict()) == keys  # in place: checkpoints and export see the same names
     with torch.no_grad():
         torch.testing.assert_close(vlm.lm(input_ids=ids).logits, ref)

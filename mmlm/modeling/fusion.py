@@ -80,17 +80,31 @@ def labelled_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.
     return mask
 
 
+def projected_cross_entropy(
+    rows: torch.Tensor,  # (N, D) hidden states at the scored positions
+    targets: torch.Tensor,  # (N,) next-token ids
+    output_layer: torch.nn.Module,  # (..., D) -> (..., V)
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``output_layer(rows)``, upcast to float32, against ``targets``. A separate
+    function so that it can be compiled on its own (``mmlm.training.compile``): fused, it never writes
+    the (N, V) float32 logits, which for a large vocabulary is most of the loss's memory traffic."""
+    logits = output_layer(rows).float()  # (N, V)
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
 def labelled_cross_entropy(
     hidden: torch.Tensor,  # (B, L, D) final hidden states of the LM
     labels: torch.Tensor,  # (B, L)
     output_layer: torch.nn.Module,  # (..., D) -> (..., V)
     ignore_index: int = -100,
+    project=projected_cross_entropy,
 ) -> torch.Tensor:
     """``shifted_cross_entropy(output_layer(hidden), labels, ignore_index)``, with the output layer applied
     only at the N labelled positions: same mean over those N tokens, same float32 upcast of the logits
-    (NaN when N = 0, as there)."""
+    (NaN when N = 0, as there). ``project`` computes the loss of the gathered rows (a compiled
+    :func:`projected_cross_entropy` when the model was compiled)."""
     mask = labelled_positions(labels, ignore_index)  # (B, L)
     rows = hidden[mask]  # (N, D)
     targets = labels[:, 1:][mask[:, :-1]]  # (N,)
-    logits = output_layer(rows).float()  # (N, V)
-    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return project(rows, targets, output_layer, ignore_index)

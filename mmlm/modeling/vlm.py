@@ -38,6 +38,7 @@ from mmlm.config import ImageTransformConfig, VLMConfig
 from mmlm.modeling.fusion import (
     check_image_tokens,
     labelled_cross_entropy,
+    projected_cross_entropy,
     merge_image_features,
     shifted_cross_entropy,
 )
@@ -107,6 +108,8 @@ class VLM(nn.Module):
         self.num_image_tokens = self.projector.num_tokens(self.vision.num_patches)
         if self.num_image_tokens < 1:
             raise ValueError("the projector leaves no image tokens: lower pixel_shuffle_factor")
+        # the loss of the labelled rows (see ``forward``); ``mmlm.training.compile`` swaps in a compiled copy
+        self.projected_loss = projected_cross_entropy
         vocab = self.lm.get_input_embeddings().num_embeddings
         if not 0 <= config.image_token_id < vocab:
             raise ValueError(
@@ -207,7 +210,7 @@ class VLM(nn.Module):
             hidden = decoder(
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state  # (B, L, D)
-            loss = labelled_cross_entropy(hidden, labels, head, self.config.ignore_index)
+            loss = labelled_cross_entropy(hidden, labels, head, self.config.ignore_index, project=self.projected_loss)
             return VLMOutput(loss=loss, logits=None, past_key_values=None)
         out = self.lm(
             inputs_embeds=embeds,

@@ -1,7 +1,8 @@
 """Regional ``torch.compile``: each transformer block compiled on its own, in place.
 
 :func:`compile_blocks` calls ``nn.Module.compile`` on every LM decoder layer and every vision
-encoder block. Compiling blocks rather than the whole VLM keeps the image/text merge (data-dependent
+encoder block, and compiles the loss of the labelled rows (output layer + float32 cross-entropy,
+``VLM.projected_loss``, with dynamic row counts) so that the float32 logits are never written out. Compiling blocks rather than the whole VLM keeps the image/text merge (data-dependent
 shapes) and the loss in eager mode, compiles one block graph that every layer reuses (seconds, not
 minutes), and leaves module names and ``state_dict`` keys unchanged, so checkpoints, export and
 resume work as without it. What it buys is fused elementwise work (norms, rotary, activations,
@@ -13,7 +14,10 @@ the stage's freezing, LoRA and activation checkpointing.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from mmlm.modeling.fusion import projected_cross_entropy
 
 DEFAULT_BACKEND = "inductor"
 _LAYER_LISTS = ("layers", "h", "blocks")  # Llama/Qwen/Mistral/Gemma..., GPT-2 style, others
@@ -42,12 +46,16 @@ def vision_blocks(vision: nn.Module) -> nn.ModuleList | None:
 
 
 def compile_blocks(vlm: nn.Module, backend: str | None = None, **kwargs) -> int:
-    """``torch.compile`` (in place) every LM decoder layer and vision block of ``vlm``; returns how
-    many modules were compiled. ``kwargs`` go to ``nn.Module.compile`` (e.g. ``mode``)."""
+    """``torch.compile`` (in place) every LM decoder layer and vision block of ``vlm``, and its loss
+    projection (``VLM.projected_loss``); returns how many were compiled. ``kwargs`` go to
+    ``torch.compile`` (e.g. ``mode``)."""
     blocks = list(decoder_layers(vlm.lm))
     vblocks = vision_blocks(vlm.vision)
     if vblocks is not None:
         blocks += list(vblocks)
     for block in blocks:
         block.compile(backend=backend or DEFAULT_BACKEND, **kwargs)
-    return len(blocks)
+    # the labelled rows' projection + float32 cross-entropy: their number changes every batch
+    vlm.projected_loss = torch.compile(projected_cross_entropy, backend=backend or DEFAULT_BACKEND, dynamic=True,
+                                       **kwargs)
+    return len(blocks) + 1
