@@ -58,6 +58,8 @@ def main(argv=None) -> int:
                    help="images in the batched run (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else float32), float32, bfloat16")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                   help="mmlm's KV cache kind (transformers' side keeps its default; default dynamic)")
     C.add_common_args(p)
     args = p.parse_args(argv)
     C.set_threads(args.threads)
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
 
     def run_mmlm(n):
         out = generate(vlm, one["input_ids"], one["pixel_values"], one["attention_mask"],
-                       num_images=one["num_images"], max_new_tokens=n, eos_token_id=None, pad_token_id=pad)
+                       num_images=one["num_images"], max_new_tokens=n, eos_token_id=None, pad_token_id=pad,
+                       cache=args.cache)
         _sync(device)
         return out
 
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     def describe_batch(imgs):
         b = inputs(imgs)
         new = generate(vlm, b["input_ids"], b["pixel_values"], b["attention_mask"], num_images=b["num_images"],
-                       max_new_tokens=n_new, eos_token_id=None, pad_token_id=pad)
+                       max_new_tokens=n_new, eos_token_id=None, pad_token_id=pad, cache=args.cache)
         _sync(device)
         assert new.shape == (len(imgs), n_new), new.shape
         return [processor.decode(row) for row in new.tolist()]
@@ -165,6 +168,7 @@ def main(argv=None) -> int:
         title="prompt_inputs -> generate -> decode (what describe runs per batch)")
     payload = {
         "config": {"preset": args.preset, "parameters": vlm.num_parameters(), "new_tokens": n_new, "batch": args.batch,
+                   "cache": args.cache,
                    "repeats": args.repeats, "dtype": str(next(vlm.parameters()).dtype), "threads": args.threads,
                    "prompt_tokens": int(one["input_ids"].shape[1]), "image_tokens": vlm.num_image_tokens},
         "targets": {"decode_mmlm_over_transformers_min": TARGET_DECODE,

@@ -41,6 +41,10 @@ class GenerationConfig:
     """Seed for sampling (reproducible outputs)."""
     use_cache: bool = True
     """Reuse keys/values of past tokens (False recomputes the whole sequence each step)."""
+    cache: str = "dynamic"
+    """KV cache kind: ``dynamic`` (grows each step) or ``static`` (transformers' ``StaticCache``, sized
+    prompt + max_new_tokens up front: fixed shapes, no reallocation; the kind ``torch.compile`` of the
+    decode step needs). Greedy outputs are the same either way (tested)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,6 +57,8 @@ class GenerationConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("choose beam search or sampling, not both")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"unknown cache {self.cache!r}; known: ['dynamic', 'static']")
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -114,13 +120,18 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, cfg.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     embed_tokens = vlm.lm.get_input_embeddings()
+    prompt_len = attention_mask.shape[1]
     cache = None
-    if cfg.use_cache:
+    static = cfg.use_cache and cfg.cache == "static"
+    if static:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=vlm.lm.config, max_cache_len=prompt_len + cfg.max_new_tokens)
+    elif cfg.use_cache:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=vlm.lm.config)
     step_embeds, step_pos = embeds, _positions(attention_mask)
-    prompt_len = attention_mask.shape[1]
     # prompts without padding need no mask at all (plain causal attention, nothing built per step);
     # padded ones grow a view of one preallocated (B, L + T) mask instead of a torch.cat per token
     full_mask = None
@@ -128,7 +139,8 @@ def generate(
         full_mask = torch.ones((batch, prompt_len + cfg.max_new_tokens), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
     for t in range(cfg.max_new_tokens):
-        attention_mask = None if full_mask is None else full_mask[:, : prompt_len + t]
+        # a static cache attends over all its slots (the unwritten ones are causally masked): whole mask
+        attention_mask = None if full_mask is None else full_mask if static else full_mask[:, : prompt_len + t]
         logits = vlm.lm(
             inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_pos,
             past_key_values=cache, use_cache=cfg.use_cache, logits_to_keep=1,

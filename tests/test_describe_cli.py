@@ -190,7 +190,7 @@ def test_help_explains_with_an_example(capsys):
         main(["describe", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for word in ["--prompt", "--out", "--batch-size", "--stop", "--dtype", "re-running", "example"]:
+    for word in ["--prompt", "--out", "--batch-size", "--stop", "--dtype", "--cache", "re-running", "example"]:
         assert word in text
 
 

@@ -93,3 +93,13 @@ def test_bad_options_are_clear():
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0)
+
+
+def test_static_cache_equals_dynamic_cache(pair):
+    vlm, proc = pair
+    for images, prompts in ((IMAGES, PROMPTS), (IMAGES[:1], PROMPTS[:1])):  # left-padded batch, and none
+        dynamic = _gen(vlm, proc, images, prompts, max_new_tokens=12)
+        static = _gen(vlm, proc, images, prompts, max_new_tokens=12, cache="static")
+        assert torch.equal(dynamic, static)
+    with pytest.raises(ValueError, match="unknown cache"):
+        GenerationConfig(cache="paged")

@@ -67,6 +67,9 @@ def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
     g.add_argument("--seed", type=int, default=None, metavar="N", help="seed for sampling (reproducible output)")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end a reply at this string (not included); repeatable")
+    g.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                   help="KV cache: dynamic (grows per token, default) or static (preallocated for prompt + "
+                        "--max-new-tokens; same output)")
 
 
 def generation_config(args):
@@ -74,7 +77,8 @@ def generation_config(args):
     from mmlm.generation import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            cache=args.cache)
 
 
 def check_model_args(args) -> None:
