@@ -44,7 +44,8 @@ class GenerationConfig:
     cache: str = "dynamic"
     """KV cache kind: ``dynamic`` (grows each step) or ``static`` (transformers' ``StaticCache``, sized
     prompt + max_new_tokens up front: fixed shapes, no reallocation; the kind ``torch.compile`` of the
-    decode step needs). Greedy outputs are the same either way (tested)."""
+    decode step needs). Greedy outputs are the same either way (tested); eager decoding is slower with
+    it, since attention spans every preallocated slot."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
