@@ -1,0 +1,388 @@
+"""The stages of the streaming pipeline; :meth:`mmlm.data.stream.VLMStream.stages` lists them in order.
+
+The stage contract::
+
+    stage(items, ctx: StreamContext, **options) -> Iterator
+
+* ``items``: the previous stage's output, any iterable (``None`` for the first stage, which
+  makes shard URLs). Stages are lazy generators: nothing is read until the batches are pulled.
+* ``ctx``: a :class:`StreamContext` -- split, rank/world, logical worker, seed, epoch. Every
+  random choice comes from ``ctx.rng(purpose, ...)``, so a stage is a pure function of its
+  input, ``ctx`` and its options.
+* ``options``: keyword-only, bound with ``functools.partial`` in ``VLMStream.stages``.
+* Errors are values: a bad sample is neither dropped nor raised; the stage sets :attr:`Item.error`
+  and passes the item on, and later stages do no work on it, so that ``handle_errors`` counts it
+  exactly once and ``batch`` reports it at its position. Past the error budget, ``handle_errors``
+  raises.
+
+The stages, in pipeline order (``train:``/``eval:``: only in that split)::
+
+    resample_shards  train: shard URLs drawn forever with replacement (source by weight, then a shard)
+    list_shards      eval: every shard URL of every source, in order
+    split_shards     eval, at least ``units`` shards: this unit's shards (``shards[unit::units]``)
+    expand_tar       shard URLs -> one Item of image/txt/json members per key; bad shard -> one error
+    split_samples    eval, fewer shards than units: the samples whose index % units is this unit
+    to_records       members -> ``Record`` (``mmlm.data.schema``); schema errors become item errors
+    shuffle          train: a shuffle buffer of records (not of decoded images)
+    number           each item's position in the worker's stream; skips positions a resume consumed
+    select_target    record -> the conversation to train (``mmlm.data.targets``; caption curriculum)
+    decode           image bytes -> RGB PIL images (``mmlm.data.decode``; ``max_pixels``)
+    encode           conversation + images -> ``processor.encode`` sample: input_ids (L,), labels
+                     (L,), pixel_values (n, 3, H, W) uint8|float or None; ``too_long`` checks
+    handle_errors    counts good and bad items against the ``ErrorBudget`` (raises past it)
+    batch            good samples -> collated batches with ``loader_state`` and ``skipped``
+
+Helpers: :func:`iter_tar_groups` (a tar stream -> Items, used by ``expand_tar``) and
+:func:`rank_shards` (this rank's share of a source's shards). ``loader_state``, positions and
+exact resume are described in ``mmlm.data.stream``.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mmlm.data.decode import decode_image
+from mmlm.data.errors import BAD_SHARD, SCHEMA_ERROR, TOO_LONG, BadSample, ErrorBudget, classify
+from mmlm.data.schema import Record, SchemaError, is_image_ext, record_from_members, split_member
+from mmlm.data.sources import Source, open_shard
+from mmlm.data.targets import present_kinds, record_to_conversation
+
+__all__ = [
+    "StreamContext", "Item", "iter_tar_groups", "rank_shards", "resample_shards", "list_shards", "split_shards",
+    "expand_tar", "split_samples", "to_records", "shuffle", "number", "select_target", "decode", "encode",
+    "handle_errors", "batch",
+]
+
+_WANTED_TEXT = ("txt", "json")
+
+
+# ------------------------------------------------------------------------------------ context
+@dataclass(frozen=True)
+class StreamContext:
+    """Who is iterating: the split, rank/world and the logical worker, plus the seed."""
+
+    split: str
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+    seed: int = 0
+    epoch: int = 0
+
+    @property
+    def unit(self) -> int:
+        return self.rank * self.num_workers + self.worker
+
+    @property
+    def units(self) -> int:
+        return self.world_size * self.num_workers
+
+    def rng(self, purpose: str, *extra: Any) -> random.Random:
+        """A ``random.Random`` seeded from (purpose, seed, epoch, rank, worker, extra): independent
+        of ``PYTHONHASHSEED`` and of everything else that happens in the process."""
+        parts = [purpose, self.seed, self.epoch, self.rank, self.worker, *extra]
+        return random.Random(":".join(str(p) for p in parts))
+
+
+# ------------------------------------------------------------------------------------ items
+@dataclass
+class Item:
+    """One sample on its way through the stages; ``error`` set means it will be skipped."""
+
+    key: str
+    url: str
+    members: dict[str, bytes] | None = None
+    record: Record | None = None
+    conversation: list[dict] | None = None
+    images: list | None = None
+    sample: dict | None = None
+    error: BadSample | None = None
+    position: int = -1
+
+
+# ------------------------------------------------------------------------------------ tar reading
+def _wanted(ext: str) -> bool:
+    return ext in _WANTED_TEXT or is_image_ext(ext)
+
+
+def iter_tar_groups(stream, url: str, *, max_member_size: int | None = None) -> Iterator[Item]:
+    """Items (``members`` or ``error``) for each run of consecutive members sharing a key, read from
+    a binary ``stream`` of a tar. Only image/txt/json members are read; others are skipped unread.
+    A tar error propagates (the caller reports the shard)."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    error: BadSample | None = None
+
+    def flush() -> Item:
+        return Item(key=key, url=url, members=None if error else members, error=error)
+
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = split_member(info.name)
+            if k != key:
+                if key is not None:
+                    yield flush()
+                key, members, error = k, {}, None
+            if error is not None:
+                continue
+            if not ext:
+                error = BadSample(k, SCHEMA_ERROR, f"member {info.name!r} has no extension")
+            elif not _wanted(ext):
+                continue  # never read: pickle, pth, npy, cls, ...
+            elif max_member_size is not None and info.size > max_member_size:
+                error = BadSample(k, SCHEMA_ERROR, f"member {info.name!r} is {info.size} bytes (> {max_member_size})")
+            elif ext in members:
+                error = BadSample(k, SCHEMA_ERROR, f"duplicate member {info.name!r}")
+            else:
+                f = tar.extractfile(info)
+                members[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield flush()
+
+
+# ------------------------------------------------------------------------------------ stages
+# Each stage: (items or None, ctx, **params) -> iterator. Bound with functools.partial in stages().
+
+def rank_shards(shards: Sequence[str], ctx: StreamContext) -> Sequence[str]:
+    """This rank's share of a source's shards (``shards[rank::world]``), so ranks train on disjoint
+    samples; a source with fewer shards than ranks is shared whole (ranks may then overlap)."""
+    if ctx.world_size > 1 and len(shards) >= ctx.world_size:
+        return shards[ctx.rank::ctx.world_size]
+    return shards
+
+
+def resample_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source]) -> Iterator[str]:
+    """Train: shard URLs drawn forever with replacement (source by weight, then uniformly among
+    this rank's shards of that source)."""
+    rng = ctx.rng("shards")
+    weights = [s.weight for s in sources]
+    pools = [rank_shards(s.shards, ctx) for s in sources]
+    while True:
+        pool = pools[0] if len(sources) == 1 else rng.choices(pools, weights=weights)[0]
+        yield pool[rng.randrange(len(pool))]
+
+
+def list_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source]) -> Iterator[str]:
+    """Eval: every shard of every source, in order."""
+    for src in sources:
+        yield from src.shards
+
+
+def split_shards(urls: Iterable[str], ctx: StreamContext) -> Iterator[str]:
+    """Eval, at least ``units`` shards: this unit's shards (``shards[unit::units]``)."""
+    for i, url in enumerate(urls):
+        if i % ctx.units == ctx.unit:
+            yield url
+
+
+def expand_tar(urls: Iterable[str], ctx: StreamContext, *, allow_pipes: bool, allow_remote: bool,
+               max_member_size: int | None) -> Iterator[Item]:
+    """Shard URLs -> grouped members; an unreadable shard becomes one ``bad_shard`` item."""
+    for url in urls:
+        try:
+            with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
+                yield from iter_tar_groups(stream, url, max_member_size=max_member_size)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield Item(key=url, url=url, error=BadSample(url, BAD_SHARD, f"{type(e).__name__}: {e}; rest of shard skipped"))
+
+
+def split_samples(items: Iterable[Item], ctx: StreamContext) -> Iterator[Item]:
+    """Eval, fewer shards than units: keep the samples whose index modulo ``units`` is this unit."""
+    for i, item in enumerate(items):
+        if i % ctx.units == ctx.unit:
+            yield item
+
+
+def to_records(items: Iterable[Item], ctx: StreamContext) -> Iterator[Item]:
+    """Members -> :class:`Record` (``record_from_members``); schema errors become the item's error."""
+    for item in items:
+        if item.error is None:
+            try:
+                item.record = record_from_members(item.key, item.members)
+            except SchemaError as e:
+                item.error = classify(e, item.key)
+        item.members = None
+        yield item
+
+
+def shuffle(items: Iterable[Item], ctx: StreamContext, *, bufsize: int) -> Iterator[Item]:
+    """Train: a shuffle buffer of ``bufsize`` items (items, not decoded images, are buffered)."""
+    if bufsize <= 1:
+        yield from items
+        return
+    rng = ctx.rng("shuffle")
+    buf: list[Item] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        j = rng.randrange(bufsize)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def number(items: Iterable[Item], ctx: StreamContext, *, resume: dict | None) -> Iterator[Item]:
+    """Give each item its position; skip (before any decoding) the positions a resumed run consumed."""
+    start = int(resume["position"]) if resume else 0
+    done = set(resume.get("done", ())) if resume else set()
+    for pos, item in enumerate(items):
+        if pos < start or pos in done:
+            continue
+        item.position = pos
+        yield item
+
+
+def _sample_rng(ctx: StreamContext, item: Item) -> random.Random:
+    if ctx.split == "eval":  # independent of how the pass is split over ranks and workers
+        return random.Random(f"sample:{ctx.seed}:{item.key}")
+    return ctx.rng("sample", item.position)
+
+
+def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_suffix: str,
+                  caption_conversation: Callable[[str], list[dict]], caption_first: int = 0,
+                  mixed_weights: dict[str, float] | None = None) -> Iterator[Item]:
+    """Record -> the conversation to train (before decoding: a record without target costs nothing).
+    Training positions below this worker's share of ``caption_first`` train captions where present."""
+    first = -(-caption_first // ctx.units) if ctx.split == "train" else 0  # ceil: this worker's share
+    for item in items:
+        if item.error is None:
+            m = mode
+            if item.position < first and "caption" in present_kinds(item.record):
+                m = "caption"
+            try:
+                item.conversation = record_to_conversation(item.record, m, _sample_rng(ctx, item),
+                                                           caption_conversation=caption_conversation,
+                                                           vqa_suffix=vqa_suffix, mixed_weights=mixed_weights)
+            except BadSample as e:
+                item.error = e
+        yield item
+
+
+def decode(items: Iterable[Item], ctx: StreamContext, *, max_pixels: int | None) -> Iterator[Item]:
+    """Image bytes -> RGB PIL images (``mmlm.data.decode.decode_image``)."""
+    for item in items:
+        if item.error is None:
+            try:
+                item.images = [decode_image(b, key=item.key, max_pixels=max_pixels) for b in item.record.images]
+            except BadSample as e:
+                item.error = e
+        if item.record is not None:
+            item.record.images = []  # drop the encoded bytes
+        yield item
+
+
+def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_length: int | None,
+           pixel_dtype: str = "float") -> Iterator[Item]:
+    """Conversation + images -> ``processor.encode`` output (``pixel_dtype``: ``float`` or ``uint8``).
+    ``too_long``: an overflow into an image span, a truncation that left no answer token, or
+    (packing) more tokens than a row holds."""
+    for item in items:
+        if item.error is None:
+            try:
+                enc = processor.encode(item.conversation, item.images, key=item.key, pixel_dtype=pixel_dtype)
+            except (BadSample, ValueError) as e:
+                enc, item.error = None, classify(e, item.key)
+            if item.error is None:
+                max_len = processor.config.max_length
+                if enc is None:
+                    item.error = BadSample(item.key, TOO_LONG, f"overflows max_length={max_len} inside an image span")
+                elif enc["input_ids"].numel() >= max_len and not bool((enc["labels"] != -100).any()):
+                    # truncation cut every answer token; (an unlabelled sample that was not cut is
+                    # passed on: a template that masks every label is the trainer's preflight error)
+                    item.error = BadSample(item.key, TOO_LONG, f"no answer token left within max_length={max_len}")
+                elif max_sample_length is not None and enc["input_ids"].numel() > max_sample_length:
+                    item.error = BadSample(item.key, TOO_LONG, f"{enc['input_ids'].numel()} tokens > packed row "
+                                                               f"length {max_sample_length}")
+                else:
+                    item.sample = {**enc, "key": item.key, "position": item.position}
+        item.images = item.conversation = item.record = None
+        yield item
+
+
+def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBudget) -> Iterator[Item]:
+    """Count (and log) every bad item, count good ones; stop past the budget. Items pass on."""
+    for item in items:
+        if item.error is not None:
+            budget.skip(item.error, item.url)
+        else:
+            budget.ok()
+        yield item
+
+
+def batch(items: Iterable[Item], ctx: StreamContext, *, collate, batch_size: int, resume: dict | None) -> Iterator[dict]:
+    """Good samples -> collated batches carrying ``loader_state`` and ``skipped`` (``mmlm.data.stream`` module doc).
+
+    The last batch is held back until the next one exists (or the stream ends), so that skips
+    after the last sample of a finite pass are still reported with it."""
+    frontier = int(resume["position"]) if resume else 0
+    done: set[int] = set(resume.get("done", ())) if resume else set()
+    emitted = int(resume.get("emitted", 0)) if resume else 0
+    batches = int(resume.get("batches", 0)) if resume else 0
+    last_seen = frontier - 1
+    pending: list[Item] = []
+    pending_tokens = 0
+    skipped: Counter = Counter()
+    held: dict | None = None
+
+    def advance() -> None:
+        nonlocal frontier, done
+        frontier = max(frontier, min(i.position for i in pending) if pending else last_seen + 1)
+        while frontier in done:
+            frontier += 1
+        done = {p for p in done if p >= frontier}
+
+    def form() -> dict:
+        nonlocal emitted, batches, skipped, pending_tokens
+        rows = collate.plan([i.sample["input_ids"].numel() for i in pending], batch_size)
+        chosen = {j for row in rows for j in row}
+        out = collate.collate_rows([[pending[j].sample for j in row] for row in rows])
+        out["keys"] = [pending[j].key for row in rows for j in row]
+        done.update(pending[j].position for j in chosen)
+        pending_tokens -= sum(pending[j].sample["input_ids"].numel() for j in chosen)
+        pending[:] = [it for j, it in enumerate(pending) if j not in chosen]
+        advance()
+        emitted += len(chosen)
+        batches += 1
+        out["loader_state"] = state()
+        out["skipped"], skipped = dict(skipped), Counter()
+        return out
+
+    def state() -> dict:
+        return {"split": ctx.split, "rank": ctx.rank, "world_size": ctx.world_size, "worker": ctx.worker,
+                "num_workers": ctx.num_workers, "seed": ctx.seed, "epoch": ctx.epoch, "position": frontier,
+                "done": sorted(done), "emitted": emitted, "batches": batches}
+
+    for item in items:
+        last_seen = item.position
+        if item.error is not None:
+            skipped[item.error.reason] += 1
+            done.add(item.position)
+        else:
+            pending.append(item)
+            pending_tokens += item.sample["input_ids"].numel()
+        while pending and collate.ready(len(pending), pending_tokens, batch_size):
+            new = form()
+            if held is not None:
+                yield held
+            held = new
+    while pending:
+        new = form()
+        if held is not None:
+            yield held
+        held = new
+    if held is not None:
+        if skipped:  # trailing skips of a finite pass
+            for k, v in skipped.items():
+                held["skipped"][k] = held["skipped"].get(k, 0) + v
+            advance()
+            held["loader_state"] = {**held["loader_state"], "position": frontier, "done": sorted(done)}
+        yield held
