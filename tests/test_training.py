@@ -290,6 +290,31 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path):
     assert not any(guard.update(False) for _ in range(50))  # 0: never aborts
 
 
+def test_nonfinite_micro_batch_drops_its_whole_accumulation_window(tmp_path):
+    class PoisonCall(pl.Callback):  # the 3rd forward pass: the first micro-batch of the second window
+        def on_train_start(self, trainer, pl_module):
+            vlm, original, calls = pl_module.vlm, pl_module.vlm.forward, [0]
+
+            def forward(*args, **kwargs):
+                out = original(*args, **kwargs)
+                calls[0] += 1
+                if calls[0] == 3:
+                    out.loss = out.loss * float("nan")
+                return out
+
+            vlm.forward = forward
+
+    module = VLMModule(**tiny_model_args(max_nonfinite=3))
+    snap = _Snapshot()
+    trainer(tmp_path, steps=3, callbacks=[PoisonCall(), snap], accumulate_grad_batches=2).fit(module, datamodule())
+    params = {n for n, _ in module.vlm.named_parameters()}
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in params)  # noqa: E731
+    assert module.trainer.global_step == 3 and module.guard.skipped == 1 and module.guard.in_a_row == 0
+    assert not same(snap.first, snap.before[1])  # window 0 stepped
+    assert same(snap.before[1], snap.after[1])  # window 1 (one NaN micro-batch of two) changed nothing
+    assert not same(snap.after[1], snap.after[2])  # window 2 stepped again
+
+
 def test_preflight_fails_a_template_that_masks_every_label(tmp_path):
     class Masking(VLMModule):
         def _install(self, vlm, processor, files):

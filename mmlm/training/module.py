@@ -26,10 +26,11 @@ validation leaves the training RNG stream as it found it, so a resume reproduces
 
 Steps
 -----
-``training_step`` tells the data module the batch was consumed (``record_consumed``), computes
-the loss, and on a non-finite loss (agreed by all ranks) skips the optimizer step (see
-:class:`mmlm.training.callbacks.NonFiniteGuard`). Logged: ``train/loss``, ``val/loss`` (averaged
-over supervised tokens), ``train/nonfinite_skipped``.
+``training_step`` tells the data module the batch was consumed (``record_consumed``) and computes
+the loss; ``optimizer_step`` then, with the backward pass already queued (the one host sync mmlm
+adds to a step), skips the update when a loss of the accumulation window was non-finite on any rank (see
+:class:`mmlm.training.callbacks.NonFiniteGuard`). Logged: ``train/loss`` (NaN when it was),
+``val/loss`` (averaged over supervised tokens), ``train/nonfinite_skipped``.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class VLMModule(pl.LightningModule):
             compile: torch.compile each LM decoder layer, each vision block and the loss
                 (``mmlm.training.compile``): faster GPU steps (small preset, 16 x 1024 tokens on an H100:
                 96 ms instead of 148) after a compile of seconds to a minute at the first steps; slower on CPU.
-            max_nonfinite: abort after this many non-finite losses in a row (each skips its step; 0: never abort).
+            max_nonfinite: abort after this many optimizer steps in a row with a non-finite loss (each one is
+                skipped; 0: never abort).
             tokenizer: tokenizer name/path for a pretrained LM (default: the LM's own).
             chat_template: named chat template for a pretrained LM (chatml, llama3, vicuna_v1, mmlm;
                 default: the LM's own when it marks the assistant's text, else the one it matches).
@@ -141,7 +143,7 @@ class VLMModule(pl.LightningModule):
         self._frozen: list = []
         self._pending_rng: dict | None = None
         self._rng_before_validation: dict | None = None
-        self._skip_update = False
+        self._window_finite: torch.Tensor | None = None  # all losses finite since the last optimizer step
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -275,30 +277,31 @@ class VLMModule(pl.LightningModule):
             dm.record_consumed(batch)
         out = self.vlm(**self.model_inputs(batch), return_logits=False)
         loss = out.loss
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        # no host sync here: whether the loss is finite is read in optimizer_step, once the backward
+        # pass is queued (reading it now would stall the host until the GPU finished the forward pass)
+        finite = torch.isfinite(loss.detach()).all()  # 0-d bool, on the loss's device
+        self._window_finite = finite if self._window_finite is None else self._window_finite & finite
         batch_size = _num_samples(batch)
-        if not self.guard.update(finite, self.global_step):
-            self._skip_update = True
-            self.log("train/nonfinite_skipped", float(self.guard.skipped), on_step=True, batch_size=batch_size)
-            return self._zero_loss()
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         if self.guard.skipped:
             self.log("train/nonfinite_skipped", float(self.guard.skipped), on_step=True, batch_size=batch_size)
         return loss
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A zero loss that reaches every trainable parameter (so every rank back-propagates)."""
-        params = [p for p in self.vlm.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
+    def _take_window_finite(self) -> bool:
+        """Were all losses of this accumulation window finite (on every rank)? Resets the window."""
+        finite, self._window_finite = self._window_finite, None
+        finite = True if finite is None else bool(finite)
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        loss = optimizer_closure()  # training_step (+ zero_grad) + backward
-        if self._skip_update:  # a non-finite loss in this accumulation window: drop the update
-            self._skip_update = False
+        loss = optimizer_closure()  # training_step (+ zero_grad) + backward, queued
+        # A non-finite loss anywhere in the window (any rank: the gradients are all-reduced) drops the
+        # update; the guard counts it and aborts after max_nonfinite windows in a row.
+        if not self.guard.update(self._take_window_finite(), self.global_step):
             optimizer.zero_grad(set_to_none=True)
             return None
         optimizer.step(closure=lambda: loss)
