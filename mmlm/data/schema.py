@@ -366,6 +366,42 @@ def expand_shards(spec: PathLike | Sequence[PathLike]) -> list[str]:
     return out
 
 
+def group_tar_members(
+    tar: tarfile.TarFile, *, wanted: Callable[[str], bool] | None = None, max_member_size: int | None = None
+) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """Yield ``(key, {ext: bytes}, problem)`` for each run of consecutive file members of an open
+    (stream-mode) ``tar`` sharing a key; non-file members are skipped. ``problem`` is a one-line
+    reason when a member of the sample has no extension, is duplicated, or is larger than
+    ``max_member_size`` (such a member is not read; the rest of the sample is skipped), else
+    ``None``. Members whose extension ``wanted`` rejects are skipped unread."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    problem: str | None = None
+    for info in tar:
+        if not info.isfile():
+            continue
+        k, ext = split_member(info.name)
+        if k != key:
+            if key is not None:
+                yield key, members, problem
+            key, members, problem = k, {}, None
+        if problem is not None:
+            continue
+        if not ext:
+            problem = f"member {info.name!r} has no extension"
+        elif wanted is not None and not wanted(ext):
+            continue  # never read
+        elif max_member_size is not None and info.size > max_member_size:
+            problem = f"member {info.name!r} is {info.size} bytes (> {max_member_size})"
+        elif ext in members:
+            problem = f"duplicate member {info.name!r} (same key twice in a row?)"
+        else:
+            f = tar.extractfile(info)
+            members[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, members, problem
+
+
 def iter_tar_samples(
     path: PathLike, *, max_member_size: int | None = None
 ) -> Iterator[tuple[str, dict[str, bytes], SchemaError | None]]:
@@ -373,40 +409,28 @@ def iter_tar_samples(
 
     Streams the tar (``tarfile`` stream mode); non-file members are skipped. ``error`` is a
     :class:`SchemaError` when a member of the sample has no extension, is duplicated, or is larger
-    than ``max_member_size`` (such a member is not read), else ``None``. A truncated or unreadable
-    tar raises ``tarfile.TarError``/``OSError`` from the iteration (a tar cut at a member boundary
-    is detected by its missing end-of-archive block; the last sample is then not yielded).
+    than ``max_member_size`` (such a member is not read), else ``None`` (see
+    :func:`group_tar_members`). A truncated or unreadable tar raises ``tarfile.TarError``/``OSError``
+    from the iteration (a tar cut at a member boundary is detected by its missing end-of-archive
+    block; the last sample is then not yielded).
     """
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    error: SchemaError | None = None
+    last = None
     with tarfile.open(os.fspath(path), mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_member(info.name)
-            if k != key:
-                if key is not None:
-                    yield key, members, error
-                key, members, error = k, {}, None
-            if error is not None:
-                continue
-            if not ext:
-                error = SchemaError(k, f"member {info.name!r} has no extension")
-            elif max_member_size is not None and info.size > max_member_size:
-                error = SchemaError(k, f"member {info.name!r} is {info.size} bytes (> {max_member_size})")
-            elif ext in members:
-                error = SchemaError(k, f"duplicate member {info.name!r} (same key twice in a row?)")
-            else:
-                f = tar.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
+        for group in group_tar_members(tar, max_member_size=max_member_size):
+            if last is not None:
+                yield _with_schema_error(*last)
+            last = group  # held back until the end-of-archive check
         end = tar.offset
     # tarfile ends quietly when a file stops exactly at a header boundary: require the
     # end-of-archive zero block so that a shard cut at a 512-byte boundary is not taken as whole
     if os.path.getsize(path) < end + tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"{os.fspath(path)} is truncated (no end-of-archive marker)")
-    if key is not None:
-        yield key, members, error
+    if last is not None:
+        yield _with_schema_error(*last)
+
+
+def _with_schema_error(key: str, members: dict[str, bytes], problem: str | None):
+    return key, members, (SchemaError(key, problem) if problem else None)
 
 
 def iter_tar_records(

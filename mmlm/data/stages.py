@@ -48,7 +48,7 @@ from typing import Any
 
 from mmlm.data.decode import decode_image
 from mmlm.data.errors import BAD_SHARD, SCHEMA_ERROR, TOO_LONG, BadSample, ErrorBudget, classify
-from mmlm.data.schema import Record, SchemaError, is_image_ext, record_from_members, split_member
+from mmlm.data.schema import Record, SchemaError, group_tar_members, is_image_ext, record_from_members
 from mmlm.data.sources import Source, open_shard
 from mmlm.data.targets import present_kinds, record_to_conversation
 
@@ -112,39 +112,14 @@ def _wanted(ext: str) -> bool:
 
 def iter_tar_groups(stream, url: str, *, max_member_size: int | None = None) -> Iterator[Item]:
     """Items (``members`` or ``error``) for each run of consecutive members sharing a key, read from
-    a binary ``stream`` of a tar. Only image/txt/json members are read; others are skipped unread.
-    A tar error propagates (the caller reports the shard)."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    error: BadSample | None = None
-
-    def flush() -> Item:
-        return Item(key=key, url=url, members=None if error else members, error=error)
-
+    a binary ``stream`` of a tar (:func:`mmlm.data.schema.group_tar_members`). Only image/txt/json
+    members are read; others are skipped unread. A tar error propagates (the caller reports the shard)."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_member(info.name)
-            if k != key:
-                if key is not None:
-                    yield flush()
-                key, members, error = k, {}, None
-            if error is not None:
-                continue
-            if not ext:
-                error = BadSample(k, SCHEMA_ERROR, f"member {info.name!r} has no extension")
-            elif not _wanted(ext):
-                continue  # never read: pickle, pth, npy, cls, ...
-            elif max_member_size is not None and info.size > max_member_size:
-                error = BadSample(k, SCHEMA_ERROR, f"member {info.name!r} is {info.size} bytes (> {max_member_size})")
-            elif ext in members:
-                error = BadSample(k, SCHEMA_ERROR, f"duplicate member {info.name!r}")
+        for key, members, problem in group_tar_members(tar, wanted=_wanted, max_member_size=max_member_size):
+            if problem is None:
+                yield Item(key=key, url=url, members=members)
             else:
-                f = tar.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
-    if key is not None:
-        yield flush()
+                yield Item(key=key, url=url, error=BadSample(key, SCHEMA_ERROR, problem))
 
 
 # ------------------------------------------------------------------------------------ stages
