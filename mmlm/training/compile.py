@@ -2,15 +2,16 @@
 
 :func:`compile_blocks` calls ``nn.Module.compile`` on every LM decoder layer and every vision
 encoder block, and compiles the loss of the labelled rows (output layer + float32 cross-entropy,
-``VLM.projected_loss``, with dynamic row counts) so that the float32 logits are never written out. Compiling blocks rather than the whole VLM keeps the image/text merge (data-dependent
-shapes) and the loss in eager mode, compiles one block graph that every layer reuses (seconds, not
-minutes), and leaves module names and ``state_dict`` keys unchanged, so checkpoints, export and
-resume work as without it. What it buys is fused elementwise work (norms, rotary, activations,
-dtype casts) and a loss that reads the bf16 logits instead of writing float32 ones: on an H100 the
-``small`` preset's bf16 training step took 96 ms instead of 148 ms at 16 x 1024 tokens, and reached
-40% MFU at 48 x 1024 (``benchmarks/mfu.py --compile``; results in ``benchmarks/results/``). On a CPU
-it made steps slower, so the recipes leave it off. ``VLMModule(compile=True)`` (``--model.compile true``) applies it after
-the stage's freezing, LoRA and activation checkpointing.
+``VLM.projected_loss``, with dynamic row counts) so that the float32 logits are never written out.
+Compiling blocks rather than the whole VLM keeps the image/text merge (data-dependent shapes) in
+eager mode, compiles one block graph that every layer reuses (seconds, not minutes), and leaves
+module names and ``state_dict`` keys unchanged, so checkpoints, export and resume work as without
+it. What it buys is fused elementwise work (norms, rotary, activations, dtype casts) and a loss
+that reads the bf16 logits instead of writing float32 ones: on an H100 the ``small`` preset's bf16
+training step took 96 ms instead of 148 ms at 16 x 1024 tokens, and reached 40% MFU at 48 x 1024
+(``benchmarks/mfu.py --compile``; results in ``benchmarks/results/``). On a CPU it made steps
+slower, so the recipes leave it off. ``VLMModule(compile=True)`` (``--model.compile true``) applies
+it after the stage's freezing, LoRA and activation checkpointing.
 """
 
 from __future__ import annotations
