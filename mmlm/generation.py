@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -41,7 +42,7 @@ class GenerationConfig:
     """Seed for sampling (reproducible outputs)."""
     use_cache: bool = True
     """Reuse keys/values of past tokens (False recomputes the whole sequence each step)."""
-    cache: str = "dynamic"
+    cache: Literal["dynamic", "static"] = "dynamic"
     """KV cache kind: ``dynamic`` (grows each step) or ``static`` (transformers' ``StaticCache``, sized
     prompt + max_new_tokens up front: fixed shapes, no reallocation; the kind ``torch.compile`` of the
     decode step needs). Greedy outputs are the same either way (tested); eager decoding is slower with
