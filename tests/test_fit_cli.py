@@ -79,3 +79,18 @@ def test_a_lightning_checkpoint_loads_on_its_own(run_dir):
     module = VLMModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
     assert module.vlm is not None and module.processor.config.max_length == 160
     assert module.hparams.preset == "tiny" and module.hparams.stage == "full"
+
+
+def test_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
+    """Reading the bar's metrics syncs with the GPU (the loss is a device tensor): only every N steps."""
+    from types import SimpleNamespace
+
+    bar = fit.default_progress_bar(metrics_every=10)
+    bar._metric_component = SimpleNamespace(update=lambda metrics: None)
+    reads = []
+    monkeypatch.setattr(type(bar), "get_metrics", lambda self, trainer, module: reads.append(trainer.global_step) or {})
+    monkeypatch.setattr(type(bar), "is_enabled", property(lambda self: True))
+    for step in range(1, 31):
+        bar._update_metrics(SimpleNamespace(training=True, sanity_checking=False, global_step=step), None)
+    bar._update_metrics(SimpleNamespace(training=False, sanity_checking=False, global_step=31), None)  # validation end
+    assert reads == [10, 20, 30, 31]

@@ -153,16 +153,26 @@ def default_loggers(root: str) -> list:
     return loggers
 
 
-def default_progress_bar():
-    """Lightning's progress bar, printing metrics with 3 significant digits (learning rates are small)."""
+def default_progress_bar(metrics_every: int = 10):
+    """Lightning's progress bar, printing metrics with 3 significant digits (learning rates are small).
+
+    The metrics shown are read every ``metrics_every`` training steps, not every step: reading them
+    turns the logged loss (a device tensor) into a number, which makes the host wait for the GPU.
+    """
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     try:
         from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
-
-        return RichProgressBar(theme=RichProgressBarTheme(metrics_format=".3g"))
     except (ImportError, ModuleNotFoundError):
-        return TQDMProgressBar()
+        return TQDMProgressBar(refresh_rate=metrics_every)
+
+    class _RichBar(RichProgressBar):
+        def _update_metrics(self, trainer, pl_module) -> None:
+            if trainer.training and not trainer.sanity_checking and trainer.global_step % metrics_every:
+                return  # the step count still advances; the numbers next to it wait for the next read
+            super()._update_metrics(trainer, pl_module)
+
+    return _RichBar(theme=RichProgressBarTheme(metrics_format=".3g"))
 
 
 def find_last_checkpoint(directory: str | os.PathLike | None) -> str | None:
