@@ -19,7 +19,7 @@ right, bottom), ``"a {size} {colour} {shape} {where}"`` joined by ", " and " and
 
 Questions (single-word answers): colour (``what color is the star?`` -> ``red``), shape
 (``what shape is on the left?`` -> ``star``), size (``what size is the red star?`` -> ``small``),
-count (``how many shapes are there?`` -> ``two``; also per colour/shape, answers zero..three),
+count (``how many shapes are there?`` -> ``2``; also per colour/shape, answers 0..3, digits as in VQAv2),
 position (``where is the red star?`` -> ``left``), exists (``is there a green circle?`` ->
 ``yes``/``no``, balanced). Objects are named unambiguously (shape, else size+shape, else shape+place).
 
@@ -92,7 +92,6 @@ __all__ = [
     # dataset: this module
     "VERSION",
     "SPLITS",
-    "REFERENCE_FORM",
     "ANSWER_TYPES",
     "N_HUMAN_ANSWERS",
     "image_key",
@@ -132,12 +131,8 @@ __all__ = [
     "encode_png",
 ]
 
-VERSION = 3
+VERSION = 4
 SPLITS = ("train", "val", "test")
-# Evaluation references are written as the VQAv2 annotation files write answers: numbers as
-# digits. The official VQA evaluation turns a predicted "two" into "2" but leaves ten identical
-# human answers untouched, so a reference "two" could never be matched. Training text keeps words.
-REFERENCE_FORM = {word: str(i) for i, word in enumerate(NUMBERS)}
 ANSWER_TYPES = {"exists": "yes/no", "count": "number"}  # others: "other"
 N_HUMAN_ANSWERS = 10
 
@@ -181,7 +176,7 @@ def make_eval(seed: int, split: str, index: int, size: int, render_image: bool =
     ann["captions"].append({"image_id": index, "id": index, "caption": caption})
     for k, qtype in enumerate(QUESTION_TYPES):
         q, word = question_for(qtype, scene, rng, exists_yes=(index % 2 == 0) if qtype == "exists" else None)
-        a = REFERENCE_FORM.get(word, word)  # references as VQAv2 stores them: numbers in digits
+        a = word  # as VQAv2 stores answers (numbers in digits: synthetic_scenes.NUMBERS), as trained
         qid = index * 10 + k
         atype = ANSWER_TYPES.get(qtype, "other")
         meta = {

@@ -3,9 +3,11 @@
 ``run_quickstart(workdir)``:
 
 1. builds the synthetic shapes dataset in ``WORKDIR/data`` (``data_pipelines.synthetic``);
-2. trains the ``tiny`` preset with ``configs/tiny-cpu.yaml`` through the same code as
-   ``mmlm fit`` (run directory = ``WORKDIR``: checkpoints/, logs/, preflight.json, model/), on
-   the GPU when there is one, else the CPU; a killed quickstart resumes from ``last.ckpt``;
+2. trains the ``tiny`` preset in two stages through the same code as ``mmlm fit``, on the GPU when
+   there is one, else the CPU: captions with ``configs/tiny-cpu.yaml`` (run directory
+   ``WORKDIR/captions``), then questions and captions from that model with
+   ``configs/tiny-cpu-vqa.yaml`` (run directory ``WORKDIR``: checkpoints/, logs/, preflight.json,
+   model/); a killed quickstart resumes from the stage's ``last.ckpt``;
 3. evaluates ``WORKDIR/model`` on the synthetic test split with ``mmlm.evaluation`` (the code
    behind ``mmlm eval``): VQA accuracy (official VQA rule) and caption metrics (CIDEr, BLEU,
    METEOR, ROUGE-L with pycocoevalcap), plus caption exact match;
@@ -28,12 +30,12 @@ from mmlm.io import atomic_write_text
 N_SHOWN = 4
 
 
-def default_config() -> Path:
-    """``configs/tiny-cpu.yaml`` of this checkout (the quickstart runs from an editable install)."""
-    path = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
+def default_config(name: str = "tiny-cpu.yaml") -> Path:
+    """``configs/NAME`` of this checkout (the quickstart runs from an editable install)."""
+    path = Path(__file__).resolve().parent.parent / "configs" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the quickstart from a checkout (pip install -e .) "
-                                "or pass --config")
+                                "or pass the recipe's path")
     return path
 
 
@@ -121,9 +123,11 @@ def show_examples(model_dir: Path, data: Path, n: int = N_SHOWN) -> list[dict[st
 
 
 def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: str | os.PathLike | None = None,
-                   train_images: int = 20000, val_images: int = 200, test_images: int = 500,
-                   fit_args: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Build data, train, evaluate and describe; returns (and writes) ``WORKDIR/results.json``."""
+                   vqa_config: str | os.PathLike | None = None, train_images: int = 20000,
+                   val_images: int = 200, test_images: int = 500, fit_args: list[str] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Build data, train (captions with ``config``, then questions with ``vqa_config``; ``fit_args``
+    go to both stages), evaluate and describe; returns (and writes) ``WORKDIR/results.json``."""
     import torch
 
     from data_pipelines.synthetic import build
@@ -131,13 +135,19 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: st
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = Path(config) if config else default_config()
+    vqa_config = Path(vqa_config) if vqa_config else default_config("tiny-cpu-vqa.yaml")
     data = workdir / "data"
     t0 = time.perf_counter()
     print(f"[1/4] synthetic dataset -> {data}", flush=True)
     build(data, train=train_images, val=val_images, test=test_images, seed=0, show_progress=progress)
     data_seconds = time.perf_counter() - t0
-    print(f"[2/4] training the tiny preset ({config.name}) -> {workdir}", flush=True)
-    train_seconds = train(workdir, data, config, list(fit_args or []))
+    captions = workdir / "captions"
+    print(f"[2/4] training the tiny preset: captions ({config.name}) -> {captions}", flush=True)
+    caption_seconds = train(captions, data, config, list(fit_args or []))
+    print(f"[2/4] training the tiny preset: questions ({vqa_config.name}) -> {workdir}", flush=True)
+    vqa_seconds = train(workdir, data, vqa_config,
+                        ["--model.init_from", os.fspath(captions / "model"), *(fit_args or [])])
+    train_seconds = caption_seconds + vqa_seconds
     model_dir = workdir / "model"
     print(f"[3/4] evaluating {model_dir} on the synthetic test split", flush=True)
     t1 = time.perf_counter()
@@ -156,6 +166,7 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: st
         "rouge_l": cap.get("ROUGE_L"),
         "ci95": {"vqa": vqa.get("ci95", {}).get("overall"), "cider": cap.get("ci95", {}).get("CIDEr")},
         "train_seconds": round(train_seconds, 1),
+        "train_seconds_per_stage": {"captions": round(caption_seconds, 1), "vqa": round(vqa_seconds, 1)},
         "data_seconds": round(data_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -163,7 +174,7 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: st
         "threads": torch.get_num_threads(),
         "model": os.fspath(model_dir),
         "examples": examples,
-        "learning_curve": learning_curve(workdir),
+        "learning_curve": {"captions": learning_curve(captions), "vqa": learning_curve(workdir)},
     }
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     return results

@@ -124,6 +124,7 @@ def fit_args(run_dir: Path, *extra: str, steps: int = 4, workers: int = 0, batch
         "--model.tokenizer_vocab_size", "320", "--model.max_length", "160",
         "--data.train", str(d / "train"), "--data.val", str(d / "val"),
         "--data.batch_size", str(batch_size), "--data.num_workers", str(workers), "--data.shuffle_buffer", "16",
+        "--data.sample_mode", "mixed",  # every record trains (the recipe's stage 1 reads captions only)
         "--data.min_samples", "1000",
         "--checkpoint.every_n_train_steps", "2",
         *extra,

@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 
 def test_the_recipes_are_there():
     names = {p.stem for p in CONFIGS}
-    assert {"tiny-cpu", "align-small", "instruct-small", "align-base", "instruct-base",
+    assert {"tiny-cpu", "tiny-cpu-vqa", "align-small", "instruct-small", "align-base", "instruct-base",
             "align-llava-1.5-7b", "instruct-llava-1.5-7b"} <= names
 
 
@@ -27,6 +27,18 @@ def test_config_parses(path):
     assert cfg.data.train, "a recipe names its training shards"
     assert cfg.trainer.default_root_dir == str(Path("runs") / path.stem)  # the run dir follows the config name
     assert cfg.checkpoint.dirpath == str(Path("runs") / path.stem / "checkpoints")
+
+
+def test_a_later_stage_starts_from_the_model_of_a_recipe_here():
+    stems = {p.stem for p in CONFIGS}
+    later = 0
+    for path in CONFIGS:
+        init = parse_config(["--config", str(path)]).fit.model.init_from
+        if init:
+            later += 1
+            run, stage1, model = Path(init).parts
+            assert (run, model) == ("runs", "model") and stage1 in stems and stage1 != path.stem, init
+    assert later >= 4  # instruct-* and tiny-cpu-vqa
 
 
 def test_llava_recipe_values():

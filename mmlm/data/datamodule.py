@@ -136,7 +136,8 @@ class VLMDataModule(pl.LightningDataModule):
             caption_first_samples: Curriculum: the first N training samples (all ranks and workers
                 together) train their caption whatever ``sample_mode`` says. Captions name every object,
                 so a model trained from scratch grounds its image tokens on them before questions ask
-                it to find objects by word (``configs/tiny-cpu.yaml``). 0: no caption phase.
+                it to find objects by word within one run (the quickstart trains captions and questions
+                as two stages instead: ``configs/tiny-cpu.yaml``, ``configs/tiny-cpu-vqa.yaml``). 0: none.
             vqa_suffix: Text appended to VQA questions (e.g. a short-answer instruction).
             max_bad_fraction: Stop when more than this fraction of samples is bad (after ``min_samples``); None: no limit.
             max_bad: Stop when more than this many samples are bad; None: no limit.
