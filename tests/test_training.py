@@ -338,6 +338,24 @@ def test_preflight_fails_a_template_that_masks_every_label(tmp_path):
                         image_token_id=module.processor.image_token_id, num_image_tokens=4, max_length=160).errors)
 
 
+def test_preflight_counts_packed_samples_not_the_rows_padding():
+    from types import SimpleNamespace
+
+    from mmlm.data.collate import PackCollate
+
+    def sample(n):  # a template token, then n - 1 supervised tokens
+        ids = torch.arange(1, n + 1)
+        return {"input_ids": ids, "labels": torch.cat([torch.tensor([-100]), ids[1:]]), "num_images": 0,
+                "pixel_values": None}
+
+    pack = PackCollate(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0)), max_length=16)
+    batch = pack.collate_rows([[sample(5), sample(6)], [sample(4)]])  # row 1 ends in 7 padding tokens
+    rep = analyse_batches([batch], image_token_id=99, num_image_tokens=0, max_length=16, pad_token_id=0)
+    assert rep.samples == batch["num_samples"] == 3 and rep.samples_without_labels == 0 and not rep.warnings
+    unaware = analyse_batches([batch], image_token_id=99, num_image_tokens=0, max_length=16)
+    assert unaware.samples == 4 and unaware.samples_without_labels == 1  # what the report said before
+
+
 def test_memory_estimate_follows_precision_stage_and_checkpointing():
     vlm, _ = tiny_pair()  # 2 vision blocks, 2 LM layers
     geom = dict(batch_size=8, seq_len=128, num_images=8)

@@ -119,9 +119,10 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _segments(batch: dict) -> list[tuple[int, int, int]]:
+def _segments(batch: dict, pad_token_id: int | None = None) -> list[tuple[int, int, int]]:
     """``(row, start, end)`` of each sample: rows of a padded batch, or the packed samples
-    delimited by ``position_ids`` restarting at 0."""
+    delimited by ``position_ids`` restarting at 0 (a packed row's trailing padding restarts them
+    too: with ``pad_token_id``, a last segment made of padding alone is not a sample)."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     pos = batch.get("position_ids")
@@ -131,6 +132,8 @@ def _segments(batch: dict) -> list[tuple[int, int, int]]:
             starts = (pos[r] == 0).nonzero().flatten().tolist() or [0]
             bounds = starts + [ids.shape[1]]
             for s, e in zip(bounds[:-1], bounds[1:]):
+                if e == ids.shape[1] and s > 0 and pad_token_id is not None and bool((ids[r, s:e] == pad_token_id).all()):
+                    continue  # the row's padding
                 out.append((r, s, e))
         else:
             n = int(mask[r].sum()) if mask is not None else ids.shape[1]
@@ -139,8 +142,10 @@ def _segments(batch: dict) -> list[tuple[int, int, int]]:
 
 
 def analyse_batches(batches: Iterable[dict], *, image_token_id: int, num_image_tokens: int,
-                    max_length: int | None, ignore_index: int = -100) -> PreflightReport:
-    """Label, image, truncation and padding statistics of some training batches."""
+                    max_length: int | None, ignore_index: int = -100,
+                    pad_token_id: int | None = None) -> PreflightReport:
+    """Label, image, truncation and padding statistics of some training batches (``pad_token_id``:
+    tells a packed row's trailing padding from a sample)."""
     rep = PreflightReport(max_length=max_length)
     for batch in batches:
         ids, labels = batch["input_ids"], batch["labels"]
@@ -154,7 +159,7 @@ def analyse_batches(batches: Iterable[dict], *, image_token_id: int, num_image_t
         rep.real_tokens += int(real)
         supervised = labels != ignore_index
         rep.label_tokens += int(supervised.sum())
-        segments = _segments(batch)
+        segments = _segments(batch, pad_token_id)
         rep.samples += len(segments)
         for r, s, e in segments:
             n = e - s
@@ -299,7 +304,7 @@ def run_preflight(pl_module, batches: Sequence[dict], *, precision: str = "32-tr
     vlm, processor = pl_module.vlm, pl_module.processor
     rep = analyse_batches(batches, image_token_id=vlm.config.image_token_id,
                           num_image_tokens=vlm.num_image_tokens, max_length=processor.config.max_length,
-                          ignore_index=vlm.config.ignore_index)
+                          ignore_index=vlm.config.ignore_index, pad_token_id=processor.tokenizer.pad_token_id)
     template_errors = check_template(processor)
     if template_errors:
         rep.errors = template_errors + [e for e in rep.errors if "masks every label" not in e]
