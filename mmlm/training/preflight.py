@@ -132,7 +132,8 @@ def _segments(batch: dict, pad_token_id: int | None = None) -> list[tuple[int, i
             starts = (pos[r] == 0).nonzero().flatten().tolist() or [0]
             bounds = starts + [ids.shape[1]]
             for s, e in zip(bounds[:-1], bounds[1:]):
-                if e == ids.shape[1] and s > 0 and pad_token_id is not None and bool((ids[r, s:e] == pad_token_id).all()):
+                padding = pad_token_id is not None and bool((ids[r, s:e] == pad_token_id).all())
+                if e == ids.shape[1] and s > 0 and padding:
                     continue  # the row's padding
                 out.append((r, s, e))
         else:
