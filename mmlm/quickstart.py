@@ -132,10 +132,13 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: st
 
     from data_pipelines.synthetic import build
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     config = Path(config) if config else default_config()
     vqa_config = Path(vqa_config) if vqa_config else default_config("tiny-cpu-vqa.yaml")
+    for flag, recipe in (("--config", config), ("--vqa-config", vqa_config)):
+        if not recipe.is_file():  # before minutes of data building and a first stage
+            raise FileNotFoundError(f"{flag} {recipe}: no such recipe file")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     t0 = time.perf_counter()
     print(f"[1/4] synthetic dataset -> {data}", flush=True)

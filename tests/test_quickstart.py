@@ -25,3 +25,11 @@ def test_quickstart_toy_scale(tmp_path, capsys):
     assert set(results["vqa_per_question_type"]) == {"color", "shape", "size", "count", "position", "exists"}
     out = capsys.readouterr().out
     assert "VQA accuracy" in out and "truth:" in out
+
+
+def test_a_missing_recipe_fails_at_once_with_one_line(tmp_path, capsys):
+    work = tmp_path / "qs"
+    assert main(["quickstart", "--workdir", str(work), "--vqa-config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--vqa-config" in err and "no such recipe file" in err and len(err.splitlines()) == 1
+    assert not work.exists()  # no data built, no first stage trained
