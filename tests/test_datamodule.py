@@ -228,3 +228,22 @@ def test_resume_through_a_lightning_checkpoint(tmp_path, proc):
     resumed = Recorder()
     trainer(5).fit(resumed, datamodule=_dm(tmp_path / "data", proc), ckpt_path=tmp_path / "ckpt.ckpt")
     assert resumed.seen == expected[3:]
+
+
+def test_without_a_data_seed_the_stream_follows_seed_everything(tmp_path, proc, monkeypatch):
+    # runs that differ only in --seed_everything must not read their data in the same order (a stage
+    # started from a checkpoint has no other randomness: it would repeat the run bit for bit)
+    from lightning.fabric.utilities.seed import seed_everything
+
+    write_caption_shards(tmp_path, n_shards=2, per_shard=8)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert _dm(tmp_path, proc, seed=None).seed == 0
+    orders = {}
+    for global_seed in (1, 2):
+        seed_everything(global_seed)  # exports PL_GLOBAL_SEED, as LightningCLI's seed_everything does
+        dm = _dm(tmp_path, proc, seed=None, num_workers=0)
+        assert dm.seed == global_seed
+        orders[global_seed] = keys_of(_consume(dm, 4))
+    assert orders[1] != orders[2]
+    assert _dm(tmp_path, proc, seed=5).seed == 5  # an explicit data seed wins
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)

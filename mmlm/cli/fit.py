@@ -11,7 +11,7 @@ Usage::
 Sections: ``trainer`` (lightning.Trainer), ``model`` (mmlm.training.VLMModule), ``data``
 (mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint), ``preflight``, ``monitor``
 (throughput/lr), ``signals`` (SIGTERM/SIGUSR1 checkpointing), ``export`` (final model), plus
-``seed_everything`` (default 0) and ``ckpt_path``.
+``seed_everything`` (default 0; it also seeds the data stream unless ``data.seed`` is given) and ``ckpt_path``.
 
 Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>``)::
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 from collections import Counter
 from typing import Any, Optional, Union
 
@@ -84,6 +85,13 @@ class StreamLoader(DataLoader):
         return it
 
 
+def data_seed(seed: Optional[int] = None) -> int:
+    """``seed``, or without one the global seed ``seed_everything`` set (``PL_GLOBAL_SEED``), else 0."""
+    if seed is not None:
+        return int(seed)
+    return int(os.environ.get("PL_GLOBAL_SEED") or 0)
+
+
 class VLMDataModule(pl.LightningDataModule):
     """Streams webdataset shards into VLM training batches (padded or packed), with exact resume."""
 
@@ -97,7 +105,7 @@ class VLMDataModule(pl.LightningDataModule):
         packing: bool = False,
         max_length: Optional[int] = None,
         shuffle_buffer: int = 1000,
-        seed: int = 0,
+        seed: Optional[int] = None,
         sample_mode: str = "auto",
         mixed_weights: Optional[dict[str, float]] = None,
         caption_first_samples: int = 0,
@@ -127,7 +135,9 @@ class VLMDataModule(pl.LightningDataModule):
                 attention stays within each sample) instead of padding one sample per row.
             max_length: Longest sample and, with packing, the packed row length in tokens (None: the processor's).
             shuffle_buffer: Samples in each worker's shuffle buffer (training).
-            seed: Seed of the training stream (shard draws, shuffling, mixed-mode choices).
+            seed: Seed of the training stream (shard draws, shuffling, mixed-mode choices). None: the
+                run's ``seed_everything`` (which Lightning exports as ``PL_GLOBAL_SEED``), else 0, so that
+                runs differing only in ``seed_everything`` also read their data in different orders.
             sample_mode: What a record trains: ``auto`` (conversation, else VQA, else caption), ``caption``,
                 ``conversation``, ``vqa`` or ``mixed`` (a seeded random pick among what the record has).
             mixed_weights: With ``sample_mode: mixed``, the relative weight of each kind a record has
@@ -183,7 +193,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.packing = bool(packing)
         self.max_length = max_length
         self.shuffle_buffer = int(shuffle_buffer)
-        self.seed = int(seed)
+        self.seed = data_seed(seed)
         self.sample_mode = sample_mode
         self.caption_first_samples = int(caption_first_samples)
         self.mixed_weights = dict(mixed_weights) if mixed_weights else None
