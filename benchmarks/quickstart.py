@@ -4,7 +4,9 @@ CPU, VQA accuracy >= 95% and caption exact match >= 80% on the synthetic test sp
 It runs ``python -m mmlm.cli.main quickstart --workdir DIR`` in a subprocess (the real command,
 data build + training + evaluation), measures its wall time, reads ``DIR/results.json``, prints
 a target-vs-measured table and writes ``benchmarks/results/quickstart-<date>.json`` with the
-scores, the timings, the learning curve (when the quickstart records one), the device (CPU model,
+scores, the timings, the learning curve (when the quickstart records one), the VQA accuracy per
+question type and expected answer (where the misses are: e.g. a count question answered "1" whatever
+the count), the device (CPU model,
 cores, GPU if any), the library versions and the machine load when the run started (a busy machine
 makes the timings meaningless: check ``load_at_start``).
 
@@ -124,7 +126,27 @@ def check(values: dict) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], results: dict) -> str:
+def per_answer(workdir: Path) -> dict[str, dict[str, list]] | None:
+    """VQA accuracy per question type and expected answer, ``{type: {answer: [accuracy %, n]}}``, for
+    the types whose answers are few (count, exists, size, position), from the evaluation's per-item
+    scores and the test split's VQAv2 annotations; None when the workdir lacks either."""
+    items = workdir / "eval" / "vqa" / "per_item.jsonl"
+    ann = workdir / "data" / "test" / "annotations" / "vqa_annotations.json"
+    if not (items.is_file() and ann.is_file()):
+        return None
+    truth = {str(a["question_id"]): (a["question_type"], a["multiple_choice_answer"])
+             for a in json.loads(ann.read_text())["annotations"]}
+    groups: dict[str, dict[str, list[float]]] = {}
+    for line in items.read_text().splitlines():
+        item = json.loads(line)
+        qtype, answer = truth.get(str(item["id"]), (None, None))
+        if qtype in ("count", "exists", "size", "position"):
+            groups.setdefault(qtype, {}).setdefault(answer, []).append(item["scores"]["accuracy"])
+    return {q: {a: [round(100 * sum(v) / len(v), 1), len(v)] for a, v in sorted(by.items())}
+            for q, by in sorted(groups.items())}
+
+
+def table(rows: list[dict], results: dict, breakdown: dict | None = None) -> str:
     def fmt(key, v):
         if v is None:
             return "-"
@@ -138,6 +160,8 @@ def table(rows: list[dict], results: dict) -> str:
     per_type = results.get("vqa_per_question_type") or {}
     for qtype, acc in sorted(per_type.items()):
         lines.append(f"{'  VQA ' + qtype:<22}{'':>10}{acc / 100:>12.1%}")
+    for qtype, by_answer in (breakdown or {}).items():
+        lines.append(f"{'    by answer':<22}  {qtype}: " + ", ".join(f"{a} {acc:.0f}% (n={n})" for a, (acc, n) in by_answer.items()))
     for key, label in (("cider", "CIDEr"), ("data_seconds", "data (s)"), ("train_seconds", "training (s)"),
                        ("eval_seconds", "evaluation (s)"), ("total_seconds", "quickstart total (s)")):
         if results.get(key) is not None:
@@ -188,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = json.loads(results_path.read_text())
     rows = check(measured(results, wall))
+    breakdown = per_answer(workdir)
     print()
-    print(table(rows, results))
+    print(table(rows, results, breakdown))
     record = {
         "benchmark": "quickstart",
         "date": started.isoformat(timespec="seconds"),
@@ -198,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": rows,
         "all_ok": all(r["ok"] for r in rows),
         "results": {k: v for k, v in results.items() if k != "examples"},
+        "vqa_per_answer": breakdown,
         "examples": results.get("examples"),
         "device": {**cpu_info(), "gpu": gpu_info(), "torch_threads": results.get("threads"),
                    "quickstart_device": results.get("device"), "platform": platform.platform()},

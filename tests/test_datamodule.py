@@ -246,3 +246,31 @@ def test_without_a_data_seed_the_stream_follows_seed_everything(tmp_path, proc, 
         orders[global_seed] = keys_of(_consume(dm, 4))
     assert orders[1] != orders[2]
     assert _dm(tmp_path, proc, seed=5).seed == 5  # an explicit data seed wins (monkeypatch restores the env)
+
+
+def test_prompt_loss_fraction_labels_the_prompts_of_a_seeded_share_of_training_samples(tmp_path, proc):
+    write_caption_shards(tmp_path, n_shards=2, per_shard=8)
+    image_id = proc.image_token_id
+
+    def labelled(fraction, loader="train"):
+        dm = _dm(tmp_path, proc, num_workers=0, prompt_loss_fraction=fraction, val=str(tmp_path))
+        batches = _consume(dm, 8) if loader == "train" else list(dm.val_dataloader())[:8]
+        rows = []  # per sample: (key, labelled tokens, tokens a prompt loss would label)
+        for b in batches:
+            real = (b["attention_mask"] > 0) & (b["input_ids"] != image_id)  # (B, L)
+            for key, lab, r in zip(b["keys"], b["labels"], real):
+                rows.append((key, int((lab != -100).sum()), int(r.sum())))
+        return rows
+
+    answers_only = labelled(0.0)
+    assert all(0 < n < full for _, n, full in answers_only)  # the caption, not the prompt
+    everything = labelled(1.0)
+    assert [k for k, _, _ in everything] == [k for k, _, _ in answers_only]  # same stream, other labels
+    assert all(n == full for _, n, full in everything)  # every token but the image tokens
+    half = labelled(0.5)
+    assert half == labelled(0.5)  # a seeded draw per sample
+    kinds = {n == full for _, n, full in half}
+    assert kinds == {True, False}
+    assert all(n < full for _, n, full in labelled(1.0, loader="val"))  # validation: answers only
+    with pytest.raises(ValueError, match="prompt_loss_fraction"):
+        VLMDataModule(train=str(tmp_path), prompt_loss_fraction=1.5)

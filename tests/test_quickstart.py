@@ -1,6 +1,8 @@
 """`mmlm quickstart` end to end at toy scale: data, training, evaluation, examples, results.json."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 from mmlm.cli.main import main
 from mmlm.quickstart import caption_exact_match, normalize_caption
@@ -25,6 +27,16 @@ def test_quickstart_toy_scale(tmp_path, capsys):
     assert set(results["vqa_per_question_type"]) == {"color", "shape", "size", "count", "position", "exists"}
     out = capsys.readouterr().out
     assert "VQA accuracy" in out and "truth:" in out
+    # the benchmark's per-answer breakdown of the same run agrees with the per-type scores
+    spec = importlib.util.spec_from_file_location("bench_qs", Path(__file__).parent.parent / "benchmarks/quickstart.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    by_answer = bench.per_answer(work)
+    assert set(by_answer) == {"count", "exists", "size", "position"} and set(by_answer["exists"]) <= {"yes", "no"}
+    for qtype, answers in by_answer.items():
+        n = sum(k for _, k in answers.values())
+        mean = sum(acc * k for acc, k in answers.values()) / n
+        assert n == 4 and abs(mean - results["vqa_per_question_type"][qtype]) < 0.1, (qtype, answers)
 
 
 def test_a_missing_recipe_fails_at_once_with_one_line(tmp_path, capsys):

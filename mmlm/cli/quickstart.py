@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
             "The main job on the embedded default: build the synthetic shapes dataset (WORKDIR/data), train "
             "the `tiny` preset from scratch in two stages, captions (configs/tiny-cpu.yaml, run directory "
             "WORKDIR/captions) then questions and captions (configs/tiny-cpu-vqa.yaml, run directory WORKDIR), "
-            "on the GPU when there is one, else the CPU (about 8 minutes on 2 CPU cores), evaluate it on the "
+            "on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores), evaluate it on the "
             "synthetic test split (VQA accuracy with the official VQA rule, caption exact match, "
             "CIDEr/BLEU/METEOR/ROUGE-L), describe four test images next to their ground truth, and print a "
             "results table. Leaves WORKDIR/model (load it with mmlm.load, `mmlm describe --model`, "

@@ -110,6 +110,7 @@ class VLMDataModule(pl.LightningDataModule):
         mixed_weights: Optional[dict[str, float]] = None,
         caption_first_samples: int = 0,
         vqa_suffix: str = "",
+        prompt_loss_fraction: float = 0.0,
         max_bad_fraction: Optional[float] = 0.05,
         max_bad: Optional[int] = None,
         min_samples: int = 100,
@@ -149,6 +150,10 @@ class VLMDataModule(pl.LightningDataModule):
                 it to find objects by word within one run (the quickstart trains captions and questions
                 as two stages instead: ``configs/tiny-cpu.yaml``, ``configs/tiny-cpu-vqa.yaml``). 0: none.
             vqa_suffix: Text appended to VQA questions (e.g. a short-answer instruction).
+            prompt_loss_fraction: Training only: this fraction of the samples (a seeded draw per sample)
+                also trains on its prompt, the questions included, not only on the answers: predicting
+                "is there a red [star]" from the image is grounding signal an answer-only loss never
+                gives (the quickstart's question stage: 0.3). 0: answers only (validation always is).
             max_bad_fraction: Stop when more than this fraction of samples is bad (after ``min_samples``); None: no limit.
             max_bad: Stop when more than this many samples are bad; None: no limit.
             min_samples: Samples seen before ``max_bad_fraction`` applies.
@@ -175,6 +180,8 @@ class VLMDataModule(pl.LightningDataModule):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         check_sample_mode(sample_mode)
+        if not 0.0 <= prompt_loss_fraction <= 1.0:
+            raise ValueError(f"prompt_loss_fraction must be in [0, 1], got {prompt_loss_fraction}")
         if caption_first_samples < 0:
             raise ValueError(f"caption_first_samples must be >= 0, got {caption_first_samples}")
         if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
@@ -198,6 +205,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.caption_first_samples = int(caption_first_samples)
         self.mixed_weights = dict(mixed_weights) if mixed_weights else None
         self.vqa_suffix = vqa_suffix
+        self.prompt_loss_fraction = float(prompt_loss_fraction)
         self.max_bad_fraction = max_bad_fraction
         self.max_bad = max_bad
         self.min_samples = int(min_samples)
@@ -250,6 +258,7 @@ class VLMDataModule(pl.LightningDataModule):
             sample_mode=self.sample_mode, vqa_suffix=self.vqa_suffix, max_pixels=self.max_pixels,
             caption_first_samples=self.caption_first_samples if split == "train" else 0,
             mixed_weights=self.mixed_weights,
+            prompt_loss_fraction=self.prompt_loss_fraction if split == "train" else 0.0,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
             allow_pipes=self.allow_pipes, allow_remote=self.allow_remote, uint8_pixels=self.uint8_pixels,
         )

@@ -216,10 +216,10 @@ def number(items: Iterable[Item], ctx: StreamContext, *, resume: dict | None) ->
         yield item
 
 
-def _sample_rng(ctx: StreamContext, item: Item) -> random.Random:
+def _sample_rng(ctx: StreamContext, item: Item, purpose: str = "sample") -> random.Random:
     if ctx.split == "eval":  # independent of how the pass is split over ranks and workers
-        return random.Random(f"sample:{ctx.seed}:{item.key}")
-    return ctx.rng("sample", item.position)
+        return random.Random(f"{purpose}:{ctx.seed}:{item.key}")
+    return ctx.rng(purpose, item.position)
 
 
 def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_suffix: str,
@@ -255,9 +255,19 @@ def decode(items: Iterable[Item], ctx: StreamContext, *, max_pixels: int | None)
         yield item
 
 
+def label_prompt(enc: dict, image_token_id: int) -> dict:
+    """``enc`` with labels on every token but the image tokens: the user turns (the questions) and
+    the template's tokens train too, not only the assistant's answers."""
+    ids = enc["input_ids"]  # (L,)
+    labels = ids.clone()
+    labels[ids == image_token_id] = -100
+    return {**enc, "labels": labels}
+
+
 def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_length: int | None,
-           pixel_dtype: str = "float") -> Iterator[Item]:
+           pixel_dtype: str = "float", prompt_loss_fraction: float = 0.0) -> Iterator[Item]:
     """Conversation + images -> ``processor.encode`` output (``pixel_dtype``: ``float`` or ``uint8``).
+    A seeded ``prompt_loss_fraction`` of the samples also label their prompts (``label_prompt``).
     ``too_long``: an overflow into an image span, a truncation that left no answer token, or
     (packing) more tokens than a row holds."""
     for item in items:
@@ -266,6 +276,9 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
                 enc = processor.encode(item.conversation, item.images, key=item.key, pixel_dtype=pixel_dtype)
             except (BadSample, ValueError) as e:
                 enc, item.error = None, classify(e, item.key)
+            if enc is not None and prompt_loss_fraction > 0 and (
+                    _sample_rng(ctx, item, "prompt_loss").random() < prompt_loss_fraction):
+                enc = label_prompt(enc, processor.image_token_id)
             if item.error is None:
                 max_len = processor.config.max_length
                 if enc is None:

@@ -112,6 +112,9 @@ class StreamConfig:
     its image tokens on them before questions ask it to bind words to objects."""
     vqa_suffix: str = ""
     """Appended to VQA questions (e.g. ``"\\nAnswer with a single word."``)."""
+    prompt_loss_fraction: float = 0.0
+    """This fraction of the samples (a seeded draw per sample) also trains on its prompt: labels on
+    the user turns and template tokens, not only on the assistant's answers (image tokens never)."""
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     """Images with more pixels are skipped (``huge_image``)."""
     max_member_size: int | None = 128 << 20
@@ -232,7 +235,8 @@ class VLMStream(IterableDataset):
         out.append(("decode", P(decode, ctx=ctx, max_pixels=cfg.max_pixels)))
         out.append(("encode", P(encode, ctx=ctx, processor=self.processor,
                                 max_sample_length=self.collate.max_sample_length,
-                                pixel_dtype="uint8" if cfg.uint8_pixels else "float")))
+                                pixel_dtype="uint8" if cfg.uint8_pixels else "float",
+                                prompt_loss_fraction=cfg.prompt_loss_fraction)))
         budget = ErrorBudget(cfg.max_bad_fraction, cfg.max_bad, cfg.min_samples,
                              where=f"{cfg.split} stream rank {ctx.rank} worker {ctx.worker}")
         out.append(("handle_errors", P(handle_errors, ctx=ctx, budget=budget)))
