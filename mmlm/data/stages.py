@@ -276,9 +276,6 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
                 enc = processor.encode(item.conversation, item.images, key=item.key, pixel_dtype=pixel_dtype)
             except (BadSample, ValueError) as e:
                 enc, item.error = None, classify(e, item.key)
-            if enc is not None and prompt_loss_fraction > 0 and (
-                    _sample_rng(ctx, item, "prompt_loss").random() < prompt_loss_fraction):
-                enc = label_prompt(enc, processor.image_token_id)
             if item.error is None:
                 max_len = processor.config.max_length
                 if enc is None:
@@ -291,6 +288,8 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
                     item.error = BadSample(item.key, TOO_LONG, f"{enc['input_ids'].numel()} tokens > packed row "
                                                                f"length {max_sample_length}")
                 else:
+                    if prompt_loss_fraction > 0 and _sample_rng(ctx, item, "prompt_loss").random() < prompt_loss_fraction:
+                        enc = label_prompt(enc, processor.image_token_id)
                     item.sample = {**enc, "key": item.key, "position": item.position}
         item.images = item.conversation = item.record = None
         yield item
