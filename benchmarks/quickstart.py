@@ -126,27 +126,59 @@ def check(values: dict) -> list[dict]:
     return rows
 
 
-def per_answer(workdir: Path) -> dict[str, dict[str, list]] | None:
-    """VQA accuracy per question type and expected answer, ``{type: {answer: [accuracy %, n]}}``, for
-    the types whose answers are few (count, exists, size, position), from the evaluation's per-item
-    scores and the test split's VQAv2 annotations; None when the workdir lacks either."""
+def _scored_questions(workdir: Path) -> list[tuple[str, str, int, float]] | None:
+    """``(question type, expected answer, image id, accuracy)`` per test question, from the evaluation's
+    per-item scores and the test split's VQAv2 annotations; None when the workdir lacks either."""
     items = workdir / "eval" / "vqa" / "per_item.jsonl"
     ann = workdir / "data" / "test" / "annotations" / "vqa_annotations.json"
     if not (items.is_file() and ann.is_file()):
         return None
-    truth = {str(a["question_id"]): (a["question_type"], a["multiple_choice_answer"])
+    truth = {str(a["question_id"]): (a["question_type"], a["multiple_choice_answer"], a["image_id"])
              for a in json.loads(ann.read_text())["annotations"]}
-    groups: dict[str, dict[str, list[float]]] = {}
+    scored = []
     for line in items.read_text().splitlines():
         item = json.loads(line)
-        qtype, answer = truth.get(str(item["id"]), (None, None))
+        if str(item["id"]) in truth:
+            scored.append((*truth[str(item["id"])], item["scores"]["accuracy"]))
+    return scored
+
+
+def _percent(groups: dict[str, dict]) -> dict[str, dict]:
+    return {g: {k: [round(100 * sum(v) / len(v), 1), len(v)] for k, v in sorted(by.items())}
+            for g, by in sorted(groups.items())}
+
+
+def per_answer(workdir: Path) -> dict[str, dict[str, list]] | None:
+    """VQA accuracy per question type and expected answer, ``{type: {answer: [accuracy %, n]}}``, for
+    the types whose answers are few (count, exists, size, position); None without an evaluation."""
+    scored = _scored_questions(workdir)
+    if scored is None:
+        return None
+    groups: dict[str, dict[str, list[float]]] = {}
+    for qtype, answer, _, acc in scored:
         if qtype in ("count", "exists", "size", "position"):
-            groups.setdefault(qtype, {}).setdefault(answer, []).append(item["scores"]["accuracy"])
-    return {q: {a: [round(100 * sum(v) / len(v), 1), len(v)] for a, v in sorted(by.items())}
-            for q, by in sorted(groups.items())}
+            groups.setdefault(qtype, {}).setdefault(answer, []).append(acc)
+    return _percent(groups)
 
 
-def table(rows: list[dict], results: dict, breakdown: dict | None = None) -> str:
+def per_scene_size(workdir: Path) -> dict[str, dict[str, list]] | None:
+    """VQA accuracy per question type and number of objects in the image, ``{type: {"2": [accuracy %,
+    n]}}``: a question about one object of several tests whether the model finds the object it names
+    (chance, if it picks one of them at random: 50% with 2, 33% with 3). The number of objects is read
+    from the test captions, which name every object ("a ..., a ... and a ...")."""
+    scored = _scored_questions(workdir)
+    captions = workdir / "data" / "test" / "annotations" / "captions.json"
+    if scored is None or not captions.is_file():
+        return None
+    objects = {a["image_id"]: 1 + a["caption"].count(", ") + a["caption"].count(" and ")
+               for a in json.loads(captions.read_text())["annotations"]}
+    groups: dict[str, dict[str, list[float]]] = {}
+    for qtype, _, image_id, acc in scored:
+        groups.setdefault(qtype, {}).setdefault(str(objects[image_id]), []).append(acc)
+    return _percent(groups)
+
+
+def table(rows: list[dict], results: dict, breakdown: dict | None = None, by_objects: dict | None = None) -> str:
     def fmt(key, v):
         if v is None:
             return "-"
@@ -162,6 +194,8 @@ def table(rows: list[dict], results: dict, breakdown: dict | None = None) -> str
         lines.append(f"{'  VQA ' + qtype:<22}{'':>10}{acc / 100:>12.1%}")
     for qtype, by_answer in (breakdown or {}).items():
         lines.append(f"{'    by answer':<22}  {qtype}: " + ", ".join(f"{a} {acc:.0f}% (n={n})" for a, (acc, n) in by_answer.items()))
+    for qtype, by_n in (by_objects or {}).items():
+        lines.append(f"{'    by objects':<22}  {qtype}: " + ", ".join(f"{k} {acc:.0f}% (n={n})" for k, (acc, n) in by_n.items()))
     for key, label in (("cider", "CIDEr"), ("data_seconds", "data (s)"), ("train_seconds", "training (s)"),
                        ("eval_seconds", "evaluation (s)"), ("total_seconds", "quickstart total (s)")):
         if results.get(key) is not None:
@@ -212,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = json.loads(results_path.read_text())
     rows = check(measured(results, wall))
-    breakdown = per_answer(workdir)
+    breakdown, by_objects = per_answer(workdir), per_scene_size(workdir)
     print()
-    print(table(rows, results, breakdown))
+    print(table(rows, results, breakdown, by_objects))
     record = {
         "benchmark": "quickstart",
         "date": started.isoformat(timespec="seconds"),
@@ -224,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "all_ok": all(r["ok"] for r in rows),
         "results": {k: v for k, v in results.items() if k != "examples"},
         "vqa_per_answer": breakdown,
+        "vqa_per_scene_size": by_objects,
         "examples": results.get("examples"),
         "device": {**cpu_info(), "gpu": gpu_info(), "torch_threads": results.get("threads"),
                    "quickstart_device": results.get("device"), "platform": platform.platform()},

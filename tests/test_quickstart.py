@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from mmlm.cli.main import main
+from mmlm.data.schema import iter_tar_records
 from mmlm.quickstart import caption_exact_match, normalize_caption
 
 
@@ -37,6 +38,17 @@ def test_quickstart_toy_scale(tmp_path, capsys):
         n = sum(k for _, k in answers.values())
         mean = sum(acc * k for acc, k in answers.values()) / n
         assert n == 4 and abs(mean - results["vqa_per_question_type"][qtype]) < 0.1, (qtype, answers)
+    # ... and so does the breakdown by the number of objects in the image (read from the test captions;
+    # checked against the objects the test shards list)
+    by_objects = bench.per_scene_size(work)
+    shards = sorted(str(p) for p in (work / "data" / "test").glob("*.tar"))
+    sizes = sorted(str(len(r.meta["objects"])) for r in iter_tar_records(shards) if r.captions)
+    assert len(sizes) == 4
+    assert set(by_objects) == set(results["vqa_per_question_type"])
+    for qtype, groups in by_objects.items():
+        assert sorted(k for k, (_, n) in groups.items() for _ in range(n)) == sizes and set(groups) <= {"1", "2", "3"}
+        mean = sum(acc * n for acc, n in groups.values()) / len(sizes)
+        assert abs(mean - results["vqa_per_question_type"][qtype]) < 0.1, (qtype, groups)
 
 
 def test_a_missing_recipe_fails_at_once_with_one_line(tmp_path, capsys):
