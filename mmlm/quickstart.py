@@ -3,11 +3,13 @@
 ``run_quickstart(workdir)``:
 
 1. builds the synthetic shapes dataset in ``WORKDIR/data`` (``data_pipelines.synthetic``);
-2. trains the ``tiny`` preset in two stages through the same code as ``mmlm fit``, on the GPU when
-   there is one, else the CPU: captions with ``configs/tiny-cpu.yaml`` (run directory
-   ``WORKDIR/captions``), then questions and captions from that model with
-   ``configs/tiny-cpu-vqa.yaml`` (run directory ``WORKDIR``: checkpoints/, logs/, preflight.json,
-   model/); a killed quickstart resumes from the stage's ``last.ckpt``;
+2. trains the ``tiny`` preset in stages (:data:`RECIPES`) through the same code as ``mmlm fit``, on
+   the GPU when there is one, else the CPU, each stage from the previous stage's model: captions
+   (``configs/tiny-cpu.yaml``), questions and captions (``configs/tiny-cpu-vqa.yaml``), a drill of the
+   position questions (``configs/tiny-cpu-where.yaml``), questions and captions again
+   (``configs/tiny-cpu-review.yaml``). A stage's run directory is ``WORKDIR/<recipe name>``, the last
+   one's ``WORKDIR`` itself (checkpoints/, logs/, preflight.json, model/); a killed quickstart
+   resumes from the stage's ``last.ckpt``;
 3. evaluates ``WORKDIR/model`` on the synthetic test split with ``mmlm.evaluation`` (the code
    behind ``mmlm eval``): VQA accuracy (official VQA rule) and caption metrics (CIDEr, BLEU,
    METEOR, ROUGE-L with pycocoevalcap), plus caption exact match;
@@ -28,6 +30,8 @@ from typing import Any
 from mmlm.io import atomic_write_text
 
 N_SHOWN = 4
+RECIPES = ("tiny-cpu.yaml", "tiny-cpu-vqa.yaml", "tiny-cpu-where.yaml", "tiny-cpu-review.yaml")
+"""The quickstart's stages, in order (files in ``configs/``)."""
 
 
 def default_config(name: str = "tiny-cpu.yaml") -> Path:
@@ -122,35 +126,45 @@ def show_examples(model_dir: Path, data: Path, n: int = N_SHOWN) -> list[dict[st
     return [{"image": os.fspath(files[i]), "truth": truth[i], "model": t} for i, t in zip(ids, texts)]
 
 
-def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: str | os.PathLike | None = None,
-                   vqa_config: str | os.PathLike | None = None, train_images: int = 20000,
+def stage_dirs(workdir: Path, recipes: list[Path]) -> list[Path]:
+    """Each stage's run directory: ``WORKDIR/<recipe name>``, the last stage's ``WORKDIR``."""
+    names = [r.stem for r in recipes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the stage recipes need distinct file names (they name the run directories), got {names}")
+    return [workdir / n for n in names[:-1]] + [workdir]
+
+
+def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
+                   recipes: list[str | os.PathLike] | None = None, train_images: int = 20000,
                    val_images: int = 200, test_images: int = 500, fit_args: list[str] | None = None,
                    progress: bool = True) -> dict[str, Any]:
-    """Build data, train (captions with ``config``, then questions with ``vqa_config``; ``fit_args``
-    go to both stages), evaluate and describe; returns (and writes) ``WORKDIR/results.json``."""
+    """Build data, train the stages ``recipes`` (default :data:`RECIPES`; each stage after the first
+    starts from the previous one's model; ``fit_args`` go to every stage), evaluate and describe;
+    returns (and writes) ``WORKDIR/results.json``."""
     import torch
 
     from data_pipelines.synthetic import build
 
-    config = Path(config) if config else default_config()
-    vqa_config = Path(vqa_config) if vqa_config else default_config("tiny-cpu-vqa.yaml")
-    for flag, recipe in (("--config", config), ("--vqa-config", vqa_config)):
+    paths = [Path(r) for r in recipes] if recipes else [default_config(n) for n in RECIPES]
+    if not paths:
+        raise ValueError("--recipes needs at least one recipe")
+    for recipe in paths:
         if not recipe.is_file():  # before minutes of data building and a first stage
-            raise FileNotFoundError(f"{flag} {recipe}: no such recipe file")
+            raise FileNotFoundError(f"--recipes {recipe}: no such recipe file")
     workdir = Path(workdir)
+    dirs = stage_dirs(workdir, paths)
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     t0 = time.perf_counter()
     print(f"[1/4] synthetic dataset -> {data}", flush=True)
     build(data, train=train_images, val=val_images, test=test_images, seed=0, show_progress=progress)
     data_seconds = time.perf_counter() - t0
-    captions = workdir / "captions"
-    print(f"[2/4] training the tiny preset: captions ({config.name}) -> {captions}", flush=True)
-    caption_seconds = train(captions, data, config, list(fit_args or []))
-    print(f"[2/4] training the tiny preset: questions ({vqa_config.name}) -> {workdir}", flush=True)
-    vqa_seconds = train(workdir, data, vqa_config,
-                        ["--model.init_from", os.fspath(captions / "model"), *(fit_args or [])])
-    train_seconds = caption_seconds + vqa_seconds
+    stage_seconds: dict[str, float] = {}
+    for i, (recipe, run_dir) in enumerate(zip(paths, dirs)):
+        print(f"[2/4] training the tiny preset, stage {i + 1}/{len(paths)}: {recipe.name} -> {run_dir}", flush=True)
+        init = ["--model.init_from", os.fspath(dirs[i - 1] / "model")] if i else []
+        stage_seconds[recipe.stem] = train(run_dir, data, recipe, [*init, *(fit_args or [])])
+    train_seconds = sum(stage_seconds.values())
     model_dir = workdir / "model"
     print(f"[3/4] evaluating {model_dir} on the synthetic test split", flush=True)
     t1 = time.perf_counter()
@@ -169,7 +183,7 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: st
         "rouge_l": cap.get("ROUGE_L"),
         "ci95": {"vqa": vqa.get("ci95", {}).get("overall"), "cider": cap.get("ci95", {}).get("CIDEr")},
         "train_seconds": round(train_seconds, 1),
-        "train_seconds_per_stage": {"captions": round(caption_seconds, 1), "vqa": round(vqa_seconds, 1)},
+        "train_seconds_per_stage": {k: round(v, 1) for k, v in stage_seconds.items()},
         "data_seconds": round(data_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -177,7 +191,7 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *, config: st
         "threads": torch.get_num_threads(),
         "model": os.fspath(model_dir),
         "examples": examples,
-        "learning_curve": {"captions": learning_curve(captions), "vqa": learning_curve(workdir)},
+        "learning_curve": {r.stem: learning_curve(d) for r, d in zip(paths, dirs)},
     }
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     return results

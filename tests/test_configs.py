@@ -38,7 +38,7 @@ def test_a_later_stage_starts_from_the_model_of_a_recipe_here():
             later += 1
             run, stage1, model = Path(init).parts
             assert (run, model) == ("runs", "model") and stage1 in stems and stage1 != path.stem, init
-    assert later >= 4  # instruct-* and tiny-cpu-vqa
+    assert later >= 6  # instruct-*, tiny-cpu-vqa, tiny-cpu-where, tiny-cpu-review
 
 
 def test_llava_recipe_values():
@@ -56,3 +56,12 @@ def test_command_line_overrides_a_config():
     cfg = parse_config(["--config", str(CONFIGS[0]), "--model.lr", "0.5", "--trainer.default_root_dir", "/tmp/x",
                         "--data.batch_size", "3"]).fit
     assert (cfg.model.lr, cfg.data.batch_size, cfg.checkpoint.dirpath) == (0.5, 3, "/tmp/x/checkpoints")
+
+
+def test_the_quickstart_stages_start_from_one_another():
+    from mmlm.quickstart import RECIPES
+
+    assert all((Path(__file__).parent.parent / "configs" / name).is_file() for name in RECIPES)
+    for prev, name in zip(RECIPES, RECIPES[1:]):
+        init = parse_config(["--config", str(Path(__file__).parent.parent / "configs" / name)]).fit.model.init_from
+        assert init == str(Path("runs") / Path(prev).stem / "model"), (name, init)

@@ -388,3 +388,61 @@ def test_truncated_answers_are_too_long_but_unlabelled_templates_pass(tmp_path):
     proc = Processor(tiny_tokenizer(), make_processor(max_length=256).config, chat_template=masking)
     (b,) = list(loader(VLMStream(sources, proc, PadCollate(proc), StreamConfig(split="eval"), rank=0, world_size=1)))
     assert b["keys"] == ["short", "long"] and (b["labels"] == -100).all() and not b["skipped"]
+
+
+def test_question_pattern_keeps_the_matching_questions_and_the_images():
+    import re
+
+    from mmlm.data.errors import BadSample
+    from mmlm.data.targets import compile_question_pattern, filter_turns
+
+    conv = [{"from": "system", "value": "be brief"},
+            {"from": "human", "value": "<image>\nwhat color is the star?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "where is the star?"}, {"from": "gpt", "value": "left"},
+            {"from": "human", "value": "where is the cross?"}, {"from": "gpt", "value": "top"}]
+    where = re.compile("^where ")
+    assert filter_turns(conv, where) == [
+        {"from": "system", "value": "be brief"},
+        {"from": "human", "value": "<image>\nwhere is the star?"}, {"from": "gpt", "value": "left"},
+        {"from": "human", "value": "where is the cross?"}, {"from": "gpt", "value": "top"}]
+    # the pattern sees the question without its placeholder; every placeholder moves to the first kept question
+    two = [{"role": "user", "content": "<image>\n<image>\nwhat color is the star?"}, {"role": "assistant", "content": "red"},
+           {"role": "user", "content": "what shape?"}, {"role": "assistant", "content": "star"}]
+    assert filter_turns(two, re.compile("^what color")) == two[:2]
+    assert filter_turns(two, re.compile("shape")) == [{"role": "user", "content": "<image>\n<image>\nwhat shape?"},
+                                                      {"role": "assistant", "content": "star"}]
+    assert conv[1]["value"].startswith("<image>")  # the input is not modified
+    with pytest.raises(BadSample) as e:
+        filter_turns(conv, re.compile("^how many"), key="k7")
+    assert e.value.reason == "no_target" and "k7" in str(e.value)
+
+    rec = Record(key="r", images=[b"x"], image_exts=["png"], caption="a red star", conversations=conv)
+    picked = record_to_conversation(rec, "conversation", random.Random(0), caption_conversation=_caption_conv,
+                                    question_pattern=where)
+    assert [t["value"] for t in picked if t["from"] == "gpt"] == ["left", "top"]
+    assert record_to_conversation(rec, "caption", random.Random(0), caption_conversation=_caption_conv,
+                                  question_pattern=where) == _caption_conv("a red star")  # captions: not filtered
+    assert compile_question_pattern(None) is None
+    for bad in ("(", ""):
+        with pytest.raises(ValueError, match="question_pattern"):
+            StreamConfig(question_pattern=bad)
+
+
+def test_question_pattern_in_the_stream_skips_records_without_a_match(tmp_path, proc):
+    def record(i):
+        turns = [{"from": "human", "value": "<image>\nwhat color is the star?"}, {"from": "gpt", "value": "red"}]
+        if i % 2:
+            turns += [{"from": "human", "value": "where is the star?"}, {"from": "gpt", "value": "left"}]
+        return f"m{i}", {"png": png(), "json": json.dumps({"conversations": turns})}
+
+    write_tar(tmp_path / "m-000000.tar", [record(i) for i in range(16)])
+    stream = VLMStream(resolve_sources(str(tmp_path)), proc, PadCollate(proc),
+                       StreamConfig(split="eval", batch_size=16, sample_mode="conversation",
+                                    question_pattern="^where "), rank=0, world_size=1)
+    batches = list(loader(stream))
+    assert sorted(keys_of(batches)) == sorted(f"m{i}" for i in range(1, 16, 2))
+    assert total_skipped(batches) == Counter({"no_target": 8})
+    for b in batches:
+        for ids, row in zip(b["input_ids"], b["labels"]):
+            assert proc.tokenizer.decode(row[row != -100]) == "left<|end|>"
+            assert (ids == proc.image_token_id).sum() == proc.config.num_image_tokens  # the image stayed

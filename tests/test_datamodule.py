@@ -4,6 +4,7 @@ pickling, and its constructor as CLI arguments."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -274,3 +275,16 @@ def test_prompt_loss_fraction_labels_the_prompts_of_a_seeded_share_of_training_s
     assert all(n < full for _, n, full in labelled(1.0, loader="val"))  # validation: answers only
     with pytest.raises(ValueError, match="prompt_loss_fraction"):
         VLMDataModule(train=str(tmp_path), prompt_loss_fraction=1.5)
+
+
+def test_question_pattern_reaches_training_and_validation_streams(tmp_path, proc):
+    conv = [{"from": "human", "value": "<image>\nwhat color is the star?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "where is the star?"}, {"from": "gpt", "value": "left"}]
+    write_tar(tmp_path / "q-000000.tar", [(f"q{i}", {"png": png(), "json": json.dumps({"conversations": conv})})
+                                           for i in range(8)])
+    dm = _dm(tmp_path, proc, num_workers=0, sample_mode="conversation", question_pattern="^where ", val=str(tmp_path))
+    for batches in (_consume(dm, 2), list(dm.val_dataloader())):
+        for b in batches:
+            assert {proc.tokenizer.decode(r[r != -100]) for r in b["labels"]} == {"left<|end|>"}
+    with pytest.raises(ValueError, match="question_pattern"):
+        VLMDataModule(train=str(tmp_path), question_pattern="[")

@@ -25,6 +25,11 @@ def test_quickstart_toy_scale(tmp_path, capsys):
         assert key in results, key
     assert 0.0 <= results["vqa_accuracy"] <= 1.0 and len(results["examples"]) == 4
     assert (work / "model" / "model.safetensors").is_file()
+    # the stages, each from the previous one's model; the last one's run directory is the workdir
+    stages = ["tiny-cpu", "tiny-cpu-vqa", "tiny-cpu-where", "tiny-cpu-review"]
+    assert list(results["train_seconds_per_stage"]) == stages == list(results["learning_curve"])
+    for stage in stages[:-1]:
+        assert (work / stage / "model" / "model.safetensors").is_file()
     assert set(results["vqa_per_question_type"]) == {"color", "shape", "size", "count", "position", "exists"}
     out = capsys.readouterr().out
     assert "VQA accuracy" in out and "truth:" in out
@@ -53,7 +58,15 @@ def test_quickstart_toy_scale(tmp_path, capsys):
 
 def test_a_missing_recipe_fails_at_once_with_one_line(tmp_path, capsys):
     work = tmp_path / "qs"
-    assert main(["quickstart", "--workdir", str(work), "--vqa-config", str(tmp_path / "nope.yaml")]) == 2
+    recipes = Path(__file__).parent.parent / "configs"
+    assert main(["quickstart", "--workdir", str(work), "--recipes", str(recipes / "tiny-cpu.yaml"),
+                 str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--vqa-config" in err and "no such recipe file" in err and len(err.splitlines()) == 1
+    assert "--recipes" in err and "no such recipe file" in err and len(err.splitlines()) == 1
     assert not work.exists()  # no data built, no first stage trained
+    # two stages of the same name would share a run directory
+    assert main(["quickstart", "--workdir", str(work), "--recipes", str(recipes / "tiny-cpu.yaml"),
+                 str(recipes / "tiny-cpu.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "distinct file names" in err and len(err.splitlines()) == 1
+    assert not work.exists()

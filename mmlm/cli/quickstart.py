@@ -11,11 +11,14 @@ def add_parser(sub) -> None:
         help="build the synthetic dataset, train the tiny preset, evaluate and describe test images",
         description=(
             "The main job on the embedded default: build the synthetic shapes dataset (WORKDIR/data), train "
-            "the `tiny` preset from scratch in two stages, captions (configs/tiny-cpu.yaml, run directory "
-            "WORKDIR/captions) then questions and captions (configs/tiny-cpu-vqa.yaml, run directory WORKDIR), "
-            "on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores), evaluate it on the "
+            "the `tiny` preset from scratch in four stages, each from the previous stage's model: captions "
+            "(configs/tiny-cpu.yaml), questions and captions (configs/tiny-cpu-vqa.yaml), a drill of the "
+            "position questions (configs/tiny-cpu-where.yaml), questions and captions again "
+            "(configs/tiny-cpu-review.yaml); a stage's run directory is WORKDIR/<recipe name>, the last one's "
+            "WORKDIR. It trains on the GPU when there is one, else the CPU (9-10 minutes on 2 CPU cores), "
+            "then evaluates the model on the "
             "synthetic test split (VQA accuracy with the official VQA rule, caption exact match, "
-            "CIDEr/BLEU/METEOR/ROUGE-L), describe four test images next to their ground truth, and print a "
+            "CIDEr/BLEU/METEOR/ROUGE-L), describes four test images next to their ground truth, and prints a "
             "results table. Leaves WORKDIR/model (load it with mmlm.load, `mmlm describe --model`, "
             "`mmlm eval --model`) and WORKDIR/results.json. Running it again on the same WORKDIR reuses the "
             "data and resumes (or skips) the training."
@@ -25,11 +28,11 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--workdir", default="mmlm-quickstart", help="where data, logs, checkpoints, the model and results go")
-    p.add_argument("--config", default=None,
-                   help="stage-1 recipe, captions (default: configs/tiny-cpu.yaml of this checkout)")
-    p.add_argument("--vqa-config", default=None,
-                   help="stage-2 recipe, questions; its model.init_from is set to stage 1's model "
-                        "(default: configs/tiny-cpu-vqa.yaml of this checkout)")
+    p.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE",
+                   help="the stage recipes in order (mmlm fit configs with distinct file names); each stage after "
+                        "the first starts from the previous one's model (its model.init_from is set) "
+                        "(default: configs/tiny-cpu.yaml tiny-cpu-vqa.yaml tiny-cpu-where.yaml tiny-cpu-review.yaml "
+                        "of this checkout)")
     p.add_argument("--train-images", type=int, default=20000, help="synthetic training images")
     p.add_argument("--test-images", type=int, default=500, help="synthetic test images (6 questions each)")
     p.add_argument("--max-steps", type=int, default=None,
@@ -45,7 +48,7 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     fit_args = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
-    results = run_quickstart(args.workdir, config=args.config, vqa_config=args.vqa_config,
+    results = run_quickstart(args.workdir, recipes=args.recipes,
                              train_images=args.train_images, test_images=args.test_images, fit_args=fit_args,
                              progress=not args.no_progress)
     print(format_results(results))

@@ -54,7 +54,7 @@ from mmlm.data.decode import DEFAULT_MAX_PIXELS
 from mmlm.data.errors import LOGGER_NAME, DataErrorBudgetExceeded, bad_count, budget_message, budget_violation
 from mmlm.data.sources import parse_sources, resolve_sources
 from mmlm.data.stream import StreamConfig, VLMStream, detect_rank_world
-from mmlm.data.targets import check_sample_mode
+from mmlm.data.targets import check_sample_mode, compile_question_pattern
 
 __all__ = ["VLMDataModule", "StreamLoader"]
 
@@ -109,6 +109,7 @@ class VLMDataModule(pl.LightningDataModule):
         sample_mode: str = "auto",
         mixed_weights: Optional[dict[str, float]] = None,
         caption_first_samples: int = 0,
+        question_pattern: Optional[str] = None,
         vqa_suffix: str = "",
         prompt_loss_fraction: float = 0.0,
         max_bad_fraction: Optional[float] = 0.05,
@@ -148,7 +149,13 @@ class VLMDataModule(pl.LightningDataModule):
                 together) train their caption whatever ``sample_mode`` says. Captions name every object,
                 so a model trained from scratch grounds its image tokens on them before questions ask
                 it to find objects by word within one run (the quickstart trains captions and questions
-                as two stages instead: ``configs/tiny-cpu.yaml``, ``configs/tiny-cpu-vqa.yaml``). 0: none.
+                as separate stages instead: ``configs/tiny-cpu.yaml``, then ``configs/tiny-cpu-vqa.yaml``). 0: none.
+            question_pattern: Curriculum: a regular expression; conversations and VQA records train only
+                their questions that match it (``re.search``, e.g. ``"^where "``), in training and
+                validation; records with none are skipped (``no_target``, not an error); captions are
+                not filtered. A stage can drill one kind of question: the quickstart drills the
+                position questions its question stage learns last (``configs/tiny-cpu-where.yaml``).
+                None: every question.
             vqa_suffix: Text appended to VQA questions (e.g. a short-answer instruction).
             prompt_loss_fraction: Training only: this fraction of the samples (a seeded draw per sample)
                 also trains on its prompt, the questions included, not only on the answers: predicting
@@ -180,6 +187,7 @@ class VLMDataModule(pl.LightningDataModule):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         check_sample_mode(sample_mode)
+        compile_question_pattern(question_pattern)
         if not 0.0 <= prompt_loss_fraction <= 1.0:
             raise ValueError(f"prompt_loss_fraction must be in [0, 1], got {prompt_loss_fraction}")
         if caption_first_samples < 0:
@@ -204,6 +212,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.sample_mode = sample_mode
         self.caption_first_samples = int(caption_first_samples)
         self.mixed_weights = dict(mixed_weights) if mixed_weights else None
+        self.question_pattern = question_pattern
         self.vqa_suffix = vqa_suffix
         self.prompt_loss_fraction = float(prompt_loss_fraction)
         self.max_bad_fraction = max_bad_fraction
@@ -257,7 +266,7 @@ class VLMDataModule(pl.LightningDataModule):
             split=split, batch_size=batch_size, seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
             sample_mode=self.sample_mode, vqa_suffix=self.vqa_suffix, max_pixels=self.max_pixels,
             caption_first_samples=self.caption_first_samples if split == "train" else 0,
-            mixed_weights=self.mixed_weights,
+            mixed_weights=self.mixed_weights, question_pattern=self.question_pattern,
             prompt_loss_fraction=self.prompt_loss_fraction if split == "train" else 0.0,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
             allow_pipes=self.allow_pipes, allow_remote=self.allow_remote, uint8_pixels=self.uint8_pixels,

@@ -40,6 +40,7 @@ exact resume are described in ``mmlm.data.stream``.
 from __future__ import annotations
 
 import random
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -224,9 +225,11 @@ def _sample_rng(ctx: StreamContext, item: Item, purpose: str = "sample") -> rand
 
 def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_suffix: str,
                   caption_conversation: Callable[[str], list[dict]], caption_first: int = 0,
-                  mixed_weights: dict[str, float] | None = None) -> Iterator[Item]:
+                  mixed_weights: dict[str, float] | None = None,
+                  question_pattern: re.Pattern | None = None) -> Iterator[Item]:
     """Record -> the conversation to train (before decoding: a record without target costs nothing).
-    Training positions below this worker's share of ``caption_first`` train captions where present."""
+    Training positions below this worker's share of ``caption_first`` train captions where present;
+    ``question_pattern`` keeps the matching questions only (``mmlm.data.targets.filter_turns``)."""
     first = -(-caption_first // ctx.units) if ctx.split == "train" else 0  # ceil: this worker's share
     for item in items:
         if item.error is None:
@@ -236,7 +239,8 @@ def select_target(items: Iterable[Item], ctx: StreamContext, *, mode: str, vqa_s
             try:
                 item.conversation = record_to_conversation(item.record, m, _sample_rng(ctx, item),
                                                            caption_conversation=caption_conversation,
-                                                           vqa_suffix=vqa_suffix, mixed_weights=mixed_weights)
+                                                           vqa_suffix=vqa_suffix, mixed_weights=mixed_weights,
+                                                           question_pattern=question_pattern)
             except BadSample as e:
                 item.error = e
         yield item

@@ -75,7 +75,8 @@ from mmlm.data.stages import (  # StreamContext, Item, iter_tar_groups: re-expor
     resample_shards, select_target, shuffle, split_samples, split_shards, to_records,
 )
 from mmlm.data.targets import (  # record_to_conversation, vqa_answer, SAMPLE_MODES: re-exported
-    SAMPLE_MODES, check_mixed_weights, check_sample_mode, record_to_conversation, vqa_answer,
+    SAMPLE_MODES, check_mixed_weights, check_sample_mode, compile_question_pattern, record_to_conversation,
+    vqa_answer,
 )
 
 __all__ = [
@@ -110,6 +111,9 @@ class StreamConfig:
     their caption whatever ``sample_mode`` says (records without one follow ``sample_mode``).
     Captions supervise every object of an image densely, so a model trained from scratch grounds
     its image tokens on them before questions ask it to bind words to objects."""
+    question_pattern: str | None = None
+    """A regular expression: conversations and VQA records train only their questions that match it
+    (``re.search``; records with none are skipped as ``no_target``); captions are not filtered."""
     vqa_suffix: str = ""
     """Appended to VQA questions (e.g. ``"\\nAnswer with a single word."``)."""
     prompt_loss_fraction: float = 0.0
@@ -138,6 +142,7 @@ class StreamConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_mixed_weights(self.mixed_weights)
+        compile_question_pattern(self.question_pattern)
         if self.caption_first_samples < 0:
             raise ValueError(f"caption_first_samples must be >= 0, got {self.caption_first_samples}")
         if self.shuffle_buffer < 0:
@@ -231,7 +236,8 @@ class VLMStream(IterableDataset):
         out.append(("number", P(number, ctx=ctx, resume=resume)))
         out.append(("select_target", P(select_target, ctx=ctx, mode=cfg.sample_mode, vqa_suffix=cfg.vqa_suffix,
                                        caption_conversation=self.processor.caption_conversation,
-                                       caption_first=cfg.caption_first_samples, mixed_weights=cfg.mixed_weights)))
+                                       caption_first=cfg.caption_first_samples, mixed_weights=cfg.mixed_weights,
+                                       question_pattern=compile_question_pattern(cfg.question_pattern))))
         out.append(("decode", P(decode, ctx=ctx, max_pixels=cfg.max_pixels)))
         out.append(("encode", P(encode, ctx=ctx, processor=self.processor,
                                 max_sample_length=self.collate.max_sample_length,

@@ -13,6 +13,10 @@ Sample modes (:data:`SAMPLE_MODES`, see :func:`record_to_conversation`):
 * ``mixed`` -- one of the kinds the record has, drawn with ``rng`` by relative weight
   (``mixed_weights``, default 1 each).
 
+With ``question_pattern`` (a compiled regular expression), a conversation or VQA target keeps only
+the question-answer turns whose question matches it (:func:`filter_turns`): a curriculum stage
+can drill one kind of question. A record with no matching question is ``no_target``.
+
 A target is a list of chat turns: a record's own ``conversations`` turns (copied, LLaVA
 ``from``/``value`` form), VQA as ``[user: question + vqa_suffix, assistant: answer]`` (the answer
 from :func:`vqa_answer`), a caption as ``caption_conversation(caption)`` (the processor's caption
@@ -23,6 +27,7 @@ prompt). The streaming pipeline (``mmlm.data.stream``, stage ``select_target``) 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -30,7 +35,7 @@ from mmlm.data.errors import EMPTY_CAPTION, NO_ANSWER, NO_TARGET, SCHEMA_ERROR, 
 from mmlm.data.schema import IMAGE_PLACEHOLDER, Record
 
 __all__ = ["SAMPLE_MODES", "KINDS", "record_to_conversation", "vqa_answer", "present_kinds",
-           "check_sample_mode", "check_mixed_weights"]
+           "check_sample_mode", "check_mixed_weights", "compile_question_pattern", "filter_turns"]
 
 SAMPLE_MODES = ("auto", "caption", "conversation", "vqa", "mixed")
 KINDS = ("conversation", "vqa", "caption")
@@ -48,6 +53,62 @@ def check_mixed_weights(weights: dict[str, float] | None) -> None:
     bad = {k: w for k, w in (weights or {}).items() if k not in KINDS or not w >= 0}
     if bad:
         raise ValueError(f"mixed_weights must map {list(KINDS)} to weights >= 0, got {bad}")
+
+
+def compile_question_pattern(pattern: str | None) -> re.Pattern | None:
+    """``pattern`` compiled (None stays None); ``ValueError`` naming the pattern when it is not a
+    valid regular expression or is empty."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"question_pattern must be a non-empty regular expression, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"question_pattern {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _role_text(turn: dict) -> tuple[str, str]:
+    role = turn.get("from", turn.get("role", ""))
+    return {"human": "user", "gpt": "assistant"}.get(role, role), str(turn.get("value", turn.get("content", "")))
+
+
+def filter_turns(turns: list[dict], pattern: re.Pattern, key: str = "?") -> list[dict]:
+    """The turns of a conversation reduced to the question-answer pairs whose question matches
+    ``pattern`` (``re.search`` on the user turn's text without its ``<image>`` placeholders).
+
+    System turns stay. A user turn counts as a question only when an assistant turn follows it.
+    The images stay too: every ``<image>`` placeholder of the conversation moves to the start of
+    the first kept question (``"<image>\\n"`` each, as LLaVA places one image), so the record's
+    images and placeholders still pair up. Turns keep their form (``from``/``value`` or
+    ``role``/``content``). No matching question: :class:`BadSample` ``no_target``.
+    """
+    placeholders = sum(_role_text(t)[1].count(IMAGE_PLACEHOLDER) for t in turns if _role_text(t)[0] == "user")
+    strip = re.compile(re.escape(IMAGE_PLACEHOLDER) + r"\n?")
+    kept: list[dict] = []
+    first_question = None
+    i = 0
+    while i < len(turns):
+        role, text = _role_text(turns[i])
+        if role == "user" and i + 1 < len(turns) and _role_text(turns[i + 1])[0] == "assistant":
+            question = strip.sub("", text)
+            if pattern.search(question):
+                field = "value" if "value" in turns[i] else "content"
+                if first_question is None:
+                    first_question = len(kept)
+                kept += [{**turns[i], field: question}, dict(turns[i + 1])]
+            i += 2
+            continue
+        if role == "system":
+            kept.append(dict(turns[i]))
+        i += 1
+    if first_question is None:
+        raise BadSample(key, NO_TARGET, f"no question matches question_pattern {pattern.pattern!r}")
+    if placeholders:
+        turn = kept[first_question]
+        field = "value" if "value" in turn else "content"
+        turn[field] = f"{IMAGE_PLACEHOLDER}\n" * placeholders + turn[field]
+    return kept
 
 
 def vqa_answer(rec: Record) -> str | None:
@@ -108,7 +169,8 @@ def _caption_target(rec: Record, rng: random.Random, caption_conversation: Calla
 
 def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
                            caption_conversation: Callable[[str], list[dict]], vqa_suffix: str = "",
-                           mixed_weights: dict[str, float] | None = None) -> list[dict]:
+                           mixed_weights: dict[str, float] | None = None,
+                           question_pattern: re.Pattern | None = None) -> list[dict]:
     """The conversation a record trains, by ``mode``:
 
     * ``auto``: the conversation if the record has one, else VQA (question -> the most common
@@ -120,6 +182,8 @@ def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
 
     Captions become ``caption_conversation(caption)`` (the processor's caption prompt; one caption
     picked with ``rng`` when the record has several); VQA questions get ``vqa_suffix`` appended.
+    ``question_pattern``: conversations and VQA keep only the questions that match it
+    (:func:`filter_turns`; captions are not filtered).
     Raises :class:`BadSample` (``empty_caption``, ``no_answer``, ``no_target``, ``schema_error``).
     """
     check_sample_mode(mode)
@@ -143,8 +207,7 @@ def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
         if kind not in present:
             raise BadSample(rec.key, NO_TARGET, f"sample_mode={mode!r} but the record has no {mode} "
                                                 f"(it has: {', '.join(present) or 'nothing usable'})")
-    if kind == "conversation":
-        return _conversation_target(rec)
-    if kind == "vqa":
-        return _vqa_target(rec, vqa_suffix)
+    if kind in ("conversation", "vqa"):
+        turns = _conversation_target(rec) if kind == "conversation" else _vqa_target(rec, vqa_suffix)
+        return turns if question_pattern is None else filter_turns(turns, question_pattern, rec.key)
     return _caption_target(rec, rng, caption_conversation)
