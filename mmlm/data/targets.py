@@ -70,7 +70,11 @@ def compile_question_pattern(pattern: str | None) -> re.Pattern | None:
 
 def _role_text(turn: dict) -> tuple[str, str]:
     role = turn.get("from", turn.get("role", ""))
-    return {"human": "user", "gpt": "assistant"}.get(role, role), str(turn.get("value", turn.get("content", "")))
+    return {"human": "user", "gpt": "assistant"}.get(role, role), str(turn.get(_text_field(turn), ""))
+
+
+def _text_field(turn: dict) -> str:
+    return "value" if "value" in turn else "content"  # LLaVA from/value or chat role/content
 
 
 def filter_turns(turns: list[dict], pattern: re.Pattern, key: str = "?") -> list[dict]:
@@ -93,10 +97,9 @@ def filter_turns(turns: list[dict], pattern: re.Pattern, key: str = "?") -> list
         if role == "user" and i + 1 < len(turns) and _role_text(turns[i + 1])[0] == "assistant":
             question = strip.sub("", text)
             if pattern.search(question):
-                field = "value" if "value" in turns[i] else "content"
                 if first_question is None:
                     first_question = len(kept)
-                kept += [{**turns[i], field: question}, dict(turns[i + 1])]
+                kept += [{**turns[i], _text_field(turns[i]): question}, dict(turns[i + 1])]
             i += 2
             continue
         if role == "system":
@@ -106,8 +109,7 @@ def filter_turns(turns: list[dict], pattern: re.Pattern, key: str = "?") -> list
         raise BadSample(key, NO_TARGET, f"no question matches question_pattern {pattern.pattern!r}")
     if placeholders:
         turn = kept[first_question]
-        field = "value" if "value" in turn else "content"
-        turn[field] = f"{IMAGE_PLACEHOLDER}\n" * placeholders + turn[field]
+        turn[_text_field(turn)] = f"{IMAGE_PLACEHOLDER}\n" * placeholders + turn[_text_field(turn)]
     return kept
 
 
