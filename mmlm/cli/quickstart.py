@@ -6,6 +6,8 @@ import argparse
 
 
 def add_parser(sub) -> None:
+    from mmlm.quickstart import RECIPES  # light: the training stack loads only when the command runs
+
     p = sub.add_parser(
         "quickstart",
         help="build the synthetic dataset, train the tiny preset, evaluate and describe test images",
@@ -31,8 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE",
                    help="the stage recipes in order (mmlm fit configs with distinct file names); each stage after "
                         "the first starts from the previous one's model (its model.init_from is set) "
-                        "(default: configs/tiny-cpu.yaml tiny-cpu-vqa.yaml tiny-cpu-where.yaml tiny-cpu-review.yaml "
-                        "of this checkout)")
+                        f"(default: {' '.join('configs/' + r for r in RECIPES)} of this checkout)")
     p.add_argument("--train-images", type=int, default=20000, help="synthetic training images")
     p.add_argument("--test-images", type=int, default=500, help="synthetic test images (6 questions each)")
     p.add_argument("--max-steps", type=int, default=None,
