@@ -94,6 +94,31 @@ def test_collates_keep_uint8_pixels_and_refuse_a_dtype_mix(pair):
             collate(u8[:2] + [proc.encode(convs[0], [image()])])
 
 
+def test_length_window_is_the_least_padding_window_with_the_oldest():
+    """Against brute force over every subset of the buffer that holds index 0 (random buffers)."""
+    import itertools
+    import random
+
+    from mmlm.data.collate import PadCollate, length_window
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, size = rng.randint(3, 8), rng.randint(2, 4)
+        if n <= size:
+            continue
+        lengths = [rng.randint(5, 15) for _ in range(n)]
+        got = length_window(lengths, size)
+        assert 0 in got and got == sorted(got) and len(set(got)) == size
+        pad = lambda idx: size * max(lengths[i] for i in idx) - sum(lengths[i] for i in idx)  # noqa: E731
+        best = min(pad((0,) + c) for c in itertools.combinations(range(1, n), size - 1))
+        assert pad(got) == best
+    collate = PadCollate(processor=None, group_by_length=2)
+    assert not collate.ready(3, 0, batch_size=2) and collate.ready(4, 0, batch_size=2)
+    assert collate.plan([9, 1, 9, 2], 2) == [[0], [2]]
+    assert collate.plan([9, 1], 2) == [[0], [1]]  # the drain at the end of a finite stream
+    assert PadCollate(processor=None).plan([9, 1, 9], 2) == [[0], [1]]
+
+
 def test_pack_plan_best_fit_oldest_first_bounded():
     pack = PackCollate(processor=None, max_length=10)
     rows = pack.plan([2, 9, 5, 5, 1, 8], batch_size=2)

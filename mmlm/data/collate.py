@@ -44,7 +44,7 @@ import torch
 
 from mmlm.pixels import cat_pixel_values
 
-__all__ = ["PadCollate", "PackCollate", "MODEL_INPUTS", "model_inputs", "empty_batch_fields"]
+__all__ = ["PadCollate", "PackCollate", "length_window", "MODEL_INPUTS", "model_inputs", "empty_batch_fields"]
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "num_images")
 
@@ -58,27 +58,58 @@ def empty_batch_fields() -> dict:
     return {"loader_state": {}, "skipped": {}}
 
 
+def length_window(lengths: Sequence[int], size: int) -> list[int]:
+    """``size`` indices into ``lengths`` (more than ``size`` of them), in index order: index 0 and the
+    ``size - 1`` others that make the fewest padding tokens (``size * max - sum``) with it; the set
+    with the smallest indices on ties. The others form a run of the length-sorted rest (for a given
+    maximum, the longest samples below it pad least), so only those runs are tried."""
+    others = sorted(range(1, len(lengths)), key=lambda i: (lengths[i], i))  # (n - 1,)
+    prefix = [0]
+    for i in others:
+        prefix.append(prefix[-1] + lengths[i])
+
+    def cost(s: int) -> tuple[int, list[int]]:  # index 0 + others[s : s + size - 1]
+        run = others[s:s + size - 1]
+        top = max(lengths[0], lengths[run[-1]] if run else 0)
+        return size * top - lengths[0] - (prefix[s + size - 1] - prefix[s]), sorted([0, *run])
+
+    return min(cost(s) for s in range(len(others) - size + 2))[1]
+
+
 def _length(sample: dict) -> int:
     return int(sample["input_ids"].numel())
 
 
 class PadCollate:
-    """One sample per row, right padded (``processor.pad``)."""
+    """One sample per row, right padded (``processor.pad``).
+
+    ``group_by_length=G > 1`` buffers ``G * batch_size`` samples and forms each batch from the oldest
+    sample and the ``batch_size - 1`` buffered samples nearest to it in length (the window of the
+    length-sorted buffer that holds the oldest sample and pads least): far less padding, and
+    batches whose rows are all of one length skip the attention mask's work. Every sample still
+    trains once, at most about ``G`` batches later than in stream order.
+    """
 
     packing = False
 
-    def __init__(self, processor):
+    def __init__(self, processor, group_by_length: int = 1):
+        if int(group_by_length) < 1:
+            raise ValueError(f"group_by_length must be >= 1 (1: no grouping), got {group_by_length}")
         self.processor = processor
+        self.group_by_length = int(group_by_length)
 
     @property
     def max_sample_length(self) -> int | None:
         return None  # the processor's max_length bounds samples
 
     def ready(self, num_samples: int, num_tokens: int, batch_size: int) -> bool:
-        return num_samples >= batch_size
+        return num_samples >= batch_size * self.group_by_length
 
     def plan(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-        return [[i] for i in range(min(batch_size, len(lengths)))]
+        n = len(lengths)
+        if self.group_by_length == 1 or n <= batch_size:
+            return [[i] for i in range(min(batch_size, n))]
+        return [[i] for i in length_window(lengths, batch_size)]
 
     def collate_rows(self, rows: Sequence[Sequence[dict]]) -> dict:
         if any(len(r) != 1 for r in rows):

@@ -103,6 +103,7 @@ class VLMDataModule(pl.LightningDataModule):
         val_batch_size: Optional[int] = None,
         num_workers: int = 2,
         packing: bool = False,
+        group_by_length: int = 1,
         max_length: Optional[int] = None,
         shuffle_buffer: int = 1000,
         seed: Optional[int] = None,
@@ -135,6 +136,12 @@ class VLMDataModule(pl.LightningDataModule):
             num_workers: DataLoader worker processes (0: load in the main process).
             packing: Pack several samples per row up to ``max_length`` tokens (no padding waste;
                 attention stays within each sample) instead of padding one sample per row.
+            group_by_length: Training only, without packing: form each batch from a buffer of this many
+                batches' worth of samples: the oldest sample and those nearest to it in length. Far less
+                padding (the quickstart's question stages: 0.76 -> 0.94 real tokens, about 1.25x faster
+                steps on a CPU); each sample trains at most about this many batches late. 1: batches in
+                stream order. Batches of like samples can slow learning: the quickstart's chained
+                question stages at 8 reached 87.0% VQA against 95.1% in stream order.
             max_length: Longest sample and, with packing, the packed row length in tokens (None: the processor's).
             shuffle_buffer: Samples in each worker's shuffle buffer (training).
             seed: Seed of the training stream (shard draws, shuffling, mixed-mode choices). None: the
@@ -186,6 +193,11 @@ class VLMDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if group_by_length < 1:
+            raise ValueError(f"group_by_length must be >= 1 (1: no grouping), got {group_by_length}")
+        if packing and group_by_length > 1:
+            raise ValueError("group_by_length applies to padded batches; packing already leaves no padding: "
+                             "use one or the other")
         check_sample_mode(sample_mode)
         compile_question_pattern(question_pattern)
         if not 0.0 <= prompt_loss_fraction <= 1.0:
@@ -206,6 +218,7 @@ class VLMDataModule(pl.LightningDataModule):
         self.val_batch_size = int(val_batch_size or batch_size)
         self.num_workers = int(num_workers)
         self.packing = bool(packing)
+        self.group_by_length = int(group_by_length)
         self.max_length = max_length
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = data_seed(seed)
@@ -248,8 +261,10 @@ class VLMDataModule(pl.LightningDataModule):
         proc.config = dataclasses.replace(proc.config, max_length=int(max_length), on_overflow="drop")
         return proc
 
-    def _collate(self, proc):
-        return PackCollate(proc, proc.config.max_length) if self.packing else PadCollate(proc)
+    def _collate(self, proc, split: str = "eval"):
+        if self.packing:
+            return PackCollate(proc, proc.config.max_length)
+        return PadCollate(proc, self.group_by_length if split == "train" else 1)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -289,7 +304,7 @@ class VLMDataModule(pl.LightningDataModule):
         sources = resolve_sources(self.train_spec, allow_pipes=self.allow_pipes, allow_remote=self.allow_remote)
         rank, world = self._rank_world()
         self._apply_restored(rank, world)
-        stream = VLMStream(sources, proc, self._collate(proc), self._stream_config("train", self.batch_size),
+        stream = VLMStream(sources, proc, self._collate(proc, "train"), self._stream_config("train", self.batch_size),
                            rank=rank, world_size=world)
         stream.set_resume(*self._resume_args())
         return StreamLoader(stream, refresh=self._resume_args, **self._loader_kwargs())
