@@ -137,10 +137,11 @@ def stage_dirs(workdir: Path, recipes: list[Path]) -> list[Path]:
 def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
                    recipes: list[str | os.PathLike] | None = None, train_images: int = 20000,
                    val_images: int = 200, test_images: int = 500, fit_args: list[str] | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, seed: int | None = None) -> dict[str, Any]:
     """Build data, train the stages ``recipes`` (default :data:`RECIPES`; each stage after the first
     starts from the previous one's model; ``fit_args`` go to every stage), evaluate and describe;
-    returns (and writes) ``WORKDIR/results.json``."""
+    returns (and writes) ``WORKDIR/results.json``. ``seed``: every stage's ``--seed_everything`` (model
+    init and data order; None: the recipes' own), recorded in the results."""
     import torch
 
     from data_pipelines.synthetic import build
@@ -158,10 +159,11 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
     build(data, train=train_images, val=val_images, test=test_images, seed=0, show_progress=progress)
     data_seconds = time.perf_counter() - t0
     stage_seconds: dict[str, float] = {}
+    fit_args = [*(fit_args or []), *(["--seed_everything", str(seed)] if seed is not None else [])]
     for i, (recipe, run_dir) in enumerate(zip(paths, dirs)):
         print(f"[2/4] training the tiny preset, stage {i + 1}/{len(paths)}: {recipe.name} -> {run_dir}", flush=True)
         init = ["--model.init_from", os.fspath(dirs[i - 1] / "model")] if i else []
-        stage_seconds[recipe.stem] = train(run_dir, data, recipe, [*init, *(fit_args or [])])
+        stage_seconds[recipe.stem] = train(run_dir, data, recipe, [*init, *fit_args])
     train_seconds = sum(stage_seconds.values())
     model_dir = workdir / "model"
     print(f"[3/4] evaluating {model_dir} on the synthetic test split", flush=True)
@@ -187,6 +189,7 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
         "total_seconds": round(time.perf_counter() - t0, 1),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
+        "seed": seed,
         "model": os.fspath(model_dir),
         "examples": examples,
         "learning_curve": {r.stem: learning_curve(d) for r, d in zip(paths, dirs)},

@@ -18,7 +18,7 @@ def test_caption_exact_match_normalizes_case_space_and_period():
 def test_quickstart_toy_scale(tmp_path, capsys):
     work = tmp_path / "qs"
     code = main(["quickstart", "--workdir", str(work), "--train-images", "64", "--test-images", "4",
-                 "--max-steps", "2", "--no-progress"])
+                 "--max-steps", "2", "--seed", "3", "--no-progress"])
     assert code == 0
     results = json.loads((work / "results.json").read_text())
     for key in ("vqa_accuracy", "caption_exact_match", "cider", "train_seconds", "device", "learning_curve"):
@@ -30,6 +30,10 @@ def test_quickstart_toy_scale(tmp_path, capsys):
     assert list(results["train_seconds_per_stage"]) == stages == list(results["learning_curve"])
     for stage in stages[:-1]:
         assert (work / stage / "model" / "model.safetensors").is_file()
+    # --seed reaches every stage (its saved run config) and the results
+    assert results["seed"] == 3
+    for run_dir in [work / s for s in stages[:-1]] + [work]:
+        assert "seed_everything: 3\n" in (run_dir / "config.yaml").read_text(), run_dir
     assert set(results["vqa_per_question_type"]) == {"color", "shape", "size", "count", "position", "exists"}
     out = capsys.readouterr().out
     assert "VQA accuracy" in out and "truth:" in out

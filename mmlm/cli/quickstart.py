@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
             "(configs/tiny-cpu.yaml), questions and captions (configs/tiny-cpu-vqa.yaml), a drill of the "
             "position questions (configs/tiny-cpu-where.yaml), questions and captions again "
             "(configs/tiny-cpu-review.yaml); a stage's run directory is WORKDIR/<recipe name>, the last one's "
-            "WORKDIR. It trains on the GPU when there is one, else the CPU (9-10 minutes on 2 CPU cores), "
+            "WORKDIR. It trains on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores; 11 on a slower pair), "
             "then evaluates the model on the "
             "synthetic test split (VQA accuracy with the official VQA rule, caption exact match, "
             "CIDEr/BLEU/METEOR/ROUGE-L), describes four test images next to their ground truth, and prints a "
@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--test-images", type=int, default=500, help="synthetic test images (6 questions each)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="override the training steps of each stage (a quick look)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every stage (model init, data order; --seed_everything of each mmlm fit) instead "
+                        "of the recipes' own (0): how much the scores vary from run to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while building the data")
     p.set_defaults(run=run)
 
@@ -48,10 +51,12 @@ def run(args) -> int:
     for name in ("train_images", "test_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError("--max-steps must be >= 1")
     fit_args = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
     results = run_quickstart(args.workdir, recipes=args.recipes,
                              train_images=args.train_images, test_images=args.test_images, fit_args=fit_args,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, seed=args.seed)
     print(format_results(results))
     print(f"\nmodel: {results['model']}    results: {args.workdir}/results.json")
     return 0

@@ -146,9 +146,20 @@ class VLM(nn.Module):
         return next(self.parameters()).device
 
     # ------------------------------------------------------------------ forward
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """(N, 3, H, W) -> (N, T, D_text) image tokens. ``pixel_values``: float, normalised as
-        ``image_transform()`` says, or uint8 RGB, normalised here (on their device, in float32)."""
+        ``image_transform()`` says, or uint8 RGB, normalised here (on their device, in float32).
+        ``vision_features`` (N, P, D_vision): the encoder's output for these images when it is known
+        already (``mmlm.training.feature_cache``); the projector then runs on it and the encoder does not."""
+        if vision_features is None:
+            vision_features = self.vision_features(pixel_values)
+        elif vision_features.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"vision_features holds {vision_features.shape[0]} images but pixel_values "
+                             f"{pixel_values.shape[0]}")
+        return self.projector(vision_features)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, P, D_vision): the vision encoder's output (before the projector)."""
         dtype = next(self.vision.parameters()).dtype
         if pixel_values.dtype == torch.uint8:
             mean, std = self._pixel_stats(pixel_values.device)
@@ -156,7 +167,7 @@ class VLM(nn.Module):
         elif not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be uint8 RGB (normalised by the model) or floating point "
                              f"(normalised already), got {pixel_values.dtype}")
-        return self.projector(self.vision(pixel_values.to(dtype)))
+        return self.vision(pixel_values.to(dtype))
 
     def _pixel_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The image transform's mean and std as float32 tensors on ``device``, made once per device
@@ -176,6 +187,7 @@ class VLM(nn.Module):
         input_ids: torch.Tensor,  # (B, L)
         pixel_values: torch.Tensor | None = None,  # (N, 3, H, W)
         num_images: torch.Tensor | None = None,  # (B,)
+        vision_features: torch.Tensor | None = None,  # (N, P, D_vision)
     ) -> torch.Tensor:
         """Token embeddings with image features at the placeholder positions: (B, L, D)."""
         image_id = self.config.image_token_id
@@ -183,7 +195,7 @@ class VLM(nn.Module):
         check_image_tokens(input_ids, image_id, self.num_image_tokens, n_images, num_images)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if n_images:
-            feats = self.encode_images(pixel_values)
+            feats = self.encode_images(pixel_values, vision_features)
             embeds = merge_image_features(input_ids, embeds, feats, image_id)
         return embeds
 
@@ -198,11 +210,13 @@ class VLM(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         return_logits: bool = True,
+        vision_features: torch.Tensor | None = None,  # (N, P, D_vision)
     ) -> VLMOutput:
         """Loss (with ``labels``) and logits (B, L, V). ``return_logits=False`` returns ``logits=None``
         and, where ``labelled_loss_parts`` allows (with labels and no cache), never builds the full
-        logits: the output layer runs on the labelled positions only; the loss is the same."""
-        embeds = self.embed(input_ids, pixel_values, num_images)  # (B, L, D)
+        logits: the output layer runs on the labelled positions only; the loss is the same.
+        ``vision_features``: the vision encoder's output for ``pixel_values``, when known (see ``encode_images``)."""
+        embeds = self.embed(input_ids, pixel_values, num_images, vision_features)  # (B, L, D)
         fast = labels is not None and not return_logits and not use_cache and past_key_values is None
         parts = labelled_loss_parts(self.lm) if fast else None
         if parts is not None:
