@@ -16,6 +16,12 @@ Usage::
     python benchmarks/quickstart.py --workdir runs/qs --keep # keep data, model and logs
     python benchmarks/quickstart.py --from-results runs/qs/results.json   # re-score an existing run
     python benchmarks/quickstart.py -- --max-steps 50        # extra arguments go to `mmlm quickstart`
+    python benchmarks/quickstart.py --seeds 0 1 2            # one run per seed, and the worst of them
+
+``--seeds`` runs the benchmark once per seed (``mmlm quickstart --seed S``: another from-scratch
+initialisation and data order; each in ``WORKDIR/seed-S``, each with its own result file), then
+prints a row per seed and writes ``quickstart-<date>-seeds.json``: a recipe meets the targets only
+when every seed does (one seed's figure is one draw).
 
 Exit code: 0 when every target is met, 1 when one is missed, 2 when the quickstart itself failed.
 A fresh workdir is used by default: a reused one resumes or skips training, which is not a benchmark.
@@ -217,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-results", default=None, help="score an existing results.json instead of running")
     p.add_argument("--out", default=None, help="where the benchmark JSON goes "
                                                "(default: benchmarks/results/quickstart-<date>.json)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="one run per seed (mmlm quickstart --seed S, in WORKDIR/seed-S), then a row per seed: "
+                        "the targets count as met only when every seed meets them")
     args = p.parse_args(argv)
+    if args.seeds:
+        if args.from_results:
+            p.error("--seeds runs the quickstart; it does not combine with --from-results")
+        if len(set(args.seeds)) != len(args.seeds):
+            p.error(f"--seeds must be distinct, got {args.seeds}")
+        return bench_seeds(args, extra)
 
     started = _dt.datetime.now()
     load_at_start = load_average()
@@ -277,6 +292,52 @@ def main(argv: list[str] | None = None) -> int:
     if tmp is not None and not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if record["all_ok"] else 1
+
+
+def bench_seeds(args, extra: list[str]) -> int:
+    """One benchmark run per seed (``main`` with ``--seed S`` passed to the quickstart), then a summary."""
+    started = _dt.datetime.now()
+    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mmlm-quickstart-seeds-"))
+    out = Path(args.out) if args.out else RESULTS_DIR / f"quickstart-{started:%Y-%m-%d-%H%M%S}-seeds.json"
+    rows, codes = [], []
+    for seed in args.seeds:
+        seed_out = out.with_name(f"{out.stem}-seed{seed}.json")
+        sub = ["--workdir", os.fspath(base / f"seed-{seed}"), "--out", os.fspath(seed_out)]
+        codes.append(main([*sub, "--keep", "--", *extra, "--seed", str(seed)]))
+        if not seed_out.is_file():
+            rows.append({"seed": seed, "failed": True})
+            continue
+        record = json.loads(seed_out.read_text())
+        values = {r["metric"]: r["measured"] for r in record["targets"]}
+        rows.append({"seed": seed, "file": seed_out.name, "all_ok": record["all_ok"], **values,
+                     "vqa_per_question_type": record["results"].get("vqa_per_question_type")})
+    done = [r for r in rows if not r.get("failed")]
+    lines = ["", f"{'seed':>4}  {'minutes':>7}  {'VQA':>6}  {'caption EM':>10}  targets", "-" * 44]
+    for r in rows:
+        if r.get("failed"):
+            lines.append(f"{r['seed']:>4}  the quickstart failed")
+            continue
+        lines.append(f"{r['seed']:>4}  {r['total_minutes']:7.2f}  {100 * r['vqa_accuracy']:5.1f}%  "
+                     f"{100 * r['caption_exact_match']:9.1f}%  {'ok' if r['all_ok'] else 'MISSED'}")
+    if done:
+        worst = {k: (max if k == "total_minutes" else min)(r[k] for r in done)
+                 for k in ("total_minutes", "vqa_accuracy", "caption_exact_match")}
+        mean_vqa = sum(r["vqa_accuracy"] for r in done) / len(done)
+        lines.append(f"{'worst':>5} {worst['total_minutes']:7.2f}  {100 * worst['vqa_accuracy']:5.1f}%  "
+                     f"{100 * worst['caption_exact_match']:9.1f}%    (mean VQA {100 * mean_vqa:.1f}%)")
+    print("\n".join(lines))
+    summary = {"benchmark": "quickstart over seeds", "date": started.isoformat(timespec="seconds"),
+               "seeds": args.seeds, "extra_args": extra, "runs": rows,
+               "all_ok": bool(done) and len(done) == len(rows) and all(r["all_ok"] for r in done),
+               "git_commit": git_commit(), "device": {**cpu_info(), "gpu": gpu_info()}, "versions": versions()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nwritten: {out}")
+    if not args.workdir and not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+    if any(c == 2 for c in codes):
+        return 2
+    return 0 if summary["all_ok"] else 1
 
 
 if __name__ == "__main__":

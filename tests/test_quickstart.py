@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from mmlm.cli.main import main
 from mmlm.data.schema import iter_tar_records
 from mmlm.quickstart import caption_exact_match, normalize_caption
@@ -74,3 +76,21 @@ def test_a_missing_recipe_fails_at_once_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "distinct file names" in err and len(err.splitlines()) == 1
     assert not work.exists()
+
+
+def test_the_benchmark_runs_one_quickstart_per_seed(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_qs", Path(__file__).parent.parent / "benchmarks/quickstart.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "qs.json"
+    code = bench.main(["--workdir", str(tmp_path / "w"), "--out", str(out), "--seeds", "4", "5", "--",
+                       "--train-images", "32", "--test-images", "2", "--max-steps", "1", "--no-progress"])
+    assert code == 1  # toy runs miss the targets
+    summary = json.loads(out.read_text())
+    assert [r["seed"] for r in summary["runs"]] == [4, 5] and summary["all_ok"] is False
+    for seed in (4, 5):
+        assert json.loads((tmp_path / "w" / f"seed-{seed}" / "results.json").read_text())["seed"] == seed
+        assert (tmp_path / f"qs-seed{seed}.json").is_file()
+    assert "worst" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a seed twice
+        bench.main(["--seeds", "1", "1"])
