@@ -68,7 +68,7 @@ def run(args, data: str, cache: int) -> dict:
     fc = module.feature_cache
     return {"mode": "cache" if cache else "encoder", "s_per_step": span / args.steps,
             "samples_per_s": args.steps * args.batch_size / span,
-            "hit_rate": fc.hit_rate() if fc is not None else None, "cached_images": len(fc) if fc else None,
+            "hit_rate": fc.hit_rate() if fc is not None else None, "cached_images": len(fc) if fc is not None else None,
             "losses": timer.losses, "weights": weights, "threads": torch.get_num_threads()}
 
 
@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     loss_diff = max(abs(a - b) for a, b in zip(base["losses"], ours["losses"]))
     weight_diff = max(float((base["weights"][k] - v).abs().max()) for k, v in ours["weights"].items())
     ratio = base["s_per_step"] / ours["s_per_step"]
-    rows = [{k: r[k] for k in ("mode", "s_per_step", "samples_per_s", "hit_rate", "cached_images")} for r in runs]
-    print_table(rows, ["mode", "s_per_step", "samples_per_s", "hit_rate", "cached_images"],
+    columns = ["mode", "s_per_step", "samples_per_s", "hit_rate", "cached_images"]
+    rows = [{k: r[k] for k in columns} for r in runs]
+    print_table(rows, columns,
                 title=f"question stage, {args.steps} steps of {args.batch_size} (after {args.warmup} warm-up)")
     print(f"speed-up (cache / encoder): {ratio:.3f}x    max |loss difference|: {loss_diff:.3g}    "
           f"max |weight difference|: {weight_diff:.3g}")

@@ -70,6 +70,9 @@ def test_a_missing_recipe_fails_at_once_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--recipes" in err and "no such recipe file" in err and len(err.splitlines()) == 1
     assert not work.exists()  # no data built, no first stage trained
+    assert main(["quickstart", "--workdir", str(work), "--seed", "-1"]) == 2  # Lightning would draw a random seed
+    err = capsys.readouterr().err.strip()
+    assert "--seed" in err and len(err.splitlines()) == 1 and not work.exists()
     # two stages of the same name would share a run directory
     assert main(["quickstart", "--workdir", str(work), "--recipes", str(recipes / "tiny-cpu.yaml"),
                  str(recipes / "tiny-cpu.yaml")]) == 2

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
             "(configs/tiny-cpu.yaml), questions and captions (configs/tiny-cpu-vqa.yaml), a drill of the "
             "position questions (configs/tiny-cpu-where.yaml), questions and captions again "
             "(configs/tiny-cpu-review.yaml); a stage's run directory is WORKDIR/<recipe name>, the last one's "
-            "WORKDIR. It trains on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores; 11 on a slower pair), "
+            "WORKDIR. It trains on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores; "
+            "11 on a slower pair), "
             "then evaluates the model on the "
             "synthetic test split (VQA accuracy with the official VQA rule, caption exact match, "
             "CIDEr/BLEU/METEOR/ROUGE-L), describes four test images next to their ground truth, and prints a "
@@ -53,6 +54,8 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError("--max-steps must be >= 1")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")  # Lightning would pick a random one
     fit_args = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
     results = run_quickstart(args.workdir, recipes=args.recipes,
                              train_images=args.train_images, test_images=args.test_images, fit_args=fit_args,
