@@ -122,11 +122,15 @@ def test_refuses_what_llava_cannot_represent(tmp_path, capsys):
     conv = VLM.from_preset("tiny", image_token_id=5)
     with pytest.raises(ExportError, match="conv stem"):
         check_exportable(conv)
-    # an MLP projector narrower than the LM
+    # an MLP projector narrower than the LM, and one that adds a position embedding to its tokens
     vlm2, _ = timm_pair("clip")
     narrow = VLM(vlm2.config.updated(projector={"hidden_dim": 16}))
     with pytest.raises(ExportError, match="hidden_dim=None"):
         check_exportable(narrow)
+    placed = VLM(vlm2.config.updated(projector={"position_embedding": True}))
+    with pytest.raises(ExportError, match=r"^cannot export to transformers LLaVA: the projector adds a learned "
+                                          r"position embedding[^|]*$"):
+        check_exportable(placed)  # the only problem
     # through the CLI: exit 2, one line, nothing written
     save_pretrained(tmp_path / "ckpt", vlm, proc)
     capsys.readouterr()

@@ -74,6 +74,29 @@ def test_pixel_shuffle_reduces_tokens_and_processor_matches():
     torch.testing.assert_close(y[:, 0], torch.cat([grid[:, 0, 0], grid[:, 0, 1], grid[:, 1, 0], grid[:, 1, 1]], -1))
 
 
+@pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "pixel_shuffle"])
+def test_position_embedding_adds_one_learned_vector_per_image_token(projector):
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok, projector=projector)
+    torch.manual_seed(0)
+    plain = VLM(cfg)
+    placed = VLM(cfg.updated(projector={"position_embedding": True}))
+    missing, unexpected = placed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["projector.position_embedding"] and not unexpected
+    pos = placed.projector.position_embedding
+    assert pos.shape == (placed.num_image_tokens, placed.lm.config.hidden_size)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pos.copy_(torch.randn_like(pos))
+    torch.testing.assert_close(placed.encode_images(x), plain.encode_images(x) + pos)  # (N, T, D): token t + pos[t]
+    placed.encode_images(x).sum().backward()
+    torch.testing.assert_close(pos.grad, torch.full_like(pos, 2.0))  # trained: each row gets both images' gradient
+    assert plain.projector.position_embedding is None
+    t = placed.num_image_tokens  # a 2x wider grid of patches than the model was built for
+    with pytest.raises(ValueError, match=f"position embedding has {t} tokens but the image gives {4 * t}"):
+        placed.projector(torch.randn(1, 4 * placed.vision.num_patches, 32))
+
+
 def test_unknown_names_list_the_known_ones():
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match=r"unknown projector 'nope'; known: \['linear', 'mlp2x_gelu', 'pixel_shuffle'\]"):

@@ -3,6 +3,9 @@
 The registry ``PROJECTORS`` is a plain dict name -> class; ``build_projector`` fails on an
 unknown name with the list of known ones. Each projector reports ``num_tokens(P)``, the
 number of image tokens it emits for P patches: the processor expands ``<image>`` to it.
+
+With ``ProjectorConfig.position_embedding`` a projector adds a learned (T, D_t) embedding to its
+output, one vector per image token: the token's place in the image, readable from the token itself.
 """
 
 from __future__ import annotations
@@ -15,35 +18,52 @@ from torch import nn
 from mmlm.config import ProjectorConfig
 
 
-class LinearProjector(nn.Module):
-    """One linear map (LLaVA-1.0)."""
+class Projector(nn.Module):
+    """Base: ``num_tokens(P)`` and the optional learned position embedding (``_place``)."""
 
-    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int):
+    def __init__(self, cfg: ProjectorConfig, text_dim: int, num_patches: int):
         super().__init__()
-        self.proj = nn.Linear(vision_dim, text_dim)
+        self.position_embedding: nn.Parameter | None = None
+        if cfg.position_embedding:
+            # ViT-style init (timm's pos_embed: std 0.02), the scale of the LM's token embeddings
+            self.position_embedding = nn.Parameter(torch.randn(self.num_tokens(num_patches), text_dim) * 0.02)
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
 
+    def _place(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, D_t) -> the same plus each token's position embedding, when there is one."""
+        if self.position_embedding is None:
+            return x
+        if x.shape[1] != self.position_embedding.shape[0]:
+            raise ValueError(f"the projector's position embedding has {self.position_embedding.shape[0]} "
+                             f"tokens but the image gives {x.shape[1]}: the patch count is fixed at build time")
+        return x + self.position_embedding.to(x.dtype)
+
+
+class LinearProjector(Projector):
+    """One linear map (LLaVA-1.0)."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int, num_patches: int):
+        super().__init__(cfg, text_dim, num_patches)
+        self.proj = nn.Linear(vision_dim, text_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # (N, P, D_t)
+        return self._place(self.proj(x))  # (N, P, D_t)
 
 
-class MLP2xGeluProjector(nn.Module):
+class MLP2xGeluProjector(Projector):
     """Linear -> GELU -> Linear (LLaVA-1.5's ``mlp2x_gelu``)."""
 
-    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int):
-        super().__init__()
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int, num_patches: int):
+        super().__init__(cfg, text_dim, num_patches)
         hidden = cfg.hidden_dim or text_dim
         self.linear_1 = nn.Linear(vision_dim, hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, text_dim)
 
-    def num_tokens(self, num_patches: int) -> int:
-        return num_patches
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))  # (N, P, D_t)
+        return self._place(self.linear_2(self.act(self.linear_1(x))))  # (N, P, D_t)
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -61,14 +81,14 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(n, s * s, factor * factor * d)
 
 
-class PixelShuffleProjector(nn.Module):
+class PixelShuffleProjector(Projector):
     """Pixel shuffle by r, then Linear -> GELU -> Linear: r^2 fewer tokens."""
 
-    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int):
-        super().__init__()
+    def __init__(self, cfg: ProjectorConfig, vision_dim: int, text_dim: int, num_patches: int):
         if cfg.pixel_shuffle_factor < 1:
             raise ValueError(f"pixel_shuffle_factor must be >= 1, got {cfg.pixel_shuffle_factor}")
         self.factor = cfg.pixel_shuffle_factor
+        super().__init__(cfg, text_dim, num_patches)
         hidden = cfg.hidden_dim or text_dim
         self.linear_1 = nn.Linear(vision_dim * self.factor**2, hidden)
         self.act = nn.GELU()
@@ -79,17 +99,18 @@ class PixelShuffleProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pixel_shuffle(x, self.factor)  # (N, P / r^2, D_v r^2)
-        return self.linear_2(self.act(self.linear_1(x)))
+        return self._place(self.linear_2(self.act(self.linear_1(x))))  # (N, T, D_t)
 
 
-PROJECTORS: dict[str, type[nn.Module]] = {
+PROJECTORS: dict[str, type[Projector]] = {
     "linear": LinearProjector,
     "mlp2x_gelu": MLP2xGeluProjector,
     "pixel_shuffle": PixelShuffleProjector,
 }
 
 
-def build_projector(cfg: ProjectorConfig, vision_dim: int, text_dim: int) -> nn.Module:
+def build_projector(cfg: ProjectorConfig, vision_dim: int, text_dim: int, num_patches: int) -> Projector:
+    """The projector ``cfg.name`` for ``num_patches`` patch features of width ``vision_dim``."""
     if cfg.name not in PROJECTORS:
         raise ValueError(f"unknown projector {cfg.name!r}; known: {sorted(PROJECTORS)}")
-    return PROJECTORS[cfg.name](cfg, vision_dim, text_dim)
+    return PROJECTORS[cfg.name](cfg, vision_dim, text_dim, num_patches)

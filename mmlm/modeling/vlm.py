@@ -104,7 +104,7 @@ class VLM(nn.Module):
         self.vision = build_vision_encoder(config.vision)
         self.lm = build_language_model(config.text)
         text_dim = self.lm.get_input_embeddings().embedding_dim
-        self.projector = build_projector(config.projector, self.vision.embed_dim, text_dim)
+        self.projector = build_projector(config.projector, self.vision.embed_dim, text_dim, self.vision.num_patches)
         self.num_image_tokens = self.projector.num_tokens(self.vision.num_patches)
         if self.num_image_tokens < 1:
             raise ValueError("the projector leaves no image tokens: lower pixel_shuffle_factor")
