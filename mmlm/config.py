@@ -172,6 +172,12 @@ class VLMConfig:
     """Token id of the ``<image>`` placeholder; the processor sets it from its tokenizer."""
     ignore_index: int = -100
     """Label value excluded from the loss."""
+    image_positions: str = "sequential"
+    """Rotary positions of the image tokens in the LM: ``sequential`` (one each, as LLaVA) or ``shared``
+    (all tokens of an image at its first token's position, the text after it one past; needs
+    ``projector.position_embedding``, which then alone says where a token lies). With ``shared`` a question
+    finds an image token by its content, not by content and offset: the ``tiny`` quickstart's question
+    stages learn their lookups far sooner. Not exportable to transformers' LLaVA."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

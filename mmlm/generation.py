@@ -113,7 +113,10 @@ def generate(
                        dtype=torch.long, device=device)
     embeds = vlm.embed(input_ids, pixel_values, num_images)  # (B, L, D)
     if cfg.num_beams > 1:
-        return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id)
+        positions = None
+        if vlm.config.image_positions != "sequential":
+            positions = vlm.position_ids(input_ids, attention_mask)
+        return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions)
 
     generator = None
     if cfg.do_sample and cfg.seed is not None:
@@ -134,10 +137,14 @@ def generate(
 
         cache = DynamicCache(config=vlm.lm.config)
     step_embeds, step_pos = embeds, _positions(attention_mask)
+    if vlm.config.image_positions != "sequential":  # the LM's positions of the prompt; new tokens count on
+        step_pos = vlm.position_ids(input_ids, attention_mask)
     # prompts without padding need no mask at all (plain causal attention, nothing built per step);
     # padded ones grow a view of one preallocated (B, L + T) mask instead of a torch.cat per token
     full_mask = None
-    if not bool(attention_mask.all()):
+    # shared image positions repeat a position, which transformers reads as a new packed sample when no
+    # mask is given: those models always get one
+    if not bool(attention_mask.all()) or vlm.config.image_positions != "sequential":
         full_mask = torch.ones((batch, prompt_len + cfg.max_new_tokens), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
     for t in range(cfg.max_new_tokens):
@@ -166,11 +173,22 @@ def generate(
     return out
 
 
-def _beam_search(vlm, embeds, attention_mask, cfg: GenerationConfig, eos: torch.Tensor, pad_token_id: int):
-    """Beam search through transformers' implementation, on our input embeddings."""
+def _beam_search(vlm, embeds, attention_mask, cfg: GenerationConfig, eos: torch.Tensor, pad_token_id: int,
+                 positions: torch.Tensor | None = None):
+    """Beam search through transformers' implementation, on our input embeddings. ``positions`` (B, L):
+    the prompt's LM positions when they are not the attention mask's count (shared image positions);
+    transformers 5 extends them by one per new token and copies them per beam."""
+    extra = {}
+    if positions is not None:
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ValueError("beam search for a model with shared image positions needs transformers >= 5 "
+                             f"(installed: {transformers.__version__}); use greedy decoding or sampling")
+        extra["position_ids"] = positions
     seqs = vlm.lm.generate(
         inputs_embeds=embeds, attention_mask=attention_mask, num_beams=cfg.num_beams, do_sample=False,
         max_new_tokens=cfg.max_new_tokens, eos_token_id=eos.tolist() or None, pad_token_id=pad_token_id,
-        early_stopping=True,
+        early_stopping=True, **extra,
     )
     return seqs  # with inputs_embeds, decoder-only generate returns only the new tokens

@@ -131,6 +131,9 @@ def test_refuses_what_llava_cannot_represent(tmp_path, capsys):
     with pytest.raises(ExportError, match=r"^cannot export to transformers LLaVA: the projector adds a learned "
                                           r"position embedding[^|]*$"):
         check_exportable(placed)  # the only problem
+    shared = VLM(vlm2.config.updated(projector={"position_embedding": True}, image_positions="shared"))
+    with pytest.raises(ExportError, match="image_positions='shared'"):
+        check_exportable(shared)
     # through the CLI: exit 2, one line, nothing written
     save_pretrained(tmp_path / "ckpt", vlm, proc)
     capsys.readouterr()

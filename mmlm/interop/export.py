@@ -293,6 +293,9 @@ def check_exportable(vlm) -> dict:
         problems.append(f"the LM has weights outside its base model and output embeddings ({extra[:3]}), "
                         "which LLaVA's language_model + lm_head cannot hold")
     proj = vlm.projector
+    if vlm.config.image_positions != "sequential":
+        problems.append(f"image_positions={vlm.config.image_positions!r}: transformers' LLaVA gives every image "
+                        "token its own position")
     if proj.position_embedding is not None:
         problems.append("the projector adds a learned position embedding to each image token "
                         "(projector.position_embedding), which transformers' LLaVA connector has no place for")

@@ -63,6 +63,41 @@ def merge_image_features(
     return inputs_embeds.masked_scatter(mask, feats)
 
 
+def shared_image_positions(
+    input_ids: torch.Tensor,  # (B, L)
+    image_token_id: int,
+    tokens_per_image: int,
+    attention_mask: torch.Tensor | None = None,  # (B, L), 1 = real token
+    position_ids: torch.Tensor | None = None,  # (B, L), restarting at 0 for each packed sample
+) -> torch.Tensor:
+    """Rotary positions (B, L) in which the ``tokens_per_image`` tokens of one image share the position
+    of its first token and the text after an image continues one past it.
+
+    The base positions are ``position_ids`` (packed rows), else the attention mask's running count
+    (left padding), else 0..L-1; each image token but an image's first takes one position less than
+    the tokens before it counted (within one packed sample; images back to back stay apart). Scores then
+    depend on an image token's content, not on its offset from the text; its place in the image
+    must come from the token itself (``ProjectorConfig.position_embedding``)."""
+    b, length = input_ids.shape
+    if position_ids is None:
+        if attention_mask is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(b, length)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    start = position_ids == 0  # (B, L) a packed sample (or a left pad) begins
+    image = input_ids == image_token_id
+    seen = image.long().cumsum(-1)  # (B, L) image tokens so far in the row
+    # image tokens so far at the last token that ends a run (text, or a sample's start): the run's base
+    base = torch.where(~image | start, seen - image.long(), torch.zeros_like(seen)).cummax(-1).values
+    in_run = seen - base - 1  # (B, L) index of an image token within its run of image tokens
+    follows = image & (in_run % tokens_per_image != 0)  # (B, L) an image token but its image's first
+    count = follows.long().cumsum(-1)  # (B, L) such tokens so far in the row
+    index = torch.arange(length, device=input_ids.device).expand(b, length)
+    first = torch.where(start, index, torch.zeros_like(index)).cummax(-1).values  # (B, L) its sample's start
+    before = count.gather(1, first) - follows.long().gather(1, first)  # (B, L) counted before the sample
+    return position_ids - (count - before)
+
+
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != ignore_index: logits (B, L, V), labels (B, L)."""
     logits = logits[:, :-1].float()  # (B, L-1, V)

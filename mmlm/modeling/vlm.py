@@ -40,6 +40,7 @@ from mmlm.modeling.fusion import (
     labelled_cross_entropy,
     projected_cross_entropy,
     merge_image_features,
+    shared_image_positions,
     shifted_cross_entropy,
 )
 from mmlm.modeling.projector import build_projector
@@ -47,6 +48,8 @@ from mmlm.modeling.text import build_language_model, resolve_text_config
 from mmlm.modeling.vision import build_vision_encoder
 from mmlm.pixels import normalize_pixels
 
+
+IMAGE_POSITIONS = ("sequential", "shared")  # VLMConfig.image_positions
 
 # Causal-LM ``model_type``s whose ``*ForCausalLM.forward`` computes exactly
 # ``logits = lm_head(model(...).last_hidden_state)`` and nothing after it (checked in transformers
@@ -110,6 +113,11 @@ class VLM(nn.Module):
             raise ValueError("the projector leaves no image tokens: lower pixel_shuffle_factor")
         # the loss of the labelled rows (see ``forward``); ``mmlm.training.compile`` swaps in a compiled copy
         self.projected_loss = projected_cross_entropy
+        if config.image_positions not in IMAGE_POSITIONS:
+            raise ValueError(f"unknown image_positions {config.image_positions!r}; known: {list(IMAGE_POSITIONS)}")
+        if config.image_positions == "shared" and not config.projector.position_embedding:
+            raise ValueError("image_positions='shared' needs projector.position_embedding=True: the image tokens "
+                             "would share one position and nothing would say where each lies")
         vocab = self.lm.get_input_embeddings().num_embeddings
         if not 0 <= config.image_token_id < vocab:
             raise ValueError(
@@ -157,6 +165,15 @@ class VLM(nn.Module):
             raise ValueError(f"vision_features holds {vision_features.shape[0]} images but pixel_values "
                              f"{pixel_values.shape[0]}")
         return self.projector(vision_features)
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The LM's positions (B, L) for ``input_ids``: ``position_ids`` as given (None: the LM's default)
+        with ``image_positions="sequential"``; with ``"shared"``, ``fusion.shared_image_positions``."""
+        if self.config.image_positions == "sequential":
+            return position_ids
+        return shared_image_positions(input_ids, self.config.image_token_id, self.num_image_tokens,
+                                      attention_mask, position_ids)
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, D_vision): the vision encoder's output (before the projector)."""
@@ -217,6 +234,15 @@ class VLM(nn.Module):
         logits: the output layer runs on the labelled positions only; the loss is the same.
         ``vision_features``: the vision encoder's output for ``pixel_values``, when known (see ``encode_images``)."""
         embeds = self.embed(input_ids, pixel_values, num_images, vision_features)  # (B, L, D)
+        if self.config.image_positions == "shared" and past_key_values is None:
+            if position_ids is not None:
+                raise ValueError("packed rows (position_ids) cannot use shared image positions: transformers reads "
+                                 "the packed samples' boundaries from the positions; train with data.packing false")
+            if attention_mask is None:  # without a mask transformers would read repeated positions as new samples
+                attention_mask = torch.ones_like(input_ids)
+            position_ids = self.position_ids(input_ids, attention_mask)
+        elif self.config.image_positions == "shared" and position_ids is None:
+            raise ValueError("a model with shared image positions needs position_ids with past_key_values")
         fast = labels is not None and not return_logits and not use_cache and past_key_values is None
         parts = labelled_loss_parts(self.lm) if fast else None
         if parts is not None:
