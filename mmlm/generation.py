@@ -85,6 +85,13 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
 
+def _prompt_positions(vlm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The LM's positions (B, L) of a left-padded prompt; each new token takes the last one + 1."""
+    if vlm.config.image_positions == "sequential":
+        return _positions(attention_mask)
+    return vlm.position_ids(input_ids, attention_mask)
+
+
 @torch.no_grad()
 def generate(
     vlm,
@@ -113,9 +120,8 @@ def generate(
                        dtype=torch.long, device=device)
     embeds = vlm.embed(input_ids, pixel_values, num_images)  # (B, L, D)
     if cfg.num_beams > 1:
-        positions = None
-        if vlm.config.image_positions != "sequential":
-            positions = vlm.position_ids(input_ids, attention_mask)
+        shared = vlm.config.image_positions != "sequential"
+        positions = _prompt_positions(vlm, input_ids, attention_mask) if shared else None
         return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions)
 
     generator = None
@@ -136,9 +142,7 @@ def generate(
         from transformers import DynamicCache
 
         cache = DynamicCache(config=vlm.lm.config)
-    step_embeds, step_pos = embeds, _positions(attention_mask)
-    if vlm.config.image_positions != "sequential":  # the LM's positions of the prompt; new tokens count on
-        step_pos = vlm.position_ids(input_ids, attention_mask)
+    step_embeds, step_pos = embeds, _prompt_positions(vlm, input_ids, attention_mask)
     # prompts without padding need no mask at all (plain causal attention, nothing built per step);
     # padded ones grow a view of one preallocated (B, L + T) mask instead of a torch.cat per token
     full_mask = None
