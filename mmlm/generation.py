@@ -85,13 +85,6 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
 
-def _prompt_positions(vlm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The LM's positions (B, L) of a left-padded prompt; each new token takes the last one + 1."""
-    if vlm.config.image_positions == "sequential":
-        return _positions(attention_mask)
-    return vlm.position_ids(input_ids, attention_mask)
-
-
 @torch.no_grad()
 def generate(
     vlm,
@@ -119,10 +112,11 @@ def generate(
     eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
                        dtype=torch.long, device=device)
     embeds = vlm.embed(input_ids, pixel_values, num_images)  # (B, L, D)
+    # the prompt's LM positions (B, L), each new token the last one + 1; shared image positions repeat one
+    shared = vlm.config.image_positions == "shared"
+    positions = vlm.position_ids(input_ids, attention_mask) if shared else _positions(attention_mask)
     if cfg.num_beams > 1:
-        shared = vlm.config.image_positions != "sequential"
-        positions = _prompt_positions(vlm, input_ids, attention_mask) if shared else None
-        return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions)
+        return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions if shared else None)
 
     generator = None
     if cfg.do_sample and cfg.seed is not None:
@@ -142,13 +136,13 @@ def generate(
         from transformers import DynamicCache
 
         cache = DynamicCache(config=vlm.lm.config)
-    step_embeds, step_pos = embeds, _prompt_positions(vlm, input_ids, attention_mask)
+    step_embeds, step_pos = embeds, positions
     # prompts without padding need no mask at all (plain causal attention, nothing built per step);
     # padded ones grow a view of one preallocated (B, L + T) mask instead of a torch.cat per token
     full_mask = None
     # shared image positions repeat a position, which transformers reads as a new packed sample when no
     # mask is given: those models always get one
-    if not bool(attention_mask.all()) or vlm.config.image_positions != "sequential":
+    if not bool(attention_mask.all()) or shared:
         full_mask = torch.ones((batch, prompt_len + cfg.max_new_tokens), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
     for t in range(cfg.max_new_tokens):
