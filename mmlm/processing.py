@@ -4,7 +4,9 @@ Contract:
 - Conversations are lists of ``{"role": "system"|"user"|"assistant", "content": str}``;
   LLaVA's ``{"from": "human"|"gpt", "value": ...}`` is accepted and converted.
 - ``<image>`` in a message marks where an image goes. A conversation with images but no
-  placeholder gets them before the first user turn; any other count mismatch raises.
+  placeholder gets them before the first user turn's text; any other count mismatch raises.
+  With ``image_placement="after_text"`` each user turn's images move to the end of that turn,
+  after its text (``place_images``).
 - The chat template (Jinja, saved with the model) marks assistant text with
   ``{% generation %}``; labels cover exactly those tokens (answer + end-of-turn), all
   others are -100. A caption is the assistant's answer to ``caption_prompt``.
@@ -155,20 +157,40 @@ def normalize_messages(conversation: Sequence[dict], key: str | None = None) -> 
     return out
 
 
-def place_images(messages: list[dict], num_images: int, key: str | None = None) -> list[dict]:
-    """Check the ``<image>`` count against ``num_images``; with no placeholder at all, put
-    the images before the first user turn."""
+IMAGE_PLACEMENTS = ("as_written", "after_text")
+
+
+def place_images(messages: list[dict], num_images: int, key: str | None = None,
+                 placement: str = "as_written") -> list[dict]:
+    """Check the ``<image>`` count against ``num_images`` and place the images.
+
+    ``as_written`` (LLaVA's layout): where the text puts them; with no placeholder at all, before
+    the first user turn's text (``"<image>\\n"`` each). ``after_text``: the same images, but each
+    user turn's moved to the end of that turn (``"question\\n<image>"``), so that in a causal LM
+    the image tokens see the question and the answer sits at the same distance from each image
+    token whatever the question's length.
+    """
+    if placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"unknown image placement {placement!r}; known: {list(IMAGE_PLACEMENTS)}")
     count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if count == num_images:
-        return messages
-    if count == 0:
+    if count == 0 and num_images:
         messages = [dict(m) for m in messages]
         first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
         if first is None:
             raise ValueError(f"{_name(key)}{num_images} image(s) but no user turn to attach them to")
         messages[first]["content"] = IMAGE_TOKEN * num_images + "\n" + messages[first]["content"]
+    elif count != num_images:
+        raise ValueError(f"{_name(key)}{count} {IMAGE_TOKEN} placeholder(s) in the text but {num_images} image(s)")
+    if placement == "as_written" or not num_images:
         return messages
-    raise ValueError(f"{_name(key)}{count} {IMAGE_TOKEN} placeholder(s) in the text but {num_images} image(s)")
+    out = []
+    for m in messages:
+        n = m["content"].count(IMAGE_TOKEN)
+        if n and m["role"] == "user":
+            text = m["content"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
+            m = {**m, "content": (text + "\n" if text else "") + IMAGE_TOKEN * n}
+        out.append(m)
+    return out
 
 
 def _name(key: str | None) -> str:
@@ -190,6 +212,10 @@ class ProcessorConfig:
     """The user prompt a caption answers, in training and in ``describe``."""
     system_prompt: str | None = None
     """A system message put before every conversation that has none."""
+    image_placement: str = "as_written"
+    """Where images go in a user turn: ``as_written`` (where ``<image>`` is, else before the text, as
+    LLaVA) or ``after_text`` (at the end of the turn: the image tokens attend to the question, and the
+    answer is at a fixed distance from each of them; for from-scratch models, see configs/tiny-cpu.yaml)."""
     on_overflow: str = "raise"
     """A sample longer than max_length whose cut would fall inside an image span:
     ``raise`` or ``drop`` (``encode`` returns None)."""
@@ -225,6 +251,8 @@ class Processor:
         if "{% generation %}" not in tokenizer.chat_template and "{%- generation %}" not in tokenizer.chat_template:
             raise ValueError("the chat template must mark assistant text with {% generation %}...{% endgeneration %} "
                              "so that labels cover the assistant's tokens only")
+        if config.image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"unknown image_placement {config.image_placement!r}; known: {list(IMAGE_PLACEMENTS)}")
         if config.on_overflow not in ("raise", "drop"):
             raise ValueError(f"on_overflow must be 'raise' or 'drop', got {config.on_overflow!r}")
         if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -295,7 +323,8 @@ class Processor:
         sample overflows into an image span and on_overflow="drop".
         """
         check_pixel_dtype(pixel_dtype)
-        messages = self._with_system(place_images(normalize_messages(conversation, key), len(images), key))
+        messages = self._with_system(place_images(normalize_messages(conversation, key), len(images), key,
+                                                  self.config.image_placement))
         enc = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
             return_assistant_tokens_mask=not add_generation_prompt,

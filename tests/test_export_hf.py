@@ -134,6 +134,12 @@ def test_refuses_what_llava_cannot_represent(tmp_path, capsys):
     shared = VLM(vlm2.config.updated(projector={"position_embedding": True}, image_positions="shared"))
     with pytest.raises(ExportError, match="image_positions='shared'"):
         check_exportable(shared)
+    # a processor that puts images after the question: LlavaProcessor cannot, so nothing is written
+    vlm3, proc3 = timm_pair("clip")
+    proc3.config.image_placement = "after_text"
+    with pytest.raises(ExportError, match="image_placement='after_text'"):
+        export_hf((vlm3, proc3), tmp_path / "placed")
+    assert not (tmp_path / "placed").exists()
     # through the CLI: exit 2, one line, nothing written
     save_pretrained(tmp_path / "ckpt", vlm, proc)
     capsys.readouterr()

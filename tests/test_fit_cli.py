@@ -24,6 +24,7 @@ def test_help_documents_every_section(capsys):
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert fit.main(fit_args(tmp_path / "a", "--model.stage", "pretrain")) == 2  # rejected by the parser
+    assert fit.main(fit_args(tmp_path / "a2", "--model.image_placement", "last")) == 2
     assert fit.main(fit_args(tmp_path / "b", "--model.preset", "huge")) == 2
     assert "unknown preset 'huge'" in capsys.readouterr().err
     assert fit.main(fit_args(tmp_path / "c", "--trainer.max_steps", "-1")) == 2
@@ -34,7 +35,8 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("fit") / "run"
-    assert fit.main(fit_args(run, steps=4, workers=1)) == 0
+    # images after the question (the processor option travels with the model)
+    assert fit.main(fit_args(run, "--model.image_placement", "after_text", steps=4, workers=1)) == 0
     return run
 
 
@@ -57,6 +59,7 @@ def test_the_exported_model_describes_images(run_dir):
 
     vlm, proc = load(run_dir / "model", device="cpu")
     assert proc.config.max_length == 160 and vlm.num_image_tokens == 4
+    assert proc.config.image_placement == "after_text"
     out = describe([image()], model=(vlm, proc), max_new_tokens=4)
     assert isinstance(out[0], str)
 

@@ -67,6 +67,60 @@ def test_image_placement_rules(pair):
         proc.encode([{"role": "user", "content": "<image><image>hi"}], [image()], key="k1")
 
 
+def test_place_images_after_text():
+    from mmlm.processing import place_images
+
+    def user(text):
+        return [{"role": "user", "content": text}, {"role": "assistant", "content": "red"}]
+
+    conv = user("<image>\nwhat color is the star?") + [{"role": "user", "content": "and its size?"}]
+    assert place_images(conv, 1) == conv  # as_written: where the text puts it
+    assert place_images(conv, 1, placement="after_text") == (
+        user("what color is the star?\n<image>") + [{"role": "user", "content": "and its size?"}])
+    # no placeholder: before the text as written, after it otherwise; images of several turns stay in their turn
+    assert place_images(user("what color?"), 1)[0]["content"] == "<image>\nwhat color?"
+    assert place_images(user("what color?"), 2, placement="after_text")[0]["content"] == "what color?\n<image><image>"
+    two = user("<image>\nfirst?") + [{"role": "user", "content": "<image> second?"}]
+    placed = place_images(two, 2, placement="after_text")
+    assert [placed[0]["content"], placed[2]["content"]] == ["first?\n<image>", "second?\n<image>"]
+    assert place_images(user("<image>"), 1, placement="after_text")[0]["content"] == "<image>"
+    assert place_images(user("hi"), 0, placement="after_text") == user("hi")
+    with pytest.raises(ValueError, match=r"unknown image placement 'last'; known: \['as_written', 'after_text'\]"):
+        place_images(conv, 1, placement="last")
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\) in the text but 1 image"):
+        place_images(user("<image><image>hi"), 1, placement="after_text")
+
+
+def test_images_after_the_question_in_the_tokens():
+    from dataclasses import replace
+
+    from mmlm.processing import Processor
+
+    vlm, proc = tiny_pair()
+    after = Processor(proc.tokenizer, replace(proc.config, image_placement="after_text"))
+    conv = [{"role": "user", "content": "<image>\nwhat color is the star?"}, {"role": "assistant", "content": "red"}]
+    a, b = proc.encode(conv, [image()]), after.encode(conv, [image()])
+    img = proc.image_token_id
+    question = proc.tokenizer("what color is the star?", add_special_tokens=False)["input_ids"]
+
+    def where(ids, span):
+        ids = ids.tolist()
+        return next(i for i in range(len(ids)) if ids[i:i + len(span)] == span)
+
+    first_image = lambda ids: int((ids == img).nonzero()[0])  # noqa: E731
+    assert first_image(a["input_ids"]) < where(a["input_ids"], question)
+    assert first_image(b["input_ids"]) > where(b["input_ids"], question)
+    assert int((b["input_ids"] == img).sum()) == vlm.num_image_tokens
+    assert _labelled_text(after, b) == _labelled_text(proc, a) == "red<|end|>"
+    # the generation prompt ends with the image span and the assistant's header: the answer right after it
+    g = after.encode([{"role": "user", "content": "what color is the star?"}], [image()], add_generation_prompt=True)
+    assert int((g["input_ids"] == img).nonzero()[-1]) >= g["input_ids"].numel() - 4
+    # saved and loaded with the model; a bad value fails when the processor is made
+    assert type(after.config).from_dict(after.config.to_dict()).image_placement == "after_text"
+    with pytest.raises(ValueError, match=r"unknown image_placement 'end'; known"):
+        Processor(proc.tokenizer, replace(proc.config, image_placement="end"))
+
+
 def test_system_prompt_from_config():
     vlm, proc = tiny_pair()
     proc.config.system_prompt = "You are a helpful assistant."

@@ -180,6 +180,11 @@ def test_build_init_from_checkpoint_and_processor_bytes(tmp_path):
     vlm2, proc2 = build_from_checkpoint(tmp_path / "ckpt", max_length=64, caption_prompt="What is shown?")
     assert all(torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), vlm2.state_dict().values()))
     assert proc2.config.max_length == 64 and proc2.config.caption_prompt == "What is shown?"
+    assert proc2.config.image_placement == "as_written"
+    _, proc4 = build_from_checkpoint(tmp_path / "ckpt", image_placement="after_text")
+    assert proc4.config.image_placement == "after_text" and proc4.config.max_length == proc.config.max_length
+    with pytest.raises(ValueError, match="unknown image_placement 'last'"):
+        build_from_checkpoint(tmp_path / "ckpt", image_placement="last")
     proc3 = processor_from_files(processor_files(proc))
     conv = [{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]
     b1, b3 = proc(images=[image()], conversations=[conv]), proc3(images=[image()], conversations=[conv])

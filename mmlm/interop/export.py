@@ -472,6 +472,9 @@ def export_hf(model, out: str | Path, *, dtype: str | torch.dtype | None = None,
     transformers LLaVA directory at ``out`` (atomically). ``dtype``: cast the weights (e.g.
     "bfloat16"); default: as they are."""
     vlm, processor = _load_pair(model)
+    if processor.config.image_placement != "as_written":
+        raise ExportError(f"image_placement={processor.config.image_placement!r}: transformers' LLaVA processor "
+                          "puts the images where the text does (before it); export a model trained as_written")
     plan = check_exportable(vlm)
     llava = to_llava(vlm, processor, plan, _resolve_dtype(dtype))
     lp = to_llava_processor(vlm, processor, plan)

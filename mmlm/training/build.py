@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def tokenizer_from_files(files: dict[str, bytes]):
 
 
 # ---------------------------------------------------------------------------------- models
-def _processor_options(processor_cfg: dict, max_length, caption_prompt, system_prompt) -> dict:
+def _processor_options(processor_cfg: dict, max_length, caption_prompt, system_prompt, image_placement=None) -> dict:
     out = dict(processor_cfg)
     if max_length is not None:
         out["max_length"] = int(max_length)
@@ -159,6 +160,8 @@ def _processor_options(processor_cfg: dict, max_length, caption_prompt, system_p
         out["caption_prompt"] = caption_prompt
     if system_prompt is not None:
         out["system_prompt"] = system_prompt or None
+    if image_placement is not None:
+        out["image_placement"] = image_placement
     return out
 
 
@@ -173,7 +176,7 @@ def _check_positions(cfg: VLMConfig, max_length: int, from_scratch: bool) -> VLM
 
 
 def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | None = None, max_length=None,
-                          caption_prompt=None, system_prompt=None):
+                          caption_prompt=None, system_prompt=None, image_placement=None):
     """``(VLM, Processor)`` from an mmlm checkpoint directory (weights loaded strictly)."""
     from safetensors.torch import load_model
 
@@ -189,9 +192,9 @@ def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | No
         raise ValueError(f"{path}: weights do not match the config (model_overrides must not change shapes): "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     processor = Processor.from_pretrained(path)
-    opts = _processor_options({}, max_length, caption_prompt, system_prompt)
-    for key, value in opts.items():
-        setattr(processor.config, key, value)
+    opts = _processor_options({}, max_length, caption_prompt, system_prompt, image_placement)
+    if opts:
+        processor = Processor(processor.tokenizer, replace(processor.config, **opts))  # checks the new options
     return vlm, processor
 
 
@@ -230,6 +233,7 @@ def build_model_and_processor(
     max_length: int | None = None,
     caption_prompt: str | None = None,
     system_prompt: str | None = None,
+    image_placement: str | None = None,
     prebuilt_tokenizer=None,
     chat_template: str | None = None,
     log=print,
@@ -242,10 +246,11 @@ def build_model_and_processor(
 
     if init_from:
         return build_from_checkpoint(init_from, model_overrides=model_overrides, max_length=max_length,
-                                     caption_prompt=caption_prompt, system_prompt=system_prompt)
+                                     caption_prompt=caption_prompt, system_prompt=system_prompt,
+                                     image_placement=image_placement)
     cfg = get_preset(preset).updated(**(model_overrides or {}))
     from_scratch = not cfg.text.name and tokenizer is None
-    opts = _processor_options({}, max_length, caption_prompt, system_prompt)
+    opts = _processor_options({}, max_length, caption_prompt, system_prompt, image_placement)
     opts.setdefault("max_length", DEFAULT_MAX_LENGTH_SCRATCH if from_scratch else DEFAULT_MAX_LENGTH_PRETRAINED)
     cfg = _check_positions(cfg, opts["max_length"], from_scratch)
     if from_scratch:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from mmlm.processing import IMAGE_PLACEMENTS
 from mmlm.training.callbacks import NonFiniteGuard
 from mmlm.training.freeze import STAGES, configure_trainable, enable_activation_checkpointing, frozen_modules
 
@@ -81,6 +82,7 @@ class VLMModule(pl.LightningModule):
         max_length: int | None = None,
         caption_prompt: str | None = None,
         system_prompt: str | None = None,
+        image_placement: Literal["as_written", "after_text"] | None = None,
     ):
         """
         Args:
@@ -123,6 +125,9 @@ class VLMModule(pl.LightningModule):
             caption_prompt: the user prompt captions answer (default: "Describe the image briefly.",
                 or the init_from checkpoint's).
             system_prompt: a system message before every conversation (default: none, or the checkpoint's).
+            image_placement: where images go in a user turn: ``as_written`` (where the data's ``<image>`` is,
+                before the question: LLaVA's layout) or ``after_text`` (after the question, so the image tokens
+                attend to it; the tiny recipes' choice); default: as_written, or the init_from checkpoint's.
         """
         super().__init__()
         from mmlm.presets import PRESETS
@@ -131,6 +136,8 @@ class VLMModule(pl.LightningModule):
             raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
         if stage not in STAGES:
             raise ValueError(f"unknown training stage {stage!r}; known: {list(STAGES)}")
+        if image_placement is not None and image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"unknown image_placement {image_placement!r}; known: {list(IMAGE_PLACEMENTS)}")
         for name, value in (("lr", lr), ("vision_lr", vision_lr), ("projector_lr", projector_lr), ("lm_lr", lm_lr)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -213,7 +220,8 @@ class VLMModule(pl.LightningModule):
             preset=hp.preset, init_from=hp.init_from, model_overrides=hp.model_overrides or {},
             train_shards=train_shards, tokenizer=hp.tokenizer, tokenizer_vocab_size=hp.tokenizer_vocab_size,
             tokenizer_max_records=hp.tokenizer_max_records, extra_texts=extra_texts, max_length=hp.max_length,
-            caption_prompt=hp.caption_prompt, system_prompt=hp.system_prompt, prebuilt_tokenizer=tokenizer,
+            caption_prompt=hp.caption_prompt, system_prompt=hp.system_prompt,
+            image_placement=hp.image_placement, prebuilt_tokenizer=tokenizer,
             chat_template=hp.chat_template, log=rank_zero_info,
         )
         self._install(vlm, processor, processor_files(processor))
