@@ -215,7 +215,7 @@ class ProcessorConfig:
     image_placement: str = "as_written"
     """Where images go in a user turn: ``as_written`` (where ``<image>`` is, else before the text, as
     LLaVA) or ``after_text`` (at the end of the turn: the image tokens attend to the question, and the
-    answer is at a fixed distance from each of them; for from-scratch models, see configs/tiny-cpu.yaml)."""
+    answer is at a fixed distance from each of them; measured on the tiny quickstart in the README's status)."""
     on_overflow: str = "raise"
     """A sample longer than max_length whose cut would fall inside an image span:
     ``raise`` or ``drop`` (``encode`` returns None)."""
