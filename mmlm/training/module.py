@@ -20,9 +20,10 @@ Then the training stage freezes parts (:mod:`mmlm.training.freeze`), and the pro
 to the data module (``datamodule.attach_processor``). ``self.vlm`` and ``self.processor`` are
 public (evaluation callbacks use them) from ``configure_model`` on.
 
-Checkpoints hold, under ``checkpoint["mmlm"]``: the model config, the processor files, the
-non-finite-loss counters and the RNG states (restored before the first batch after a resume;
-validation leaves the training RNG stream as it found it, so a resume reproduces it exactly).
+Checkpoints hold, under ``checkpoint["mmlm"]`` (:mod:`mmlm.training.state`): the model config, the
+processor files, the non-finite-loss counters and the RNG states (restored before the first batch
+after a resume; validation leaves the training RNG stream as it found it, so a resume reproduces it
+exactly).
 
 Steps
 -----
@@ -36,20 +37,18 @@ adds to a step), skips the update when a loss of the accumulation window was non
 from __future__ import annotations
 
 import math
-import random
 from typing import Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmlm.processing import IMAGE_PLACEMENTS
 from mmlm.training.callbacks import NonFiniteGuard
 from mmlm.training.freeze import STAGES, configure_trainable, enable_activation_checkpointing, frozen_modules
+from mmlm.training.state import CHECKPOINT_KEY, get_rng_state, make_payload, read_checkpoint_payload, set_rng_state
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "num_images")
-CHECKPOINT_KEY = "mmlm"
 
 
 class VLMModule(pl.LightningModule):
@@ -403,13 +402,8 @@ class VLMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.vlm is None:
             return
-        checkpoint[CHECKPOINT_KEY] = {
-            "version": 1,
-            "model_config": self.vlm.config.to_dict(),
-            "processor": self._processor_files,
-            "nonfinite": self.guard.state_dict(),
-            "rng": get_rng_state(),
-        }
+        checkpoint[CHECKPOINT_KEY] = make_payload(self.vlm.config.to_dict(), self._processor_files,
+                                                  self.guard.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         payload = checkpoint.get(CHECKPOINT_KEY)
@@ -438,15 +432,6 @@ def check_normalization(vlm, processor) -> None:
                          "the vision config so that they agree")
 
 
-def read_checkpoint_payload(path: str) -> dict | None:
-    """``checkpoint["mmlm"]`` of a Lightning checkpoint file (memory-mapped: the weights are not read)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip checkpoint (mmap needs one)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt.get(CHECKPOINT_KEY)
-
-
 def _get_attr_or_hparam(obj, name: str):
     if obj is None:
         return None
@@ -472,33 +457,3 @@ def _num_samples(batch: dict) -> int:
     if n is None:
         n = batch["input_ids"].shape[0]
     return max(1, int(n))
-
-
-def get_rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) RNG states in checkpoint-safe types."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except (RuntimeError, IndexError):
-            pass  # a different number of devices: keep the fresh CUDA state
-
