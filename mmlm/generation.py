@@ -114,7 +114,7 @@ def generate(
     embeds = vlm.embed(input_ids, pixel_values, num_images)  # (B, L, D)
     # the prompt's LM positions (B, L), each new token the last one + 1; shared image positions repeat one
     shared = vlm.config.image_positions == "shared"
-    positions = vlm.position_ids(input_ids, attention_mask) if shared else _positions(attention_mask)
+    positions = vlm.position_ids(input_ids, attention_mask, _positions(attention_mask))
     if cfg.num_beams > 1:
         return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions if shared else None)
 
