@@ -132,6 +132,11 @@ class ProjectorConfig:
     so the LM can read where a token lies from the token itself rather than from its offset. A vision
     encoder trained from scratch keeps it poorly: a linear probe reads a token's cell from the ``tiny``
     preset's captioning-stage tokens at 57-64% (99% with this). Not exportable to transformers' LLaVA."""
+    position_embedding_std: float = 0.02
+    """Standard deviation of the position embedding's random init (0.02: timm's ``pos_embed``, the scale of
+    an LM's token embeddings). A from-scratch projector's tokens are far larger (per-dimension std ~0.9 in
+    the ``tiny`` preset), so at 0.02 the place is a faint part of each token; a std near the tokens' own
+    makes it as loud as their content from the first step."""
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProjectorConfig":

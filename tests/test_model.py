@@ -97,6 +97,20 @@ def test_position_embedding_adds_one_learned_vector_per_image_token(projector):
         placed.projector(torch.randn(1, 4 * placed.vision.num_patches, 32))
 
 
+def test_position_embedding_init_std_sets_the_scale_and_survives_a_save(tmp_path):
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok)
+    torch.manual_seed(0)
+    default = VLM(cfg.updated(projector={"position_embedding": True})).projector.position_embedding
+    loud = VLM(cfg.updated(projector={"position_embedding": True, "position_embedding_std": 0.5}))
+    pos = loud.projector.position_embedding
+    assert pos.numel() >= 1000  # enough draws for the sample std to sit within 10% of the asked one
+    assert abs(default.std().item() - 0.02) < 0.002 and abs(pos.std().item() - 0.5) < 0.05
+    loud.save_pretrained(tmp_path)
+    again = VLM.from_pretrained(tmp_path)
+    assert again.config.projector.position_embedding_std == 0.5
+    torch.testing.assert_close(again.projector.position_embedding, pos)  # the weights, not a fresh draw
+
 def test_unknown_names_list_the_known_ones():
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match=r"unknown projector 'nope'; known: \['linear', 'mlp2x_gelu', 'pixel_shuffle'\]"):

@@ -25,8 +25,9 @@ class Projector(nn.Module):
         super().__init__()
         self.position_embedding: nn.Parameter | None = None
         if cfg.position_embedding:
-            # ViT-style init (timm's pos_embed: std 0.02), the scale of the LM's token embeddings
-            self.position_embedding = nn.Parameter(torch.randn(self.num_tokens(num_patches), text_dim) * 0.02)
+            # default std 0.02: ViT-style (timm's pos_embed), the scale of the LM's token embeddings
+            std = cfg.position_embedding_std
+            self.position_embedding = nn.Parameter(torch.randn(self.num_tokens(num_patches), text_dim) * std)
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
