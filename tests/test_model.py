@@ -110,6 +110,8 @@ def test_position_embedding_init_std_sets_the_scale_and_survives_a_save(tmp_path
     again = VLM.from_pretrained(tmp_path)
     assert again.config.projector.position_embedding_std == 0.5
     torch.testing.assert_close(again.projector.position_embedding, pos)  # the weights, not a fresh draw
+    with pytest.raises(ValueError, match="position_embedding_std must be >= 0, got -0.1"):
+        VLM(cfg.updated(projector={"position_embedding": True, "position_embedding_std": -0.1}))
 
 def test_unknown_names_list_the_known_ones():
     tok = tiny_tokenizer()

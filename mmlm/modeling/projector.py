@@ -27,6 +27,8 @@ class Projector(nn.Module):
         if cfg.position_embedding:
             # default std 0.02: ViT-style (timm's pos_embed), the scale of the LM's token embeddings
             std = cfg.position_embedding_std
+            if not std >= 0:
+                raise ValueError(f"projector.position_embedding_std must be >= 0, got {std!r}")
             self.position_embedding = nn.Parameter(torch.randn(self.num_tokens(num_patches), text_dim) * std)
 
     def num_tokens(self, num_patches: int) -> int:
