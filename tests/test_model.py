@@ -113,6 +113,7 @@ def test_position_embedding_init_std_sets_the_scale_and_survives_a_save(tmp_path
     with pytest.raises(ValueError, match="position_embedding_std must be >= 0, got -0.1"):
         VLM(cfg.updated(projector={"position_embedding": True, "position_embedding_std": -0.1}))
 
+
 def test_unknown_names_list_the_known_ones():
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match=r"unknown projector 'nope'; known: \['linear', 'mlp2x_gelu', 'pixel_shuffle'\]"):
