@@ -22,6 +22,9 @@ Questions (single-word answers): colour (``what color is the star?`` -> ``red``)
 count (``how many shapes are there?`` -> ``2``; also per colour/shape, answers 0..3, digits as in VQAv2),
 position (``where is the red star?`` -> ``left``), exists (``is there a green circle?`` ->
 ``yes``/``no``, balanced). Objects are named unambiguously (shape, else size+shape, else shape+place).
+Training conversations also ask half their size and position questions by shape alone where the
+shape is unique (``where is the star?``), so that finding an object by its shape is trained as often
+as finding it by its colour; val/test questions never take that form.
 
 Output layout (``--out DIR``)::
 
@@ -131,7 +134,7 @@ __all__ = [
     "encode_png",
 ]
 
-VERSION = 4
+VERSION = 5
 SPLITS = ("train", "val", "test")
 ANSWER_TYPES = {"exists": "yes/no", "count": "number"}  # others: "other"
 N_HUMAN_ANSWERS = 10

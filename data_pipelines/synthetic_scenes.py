@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from mmlm.data.schema import IMAGE_PLACEHOLDER
 
+# Version 5: training conversations also ask size and position by shape alone ("where is the star?").
 # Version 4: count answers are digits. Version 3 dropped the hexagon (at 64-72 px a small hexagon is hardly told from a circle: it was
 # half of all shape confusions of a supervised probe) and drew small shapes larger.
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
@@ -158,18 +159,25 @@ def _name_without_color(scene: Scene, o: Obj) -> str:
     return f"the {o.shape} {WHERE[o.position]}"
 
 
-def question_for(qtype: str, scene: Scene, rng: random.Random, *, exists_yes: bool | None = None) -> tuple[str, str]:
-    """One (question, answer) of ``qtype`` about ``scene``."""
+def question_for(qtype: str, scene: Scene, rng: random.Random, *, exists_yes: bool | None = None,
+                 by_shape: bool = False) -> tuple[str, str]:
+    """One (question, answer) of ``qtype`` about ``scene``.
+
+    ``by_shape`` (training conversations only, never the val/test questions): size and position
+    questions name an object whose shape is unique in the scene by its shape alone (``"where is the
+    star?"``), as colour questions do, so that finding an object by its shape is asked for as often as
+    finding it by its colour; other types, and objects whose shape repeats, are asked as usual."""
     objs = scene.objects
     o = rng.choice(objs)
+    name = f"the {o.shape}" if by_shape and sum(x.shape == o.shape for x in objs) == 1 else f"the {o.color} {o.shape}"
     if qtype == "color":
         return f"what color is {_name_without_color(scene, o)}?", o.color
     if qtype == "shape":
         return f"what shape is {WHERE[o.position]}?", o.shape
     if qtype == "size":
-        return f"what size is the {o.color} {o.shape}?", o.size
+        return f"what size is {name}?", o.size
     if qtype == "position":
-        return f"where is the {o.color} {o.shape}?", o.position
+        return f"where is {name}?", o.position
     if qtype == "count":
         variant = rng.choice(("all", "all", "color", "shape"))
         if variant == "all":
@@ -196,7 +204,8 @@ def question_for(qtype: str, scene: Scene, rng: random.Random, *, exists_yes: bo
 
 
 def conversation_for(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
-    """3 to 5 distinct QA turns, the first human turn starting with ``<image>\\n``."""
+    """3 to 5 distinct QA turns, the first human turn starting with ``<image>\\n``; half the size and
+    position questions name their object by its shape alone where that is unique (``by_shape``)."""
     n = rng.randint(3, 5)
     types = list(QUESTION_TYPES)
     rng.shuffle(types)
@@ -206,7 +215,7 @@ def conversation_for(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     while len(turns) < 2 * n and attempts < 50:
         qtype = types[(len(turns) // 2) % len(types)] if attempts < len(types) else rng.choice(QUESTION_TYPES)
         attempts += 1
-        q, a = question_for(qtype, scene, rng)
+        q, a = question_for(qtype, scene, rng, by_shape=qtype in ("size", "position") and rng.random() < 0.5)
         if q in asked:
             continue
         asked.add(q)

@@ -5,8 +5,9 @@
 1. builds the synthetic shapes dataset in ``WORKDIR/data`` (``data_pipelines.synthetic``);
 2. trains the ``tiny`` preset in stages (:data:`RECIPES`) through the same code as ``mmlm fit``, on
    the GPU when there is one, else the CPU, each stage from the previous stage's model: captions
-   (``configs/tiny-cpu.yaml``), questions and captions (``configs/tiny-cpu-vqa.yaml``), a drill of the
-   position questions (``configs/tiny-cpu-where.yaml``), questions and captions again
+   (``configs/tiny-cpu.yaml``), questions and captions (``configs/tiny-cpu-vqa.yaml``), drills of the
+   colour questions (``configs/tiny-cpu-color.yaml``) and of the position questions
+   (``configs/tiny-cpu-where.yaml``), questions and captions again
    (``configs/tiny-cpu-review.yaml``). A stage's run directory is ``WORKDIR/<recipe name>``, the last
    one's ``WORKDIR`` itself (checkpoints/, logs/, preflight.json, model/); a killed quickstart
    resumes from the stage's ``last.ckpt``;
@@ -30,7 +31,7 @@ from typing import Any
 from mmlm.io import atomic_write_text
 
 N_SHOWN = 4
-RECIPES = ("tiny-cpu.yaml", "tiny-cpu-vqa.yaml", "tiny-cpu-where.yaml", "tiny-cpu-review.yaml")
+RECIPES = ("tiny-cpu.yaml", "tiny-cpu-vqa.yaml", "tiny-cpu-color.yaml", "tiny-cpu-where.yaml", "tiny-cpu-review.yaml")
 """The quickstart's stages, in order (files in ``configs/``)."""
 
 

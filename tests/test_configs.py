@@ -38,7 +38,7 @@ def test_a_later_stage_starts_from_the_model_of_a_recipe_here():
             later += 1
             run, stage1, model = Path(init).parts
             assert (run, model) == ("runs", "model") and stage1 in stems and stage1 != path.stem, init
-    assert later >= 6  # instruct-*, tiny-cpu-vqa, tiny-cpu-where, tiny-cpu-review
+    assert later >= 7  # instruct-*, tiny-cpu-vqa, tiny-cpu-color, tiny-cpu-where, tiny-cpu-review
 
 
 def test_llava_recipe_values():

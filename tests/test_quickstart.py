@@ -28,7 +28,7 @@ def test_quickstart_toy_scale(tmp_path, capsys):
     assert 0.0 <= results["vqa_accuracy"] <= 1.0 and len(results["examples"]) == 4
     assert (work / "model" / "model.safetensors").is_file()
     # the stages, each from the previous one's model; the last one's run directory is the workdir
-    stages = ["tiny-cpu", "tiny-cpu-vqa", "tiny-cpu-where", "tiny-cpu-review"]
+    stages = ["tiny-cpu", "tiny-cpu-vqa", "tiny-cpu-color", "tiny-cpu-where", "tiny-cpu-review"]
     assert list(results["train_seconds_per_stage"]) == stages == list(results["learning_curve"])
     for stage in stages[:-1]:
         assert (work / stage / "model" / "model.safetensors").is_file()

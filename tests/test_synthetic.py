@@ -67,10 +67,11 @@ def _answer(question: str, objs: list[dict]) -> str:
         return match[0]["color"]
     if m := re.fullmatch(r"what shape is (.+)\?", question):
         return next(o["shape"] for o in objs if o["position"] == WHERE_WORD[m.group(1)])
-    if m := re.fullmatch(r"what size is the (\w+) (\w+)\?", question):
-        return next(o["size"] for o in objs if (o["color"], o["shape"]) == m.groups())
-    if m := re.fullmatch(r"where is the (\w+) (\w+)\?", question):
-        return next(o["position"] for o in objs if (o["color"], o["shape"]) == m.groups())
+    if m := re.fullmatch(r"(what size|where) is the (?:(\w+) )?(\w+)\?", question):
+        kind, color, shape = m.groups()
+        match = [o for o in objs if o["shape"] == shape and color in (None, o["color"])]
+        assert len(match) == 1, question  # by shape alone (training only) when the shape is unique
+        return match[0]["size" if kind == "what size" else "position"]
     if question == "how many shapes are there?":
         return numbers[len(objs)]
     if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
@@ -147,6 +148,15 @@ def test_captions_and_answers_match_the_scene(built):
                 assert r.conversations[0]["value"].startswith(f"{IMAGE_PLACEHOLDER}\n")
                 assert 3 <= len(r.conversations) // 2 <= 5
     assert n_checked > 100
+
+
+def test_only_training_asks_size_and_position_by_shape_alone(built):
+    by_shape = re.compile(r"(what size|where) is the \w+\?")
+    train = [t["value"] for r in iter_tar_records(built / "train") for t in r.conversations[::2]]
+    assert any(by_shape.search(q) for q in train) and any(re.search(r"where is the \w+ \w+\?", q) for q in train)
+    for split in ("val", "test"):
+        questions = [r.question for r in iter_tar_records(built / split) if r.question is not None]
+        assert questions and not any(by_shape.fullmatch(q) for q in questions)
 
 
 def test_pixels_show_the_objects():

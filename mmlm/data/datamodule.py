@@ -161,7 +161,8 @@ class VLMDataModule(pl.LightningDataModule):
                 their questions that match it (``re.search``, e.g. ``"^where "``), in training and
                 validation; records with none are skipped (``no_target``, not an error); captions are
                 not filtered. A stage can drill one kind of question: the quickstart drills the
-                position questions its question stage learns last (``configs/tiny-cpu-where.yaml``).
+                colour and position questions its question stage learns last
+                (``configs/tiny-cpu-color.yaml``, ``configs/tiny-cpu-where.yaml``).
                 None: every question.
             vqa_suffix: Text appended to VQA questions (e.g. a short-answer instruction).
             prompt_loss_fraction: Training only: this fraction of the samples (a seeded draw per sample)
