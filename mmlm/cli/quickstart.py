@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
             "(configs/tiny-cpu-where.yaml), questions and captions again "
             "(configs/tiny-cpu-review.yaml); a stage's run directory is WORKDIR/<recipe name>, the last one's "
             "WORKDIR. It trains on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores; "
-            "11 on a slower pair), "
+            "11-12 on a slower pair), "
             "then evaluates the model on the "
             "synthetic test split (VQA accuracy with the official VQA rule, caption exact match, "
             "CIDEr/BLEU/METEOR/ROUGE-L), describes four test images next to their ground truth, and prints a "
