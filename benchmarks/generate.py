@@ -15,6 +15,12 @@ batched
     ``--batch`` images described in one batch vs one at a time, end to end as ``describe`` does
     (``processor.prompt_inputs`` -> ``generate`` -> ``processor.decode``), images/s.
 
+``--compile``: both sides decode with a static cache and a compiled one-token step (mmlm:
+``GenerationConfig(compile=True)``; transformers: ``cache_implementation="static"`` with a
+``CompileConfig`` of the same mode, which its ``generate`` compiles on a GPU and, flagged, on a CPU).
+Every shape that is timed (batch 1 and ``--batch``, 1 and N new tokens) runs once before the clock
+starts, so compiling, CUDA-graph capture and first-call paths are not timed on either side.
+
 Targets (issue 8): batch-1 decode tokens/s >= 1.0x transformers; batched images/s >= 5x batch 1.
 
 Usage::
@@ -22,6 +28,7 @@ Usage::
     python benchmarks/generate.py                              # tiny preset, CPU
     python benchmarks/generate.py --preset small --device cuda --new-tokens 128 --batch 32
     python benchmarks/generate.py --repeats 5 --new-tokens 64
+    python benchmarks/generate.py --compile          # compiled decode steps on both sides
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else float32), float32, bfloat16")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                    help="mmlm's KV cache kind (transformers' side keeps its default; default dynamic)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode step with a static cache on both sides (see above)")
     C.add_common_args(p)
     args = p.parse_args(argv)
     C.set_threads(args.threads)
@@ -69,6 +78,9 @@ def main(argv=None) -> int:
 
     from mmlm.api import resolve_dtype
     from mmlm.generation import generate
+
+    if args.compile and args.cache == "dynamic":
+        args.cache = "static"  # what compile=True decodes with
 
     device = C.resolve_device(args.device)
     syn = C.synthetic_dataset(args.cache_dir)
@@ -89,10 +101,19 @@ def main(argv=None) -> int:
 
     one = inputs(images[:1])
 
+    decode = {"cache": args.cache, "compile": args.compile}
+    hf_decode = {}
+    if args.compile:
+        from mmlm.generation import decode_compile_config
+
+        compile_config = decode_compile_config(torch.device(device))  # mmlm's, for transformers too
+        compile_config._compile_all_devices = True  # transformers compiles on a GPU only unless flagged
+        hf_decode = {"cache_implementation": "static", "compile_config": compile_config}
+
     def run_mmlm(n):
         out = generate(vlm, one["input_ids"], one["pixel_values"], one["attention_mask"],
                        num_images=one["num_images"], max_new_tokens=n, eos_token_id=None, pad_token_id=pad,
-                       cache=args.cache)
+                       **decode)
         _sync(device)
         return out
 
@@ -100,7 +121,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             embeds = vlm.embed(one["input_ids"], one["pixel_values"], one["num_images"])
             out = vlm.lm.generate(inputs_embeds=embeds, attention_mask=one["attention_mask"], do_sample=False,
-                                  max_new_tokens=n, min_new_tokens=0, pad_token_id=pad)
+                                  max_new_tokens=n, min_new_tokens=0, pad_token_id=pad, **hf_decode)
         _sync(device)
         return out
 
@@ -109,7 +130,8 @@ def main(argv=None) -> int:
         out = fn(*a)
         return time.perf_counter() - t0, out
 
-    # warm-up (allocator, lazy imports, first-call paths) and correctness: same tokens, fixed length
+    # warm-up (allocator, lazy imports, first-call paths, compiling) and correctness: same tokens, fixed length
+    run_mmlm(1), run_hf(1)
     ours, ref = run_mmlm(n_new), run_hf(n_new)
     same = ours.shape == ref.shape and bool(torch.equal(ours.cpu(), ref.cpu()))
     lengths_ok = ours.shape[1] == n_new and ref.shape[1] == n_new
@@ -120,12 +142,12 @@ def main(argv=None) -> int:
     def describe_batch(imgs):
         b = inputs(imgs)
         new = generate(vlm, b["input_ids"], b["pixel_values"], b["attention_mask"], num_images=b["num_images"],
-                       max_new_tokens=n_new, eos_token_id=None, pad_token_id=pad, cache=args.cache)
+                       max_new_tokens=n_new, eos_token_id=None, pad_token_id=pad, **decode)
         _sync(device)
         assert new.shape == (len(imgs), n_new), new.shape
         return [processor.decode(row) for row in new.tolist()]
 
-    describe_batch(images[:2])
+    describe_batch(images), describe_batch(images[:1])  # both timed shapes, once each, before the clock
     res = {k: [] for k in ("mmlm_ttft", "mmlm_total", "hf_ttft", "hf_total", "batched_s", "single_s")}
     print(f"{args.preset} preset, {vlm.num_parameters() / 1e6:.1f}M parameters, {info['device']}, "
           f"{next(vlm.parameters()).dtype}, prompt {one['input_ids'].shape[1]} tokens "
@@ -168,7 +190,7 @@ def main(argv=None) -> int:
         title="prompt_inputs -> generate -> decode (what describe runs per batch)")
     payload = {
         "config": {"preset": args.preset, "parameters": vlm.num_parameters(), "new_tokens": n_new, "batch": args.batch,
-                   "cache": args.cache,
+                   "cache": args.cache, "compile": args.compile,
                    "repeats": args.repeats, "dtype": str(next(vlm.parameters()).dtype), "threads": args.threads,
                    "prompt_tokens": int(one["input_ids"].shape[1]), "image_tokens": vlm.num_image_tokens},
         "targets": {"decode_mmlm_over_transformers_min": TARGET_DECODE,
@@ -181,7 +203,7 @@ def main(argv=None) -> int:
                 "batched": ratios["batched_over_batch1_images_per_s"] >= TARGET_BATCHED},
     }
     if not args.no_save:
-        C.write_result("generate", payload, info, args.out)
+        C.write_result("generate-compile" if args.compile else "generate", payload, info, args.out)
     return 0
 
 

@@ -7,6 +7,7 @@ top-p, seeded), or beam search (``num_beams`` > 1, delegated to transformers' be
 over the same input embeddings). A row ends at an eos token, when ``stop(generated)``
 says so (stop strings are checked by the caller, who has the tokenizer), or at
 ``max_new_tokens``. ``on_tokens(next_ids)`` is called after every step (streaming).
+``compile=True`` runs the one-token decode step compiled (static cache; CUDA graphs on a GPU).
 
 Our own loop (not ``transformers.generate``) for greedy/sampling: it is lean per step,
 which dominates decode time for small models; a test proves it equal to transformers'.
@@ -47,6 +48,12 @@ class GenerationConfig:
     prompt + max_new_tokens up front: fixed shapes, no reallocation; the kind ``torch.compile`` of the
     decode step needs). Greedy outputs are the same either way (tested); eager decoding is slower with
     it, since attention spans every preallocated slot."""
+    compile: bool = False
+    """Compile the one-token decode step: ``torch.compile`` through transformers' ``get_compiled_call``
+    (CUDA graphs on a GPU, inductor on a CPU); the prompt's prefill stays eager. Decodes with a static
+    cache (sets ``cache`` to ``static``) whose length is rounded up to a multiple of 64, so batches of
+    similar prompt lengths reuse one compiled step. The first call compiles (seconds to a minute); greedy
+    outputs equal eager decoding (tested). Greedy and sampling only, not beam search."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +68,12 @@ class GenerationConfig:
             raise ValueError("choose beam search or sampling, not both")
         if self.cache not in ("dynamic", "static"):
             raise ValueError(f"unknown cache {self.cache!r}; known: ['dynamic', 'static']")
+        if self.compile:
+            if self.num_beams > 1:
+                raise ValueError("compile applies to greedy decoding and sampling, not beam search (num_beams > 1)")
+            if not self.use_cache:
+                raise ValueError("compile needs the KV cache (use_cache=True)")
+            self.cache = "static"
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -79,6 +92,33 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+CACHE_BUCKET = 64
+"""A compiled decode step's static cache length is a multiple of this (fewer distinct shapes)."""
+
+
+def static_cache_length(prompt_len: int, max_new_tokens: int, compiled: bool) -> int:
+    """Slots of the static KV cache: prompt + new tokens, rounded up to ``CACHE_BUCKET`` when compiled."""
+    need = prompt_len + max_new_tokens
+    return -(-need // CACHE_BUCKET) * CACHE_BUCKET if compiled else need
+
+
+def decode_compile_config(device: torch.device):
+    """transformers' ``CompileConfig`` for the decode step: mode ``reduce-overhead`` (CUDA graphs) on a
+    GPU, ``default`` elsewhere."""
+    from transformers import CompileConfig
+
+    return CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
+def compiled_decode_step(lm):
+    """``lm``'s forward compiled for one-token decode steps (``decode_compile_config``), cached on ``lm``
+    by transformers' ``get_compiled_call`` (which ``transformers.generate`` uses too)."""
+    config = decode_compile_config(lm.device)
+    if hasattr(lm, "get_compiled_call"):
+        return lm.get_compiled_call(config)
+    return torch.compile(lm, **config.to_dict())
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -128,10 +168,11 @@ def generate(
     prompt_len = attention_mask.shape[1]
     cache = None
     static = cfg.use_cache and cfg.cache == "static"
+    total = static_cache_length(prompt_len, cfg.max_new_tokens, cfg.compile) if static else None
     if static:
         from transformers import StaticCache
 
-        cache = StaticCache(config=vlm.lm.config, max_cache_len=prompt_len + cfg.max_new_tokens)
+        cache = StaticCache(config=vlm.lm.config, max_cache_len=total)
     elif cfg.use_cache:
         from transformers import DynamicCache
 
@@ -143,12 +184,17 @@ def generate(
     # shared image positions repeat a position, which transformers reads as a new packed sample when no
     # mask is given: those models always get one
     if not bool(attention_mask.all()) or shared:
-        full_mask = torch.ones((batch, prompt_len + cfg.max_new_tokens), dtype=attention_mask.dtype, device=device)
+        width = total or prompt_len + cfg.max_new_tokens
+        full_mask = torch.ones((batch, width), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
+    step = compiled_decode_step(vlm.lm) if cfg.compile else vlm.lm
+    graphs = cfg.compile and device.type == "cuda"
     for t in range(cfg.max_new_tokens):
         # a static cache attends over all its slots (the unwritten ones are causally masked): whole mask
         attention_mask = None if full_mask is None else full_mask if static else full_mask[:, : prompt_len + t]
-        logits = vlm.lm(
+        if graphs and t > 0:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: reuse the graph
+        logits = (step if t > 0 else vlm.lm)(
             inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_pos,
             past_key_values=cache, use_cache=cfg.use_cache, logits_to_keep=1,
         ).logits[:, -1].float()  # (B, V)

@@ -97,6 +97,19 @@ def test_folder_is_searched_recursively_and_batches_equal_one_by_one(ckpt, tmp_p
     assert texts == _expected(pair, paths) and len(set(texts)) > 1
 
 
+def test_compiled_decoding_writes_the_same_texts(ckpt, tmp_path, capsys):
+    root, pair = ckpt
+    out = tmp_path / "captions.jsonl"
+    assert main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--batch-size", "3",
+                 "--compile", "--out", str(out)]) == 0  # batches of 3 and 1: two compiled shapes
+    assert [r["text"] for r in _read(out)] == _expected(pair, _images(root))
+    capsys.readouterr()
+    assert main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--compile",
+                 "--num-beams", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not beam search" in err[0]
+
+
 def test_glob_prints_path_tab_text(ckpt, capsys):
     root, pair = ckpt
     assert main(["describe", str(root / "imgs" / "*.png"), "--model", str(root / "model"), *GEN,

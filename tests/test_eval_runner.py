@@ -450,3 +450,9 @@ def test_real_tiny_checkpoint(tmp_path):
     m = load(out / "metrics.json")
     assert m["num_scored"] == 3 and m["generation"]["num_beams"] == 1 and m["generation"]["do_sample"] is False
     assert len(load(out / "predictions.json")) == 3
+    compiled = tmp_path / "compiled"  # the compiled decode step predicts the same answers
+    assert cli("vqa", "--benchmark", "vqav2", "--model", str(tmp_path / "model"), "--questions", str(q),
+               "--annotations", str(a), "--images", str(images), "--out", str(compiled), "--batch-size", "2",
+               "--max-new-tokens", "4", "--device", "cpu", "--compile") == 0
+    assert load(compiled / "metrics.json")["generation"]["compile"] is True
+    assert load(compiled / "predictions.json") == load(out / "predictions.json")

@@ -103,3 +103,25 @@ def test_static_cache_equals_dynamic_cache(pair):
         assert torch.equal(dynamic, static)
     with pytest.raises(ValueError, match="unknown cache"):
         GenerationConfig(cache="paged")
+
+
+def test_compiled_decode_step_equals_eager(pair):
+    vlm, proc = pair
+    for images, prompts in ((IMAGES, PROMPTS), (IMAGES[:1], PROMPTS[:1])):  # left-padded batch, and none
+        eager = _gen(vlm, proc, images, prompts, max_new_tokens=12)
+        compiled = _gen(vlm, proc, images, prompts, max_new_tokens=12, compile=True)
+        assert torch.equal(eager, compiled)
+    assert vlm.lm._compiled_call is not None  # transformers' cached compiled call: later calls reuse it
+    assert GenerationConfig(compile=True).cache == "static"
+    with pytest.raises(ValueError, match="not beam search"):
+        GenerationConfig(compile=True, num_beams=2)
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        GenerationConfig(compile=True, use_cache=False)
+
+
+def test_static_cache_length_is_bucketed_only_when_compiled():
+    from mmlm.generation import CACHE_BUCKET, static_cache_length
+
+    assert static_cache_length(30, 12, compiled=False) == 42
+    assert static_cache_length(30, 12, compiled=True) == CACHE_BUCKET
+    assert static_cache_length(CACHE_BUCKET, 1, compiled=True) == 2 * CACHE_BUCKET

@@ -191,11 +191,13 @@ def model_predict_fn(
     max_new_tokens: int = 32,
     num_beams: int = 1,
     do_sample: bool = False,
+    compile: bool = False,
 ) -> PredictFn:
     """A ``predict_fn`` from a checkpoint directory (``mmlm.load(path, device, dtype)``) or a
     ``(vlm, processor)`` pair (used where it is, e.g. inside training).
 
-    Generation is greedy by default (``do_sample=False, num_beams=1``). Prompts are passed to
+    Generation is greedy by default (``do_sample=False, num_beams=1``); ``compile`` compiles the
+    decode step (``mmlm.generation.GenerationConfig.compile``). Prompts are passed to
     ``mmlm.describe`` untouched: the checkpoint's chat template is applied there, and a ``None``
     prompt means the checkpoint's captioning prompt.
     """
@@ -216,7 +218,7 @@ def model_predict_fn(
         with torch.no_grad():
             return list(mmlm.describe(
                 images, model=(vlm, processor), prompt=list(prompts), batch_size=max(1, len(images)),
-                max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams, compile=compile,
             ))
 
     return predict_fn
