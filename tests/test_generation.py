@@ -111,6 +111,9 @@ def test_compiled_decode_step_equals_eager(pair):
         eager = _gen(vlm, proc, images, prompts, max_new_tokens=12)
         compiled = _gen(vlm, proc, images, prompts, max_new_tokens=12, compile=True)
         assert torch.equal(eager, compiled)
+    sampled = {c: _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8, do_sample=True, seed=5, compile=c)
+               for c in (False, True)}
+    assert torch.equal(sampled[False], sampled[True])
     assert vlm.lm._compiled_call is not None  # transformers' cached compiled call: later calls reuse it
     assert GenerationConfig(compile=True).cache == "static"
     with pytest.raises(ValueError, match="not beam search"):
