@@ -11,6 +11,7 @@ steady-state figures over the steps after ``args.warmup`` (samples/s, real token
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import random
@@ -204,11 +205,10 @@ def run_plain(setup: Setup, packed: bool, steps: int, on_step=None) -> dict:
     for i in range(steps):
         batch = next(it)
         b = _to(batch, device)
-        if amp is not None:
-            with amp:
-                loss = vlm(**model_inputs(b)).loss
-        else:
-            loss = vlm(**model_inputs(b)).loss
+        # the equally optimised loop makes VLMModule's call (no full logits: the output layer runs on the
+        # labelled positions only); the hand-written baseline computes the logits as one writes it by hand
+        with amp if amp is not None else contextlib.nullcontext():
+            loss = vlm(**model_inputs(b), return_logits=not packed).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

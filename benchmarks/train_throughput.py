@@ -15,7 +15,8 @@ lognormal``: long-tailed caption lengths, as in ``padding.py``):
     opt.step(); sched.step()``.
 ``plain_packed`` (equally optimised plain loop)
     The same plain loop fed by mmlm's packed stream (``VLMDataModule(packing=True)``; uint8 pixel
-    values, which the model normalises on its device to the same floats), so that
+    values, which the model normalises on its device to the same floats) and making the model call
+    ``VLMModule`` makes (``return_logits=False``: the output layer on labelled positions only), so that
     ``mmlm / plain_packed`` is the cost of Lightning and mmlm's per-step bookkeeping.
 ``mmlm``
     ``lightning.Trainer.fit(VLMModule, VLMDataModule(packing=True))`` as ``mmlm fit`` runs it: CSV

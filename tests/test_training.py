@@ -233,6 +233,26 @@ def test_fast_dev_run_smoke_exports_a_loadable_model(tmp_path):
     assert len(out) == 1 and isinstance(out[0], str)
 
 
+def test_monitor_hands_lightning_only_the_values_its_logger_writes(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = VLMModule(**tiny_model_args())
+    calls = []
+    real_log_dict = module.log_dict
+    module.log_dict = lambda metrics, **kw: (calls.append((module.global_step, kw.get("logger", True))),
+                                             real_log_dict(metrics, **kw))
+    t = trainer(tmp_path, steps=7, callbacks=[TrainingMonitor(bar_every=5)], logger=CSVLogger(tmp_path, name="logs"),
+                log_every_n_steps=3)
+    t.fit(module, datamodule())
+    # logger values on Lightning's writing steps 3 and 6; no progress bar here, so no bar values
+    assert calls == [(3, True), (6, True)]
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    written = sorted(int(r["step"]) for r in rows if r.get("perf/samples_per_s"))
+    assert written == [2, 5] and all(float(r["lr/lm"]) > 0 for r in rows if r.get("lr/lm"))
+
+
 class _Snapshot(pl.Callback):
     def __init__(self):
         self.before, self.after, self.modes = {}, {}, []
