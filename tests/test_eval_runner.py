@@ -399,6 +399,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert cli("vqa", "--benchmark", "vqav2", "--model", str(tmp_path / "nope"), "--questions", str(q),
                "--images", str(images), "--out", str(tmp_path / "o")) == 2
     assert capsys.readouterr().err.startswith("error: --model")
+    assert cli("vqa", "--benchmark", "vqav2", "--model", str(model_dir(tmp_path)), "--questions", str(q),
+               "--images", str(images), "--out", str(tmp_path / "o"), "--compile", "--num-beams", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not beam search" in err[0] and not (tmp_path / "o").exists()
 
 
 def test_callback_logs_metrics(tmp_path, monkeypatch):

@@ -254,6 +254,7 @@ def run(args) -> int:
     """Run ``mmlm eval caption|vqa`` from parsed ``args``; returns the exit code."""
     from mmlm.evaluation import runner
     from mmlm.evaluation.benchmarks import BenchmarkError, load_benchmark
+    from mmlm.generation import GenerationConfig
 
     task = args.eval_task
     if args.max_new_tokens is None:
@@ -281,8 +282,10 @@ def run(args) -> int:
                 raise BenchmarkError(f"--images DIR is needed to run a model on {args.benchmark}")
             fingerprint = _fingerprint(args, model_dir)
             provenance["model"] = fingerprint["model"]
-            if args.compile and args.num_beams > 1:
-                raise BenchmarkError("--compile applies to greedy decoding, not to --num-beams > 1")
+            try:  # the decoding options' own checks (e.g. --compile with --num-beams), before any work
+                GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, compile=args.compile)
+            except ValueError as e:
+                raise BenchmarkError(str(e)) from None
             provenance["generation"] = {"do_sample": False, "num_beams": args.num_beams,
                                         "max_new_tokens": args.max_new_tokens, "compile": args.compile}
             if task == "vqa":
