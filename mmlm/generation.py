@@ -168,7 +168,7 @@ def generate(
     prompt_len = attention_mask.shape[1]
     cache = None
     static = cfg.use_cache and cfg.cache == "static"
-    total = static_cache_length(prompt_len, cfg.max_new_tokens, cfg.compile) if static else None
+    total = static_cache_length(prompt_len, cfg.max_new_tokens, cfg.compile)  # prompt + new tokens (+ bucket)
     if static:
         from transformers import StaticCache
 
@@ -184,8 +184,7 @@ def generate(
     # shared image positions repeat a position, which transformers reads as a new packed sample when no
     # mask is given: those models always get one
     if not bool(attention_mask.all()) or shared:
-        width = total or prompt_len + cfg.max_new_tokens
-        full_mask = torch.ones((batch, width), dtype=attention_mask.dtype, device=device)
+        full_mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
     step = compiled_decode_step(vlm.lm) if cfg.compile else vlm.lm
     graphs = cfg.compile and device.type == "cuda"

@@ -144,10 +144,11 @@ class TrainingMonitor(pl.Callback):
                 metrics["perf/real_tokens_per_s"] = world * r / dt
         if total:
             metrics["perf/real_token_frac"] = real / total
-        for comp, lr in self.learning_rates(trainer).items():
+        lrs = self.learning_rates(trainer)
+        for comp, lr in lrs.items():
             metrics[f"lr/{comp}"] = lr
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "skipped_counts"):
+        if to_logger and dm is not None and hasattr(dm, "skipped_counts"):
             try:
                 counts = dm.skipped_counts() or {}
                 metrics["data/skipped"] = float(sum(int(v) for v in counts.values()))
@@ -160,7 +161,6 @@ class TrainingMonitor(pl.Callback):
             if "perf/samples_per_s" in metrics:
                 bar["samples/s"] = metrics["perf/samples_per_s"]
                 bar["tok/s"] = metrics["perf/tokens_per_s"]
-            lrs = self.learning_rates(trainer)
             if lrs:
                 bar["lr"] = lrs.get("lm", next(iter(lrs.values())))
             if bar:
