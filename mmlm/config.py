@@ -32,6 +32,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 
 
 RESIZE_MODES = ("squash", "crop", "pad")
+RESIZE_KERNELS = ("auto", "pil", "torch")
 
 
 @dataclass
@@ -45,10 +46,18 @@ class ImageTransformConfig:
     interpolation: str = "bicubic"
     crop_pct: float = 1.0
     """For ``crop``: resize the shorter side to size / crop_pct, then centre-crop ``size``."""
+    resize_kernel: str = "auto"
+    """Which code resamples (``bilinear``/``bicubic``; ``nearest``/``lanczos`` are always PIL's):
+    ``pil`` (PIL's ``Image.resize``, exactly what timm/torchvision eval transforms compute),
+    ``torch`` (torch's antialiased uint8 ``interpolate``, PIL's algorithm; 3-4x faster on x86 CPUs
+    with AVX2, within 1/255 of PIL on under 1% of values) or ``auto`` (``torch`` where torch has
+    that vectorised kernel, i.e. an AVX2/AVX-512 CPU, else ``pil``)."""
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}; known: {list(RESIZE_MODES)}")
+        if self.resize_kernel not in RESIZE_KERNELS:
+            raise ValueError(f"unknown resize_kernel {self.resize_kernel!r}; known: {list(RESIZE_KERNELS)}")
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
 

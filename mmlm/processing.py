@@ -26,6 +26,7 @@ in them) and ``processor_config.json``; loading never runs remote code.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import PIL
+import torch.nn.functional as F
 from PIL import Image
 
 from mmlm.config import ImageTransformConfig
@@ -59,6 +62,8 @@ DEFAULT_CHAT_TEMPLATE = (
 DEFAULT_SPECIAL_TOKENS = ["<pad>", "<|end|>", IMAGE_TOKEN, "<|system|>", "<|user|>", "<|assistant|>"]
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_PIL_MAJOR = int(PIL.__version__.split(".")[0])
+_TORCH_RESIZE = ("bilinear", "bicubic")  # modes torch resamples as PIL does (antialiased)
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -72,9 +77,31 @@ class ImageSpanTruncated(ValueError):
 
 
 # ---------------------------------------------------------------------------------- images
+@functools.cache
+def torch_resize_is_fast() -> bool:
+    """Whether torch runs its vectorised antialiased uint8 resize here: x86 CPUs with AVX2 or
+    AVX-512 (3-4x PIL's speed). Elsewhere its generic kernel is slower than PIL, so ``auto`` keeps PIL."""
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    except Exception:  # an old or unusual build: keep PIL
+        return False
+
+
+def pil_resizes_vertically_first(w: int, h: int, new_w: int, new_h: int) -> bool:
+    """Whether PIL's ``resize`` (w, h) -> (new_w, new_h) runs its vertical pass first. Pillow 13's
+    ``ImagingResampleInner`` does when the height loses more than twice the pixels the width does;
+    older Pillow always went horizontal first. The order moves values near 0/255 by a few levels."""
+    return _PIL_MAJOR >= 13 and h - new_h > 0 and h - new_h > 2 * (w - new_w)
+
+
 class ImageTransform:
     """PIL image -> normalised float tensor (3, size, size), as ``ImageTransformConfig`` says
-    (``to_uint8``: the fitted RGB image as a uint8 tensor, not normalised)."""
+    (``to_uint8``: the fitted RGB image as a uint8 tensor, not normalised).
+
+    ``fit`` is the PIL reference (resize, crop or pad with PIL, as timm's eval transform);
+    ``to_uint8`` resamples with torch's antialiased uint8 kernel instead when
+    ``resize_kernel`` picks it (same geometry, within 1/255 of PIL; see ``torch_resize_is_fast``).
+    """
 
     def __init__(self, cfg: ImageTransformConfig):
         if cfg.interpolation not in _RESAMPLE:
@@ -82,11 +109,16 @@ class ImageTransform:
         self.cfg = cfg
         self._mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+        kernel = cfg.resize_kernel
+        if kernel == "auto":
+            kernel = "torch" if torch_resize_is_fast() else "pil"
+        self.torch_kernel = kernel == "torch" and cfg.interpolation in _TORCH_RESIZE
+        """Whether ``to_uint8`` resamples with torch (``resize_kernel`` resolved on this machine)."""
 
-    def fit(self, image: Image.Image) -> Image.Image:
-        """Resize/crop/pad to the square input size (RGB, uint8)."""
+    def plan(self, image: Image.Image) -> tuple[Image.Image, tuple[int, int], tuple[int, int, int, int] | None]:
+        """The geometry: (the RGB image, padded to a square in ``pad`` mode), the size (w, h) to
+        resize it to, and the centre-crop box (left, top, right, bottom) after that, or None."""
         cfg, size = self.cfg, self.cfg.size
-        resample = _RESAMPLE[cfg.interpolation]
         image = image.convert("RGB") if image.mode != "RGB" else image
         if cfg.resize_mode == "pad":
             w, h = image.size
@@ -100,17 +132,39 @@ class ImageTransform:
             scale = math.floor(size / cfg.crop_pct)
             w, h = image.size
             new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
-            if new != image.size:
-                image = image.resize(new, resample)
-            w, h = image.size
-            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-            return image.crop((left, top, left + size, top + size))
-        if image.size != (size, size):
-            image = image.resize((size, size), resample)
-        return image
+            left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+            return image, new, (left, top, left + size, top + size)
+        return image, (size, size), None
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        """Resize/crop/pad to the square input size (RGB, uint8), with PIL."""
+        image, new, box = self.plan(image)
+        if new != image.size:
+            image = image.resize(new, _RESAMPLE[self.cfg.interpolation])
+        return image.crop(box) if box is not None else image
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """The fitted RGB image as a uint8 (3, size, size) tensor (a channels-last view)."""
+        if not self.torch_kernel:
+            return self.to_uint8_pil(image)
+        image, (w, h), box = self.plan(image)
+        if w > image.width or h > image.height or (box is not None and (box[0] < 0 or box[1] < 0)):
+            return self.to_uint8_pil(image)  # an upscale (where the two round differently), or a crop past the edge
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]  # (1, 3, H, W), channels last
+        # PIL's antialiased filter, in two passes rounded to uint8 between them, in PIL's order
+        W, H = image.size
+        steps = [(h, W), (h, w)] if pil_resizes_vertically_first(W, H, w, h) else [(h, w)]  # torch: horizontal first
+        for out in steps:
+            if out != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=out, mode=self.cfg.interpolation, antialias=True, align_corners=False)
+        x = x[0]  # (3, h, w), channels last
+        if box is not None:
+            left, top, right, bottom = box
+            x = x[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # own storage
+        return x
+
+    def to_uint8_pil(self, image: Image.Image) -> torch.Tensor:
+        """``to_uint8`` with PIL resampling whatever ``resize_kernel`` says (the reference)."""
         arr = np.array(self.fit(image), dtype=np.uint8)  # (H, W, 3), writable, owned
         return torch.from_numpy(arr).permute(2, 0, 1)
 

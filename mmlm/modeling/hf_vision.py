@@ -191,12 +191,14 @@ class HFVisionEncoder(nn.Module):
             self.tower.encoder.gradient_checkpointing = enable
 
     def image_transform(self) -> ImageTransformConfig:
-        """The family's (or the checkpoint's recorded) transform; ``resize_mode`` overrides."""
+        """The family's (or the checkpoint's recorded) transform; ``resize_mode`` (and a
+        ``resize_kernel`` in ``image_transform``) override."""
         t = {**FAMILIES[self.model_type]["transform"], **self.cfg.image_transform}
         mode = self.cfg.resize_mode or t["resize_mode"]
         return ImageTransformConfig(
             size=self._image_size, resize_mode=mode, mean=tuple(t["mean"]), std=tuple(t["std"]),
             interpolation=t["interpolation"], crop_pct=float(t.get("crop_pct", 1.0)) if mode == "crop" else 1.0,
+            resize_kernel=t.get("resize_kernel", "auto"),
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
