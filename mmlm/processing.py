@@ -160,7 +160,7 @@ class ImageTransform:
         x = x[0]  # (3, h, w), channels last
         if box is not None:
             left, top, right, bottom = box
-            x = x[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)  # own storage
+            x = x[:, top:bottom, left:right]  # a view: the collate's stack copies it (no copy here)
         return x
 
     def to_uint8_pil(self, image: Image.Image) -> torch.Tensor:
