@@ -60,6 +60,7 @@ class Setup:
                                 warmup=0.05, min_lr_ratio=0.1, tokenizer_max_records=5000)
         self.module.build(train_shards=[str(syn)])  # the tokenizer always learns the synthetic texts
         self.vlm = self.module.vlm
+        self.base_attn = self.vlm.lm.config._attn_implementation
         self.processor = self.module.processor
         self.init_state = copy.deepcopy(self.vlm.state_dict())
         self.total_steps = args.warmup + args.steps
@@ -93,10 +94,15 @@ class Setup:
         dm.attach_processor(self.processor)
         return dm
 
-    def fresh_model(self):
+    def fresh_model(self, packed: bool = False):
+        """The model at its initial weights; packed modes get ``--attn-implementation`` if given
+        (the baseline keeps the preset's, SDPA)."""
         self.vlm.load_state_dict(self.init_state)
         self.vlm.to(self.device)
         self.vlm.train()
+        attn = getattr(self.args, "attn_implementation", None)
+        if attn:
+            self.vlm.lm.set_attn_implementation(attn if packed else self.base_attn)
         return self.vlm
 
     def optimizer(self, fused: bool | None = None):
@@ -189,7 +195,7 @@ def run_plain(setup: Setup, packed: bool, steps: int, on_step=None) -> dict:
     model_inputs = VLMModule.model_inputs  # batch.get: a padded batch has no position_ids
 
     a, device = setup.args, setup.device
-    vlm = setup.fresh_model()
+    vlm = setup.fresh_model(packed=packed)
     # the hand-written baseline steps torch's default AdamW (foreach); the equally optimised loop
     # uses mmlm's choice (the fused kernel on CPU and CUDA), so mmlm / plain_packed stays Lightning's cost
     opt, sched = setup.optimizer(fused=None if packed else False)
@@ -235,7 +241,7 @@ def run_mmlm(setup: Setup, steps: int, on_step=None) -> dict:
     from mmlm.training.callbacks import TrainingMonitor
 
     a, device = setup.args, setup.device
-    setup.fresh_model()
+    setup.fresh_model(packed=True)
     module = setup.module
     dm = setup.datamodule(packing=True)
 

@@ -125,6 +125,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "caption lengths, built once in the cache dir) or a shard directory")
     p.add_argument("--sample-mode", default=None,
                    help="what a record trains (VLMDataModule.sample_mode; default mixed for synthetic, else auto)")
+    p.add_argument("--attn-implementation", default=None,
+                   help="the LM's attention in the packed modes (plain_packed, mmlm), e.g. flex_attention (block-"
+                        "sparse masks of the packed samples on a GPU); the baseline keeps the preset's (sdpa)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to run (default all)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak memory, each mode in a subprocess (default on)")
@@ -214,7 +217,8 @@ def main(argv=None) -> int:
                    "pack_length": setup.pack_length, "pack_rows": setup.pack_rows,
                    "mean_sample_length": setup.mean_length, "num_workers": args.num_workers,
                    "precision": args.precision, "repeats": args.repeats, "threads": args.threads,
-                   "sample_mode": args.sample_mode, "data": args.data, "shards": str(setup.shards)},
+                   "sample_mode": args.sample_mode, "data": args.data, "shards": str(setup.shards),
+                   "attn_implementation_packed": args.attn_implementation or setup.base_attn},
         "targets": {"mmlm_over_plain_pad_samples_per_s_min": TARGET_SPEEDUP,
                     "mmlm_over_plain_pad_peak_memory_max": TARGET_MEMORY, "lightning_overhead_max": TARGET_OVERHEAD},
         "ratios": ratios,

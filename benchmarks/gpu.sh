@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 8 in one go: bash benchmarks/gpu.sh [JOB ...] (default: all jobs).
+#
+# Jobs (each a benchmark script with its GPU settings; results in benchmarks/results/ as usual):
+#   generate          describe: batch-1 decode vs transformers generate, batch 16 vs batch 1
+#   generate-compile  the same with the compiled static-cache decode step on both sides
+#   mfu               model FLOPs/s over the measured bf16 matmul peak (small, compiled, 48 x 1024)
+#   train             mmlm vs the plain loop, small preset, synthetic shapes
+#   train-lognormal   the same on long-tailed caption lengths
+#   train-flex        long-tailed, packed modes with FlexAttention (block-sparse masks of the packed samples)
+#   loader            images/s through the loader with 8 workers vs 8 x the PIL decode ceiling
+#
+# For a machine without webdataset: wheels in .whl/ (pip download webdataset braceexpand -d .whl)
+# are installed into a temporary folder first. With $OUT set, the result files are copied there.
+# Each job runs under `timeout ${JOB_TIMEOUT:-540}`; a failed job is reported and the rest go on.
+set -u
+cd "$(dirname "$0")/.."
+if ! python3 -c "import webdataset" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --no-deps --target /tmp/mmlm-wd .whl/*.whl && export PYTHONPATH="/tmp/mmlm-wd:${PYTHONPATH:-}"
+    else
+        echo "webdataset is missing and there are no wheels in .whl/" >&2
+        exit 2
+    fi
+fi
+export PYTHONPATH=".:${PYTHONPATH:-}"
+export TOKENIZERS_PARALLELISM=false
+
+declare -A JOBS=(
+    [generate]="benchmarks/generate.py --preset small --device cuda --new-tokens 64 --repeats 3"
+    [generate-compile]="benchmarks/generate.py --preset small --device cuda --new-tokens 64 --repeats 3 --compile"
+    [mfu]="benchmarks/mfu.py --compile --batch-size 48"
+    [train]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8"
+    [train-lognormal]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal"
+    [train-flex]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal --attn-implementation flex_attention --modes plain_packed mmlm --no-memory --out benchmarks/results/train_throughput-flex-$(date +%F).json"
+    [loader]="benchmarks/loader.py --num-workers 8 --batches 60"
+)
+ORDER=(generate generate-compile mfu train train-lognormal train-flex loader)
+[ $# -gt 0 ] && ORDER=("$@")
+
+status=0
+for job in "${ORDER[@]}"; do
+    cmd="${JOBS[$job]:-}"
+    if [ -z "$cmd" ]; then
+        echo "unknown job $job; known: ${!JOBS[*]}" >&2
+        exit 2
+    fi
+    echo "=== $job: python3 $cmd"
+    start=$(date +%s)
+    timeout "${JOB_TIMEOUT:-540}" python3 $cmd 2>&1 | grep -v -i "warning" | tail -30
+    rc=${PIPESTATUS[0]}
+    echo "=== $job: exit $rc after $(( $(date +%s) - start )) s"
+    [ "$rc" -ne 0 ] && status=1
+done
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/results" && find benchmarks/results -newer benchmarks/gpu.sh -type f -exec cp {} "$OUT/results/" \;
+fi
+exit $status
