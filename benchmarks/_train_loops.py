@@ -174,9 +174,11 @@ def _to(batch: dict, device: str) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def summarize(times: list[float], samples: list[int], real: list[int], total: list[int], warmup: int) -> dict:
+def summarize(times: list[float], samples: list[int], real: list[int], total: list[int], warmup: int,
+              waits: list[float] | None = None) -> dict:
     """Steady state over the steps after the first ``warmup`` (>= 1): the clock runs from the end
-    of the last warm-up step to the end of the last step."""
+    of the last warm-up step to the end of the last step. ``waits``: seconds each step waited for
+    its batch (the loader not keeping up; ``data_wait_ms`` per timed step)."""
     if warmup < 1 or len(times) <= warmup:
         raise RuntimeError(f"{len(times)} steps recorded with warmup={warmup}: need warmup >= 1 and more steps")
     dt = times[-1] - times[warmup - 1]
@@ -184,7 +186,8 @@ def summarize(times: list[float], samples: list[int], real: list[int], total: li
     steps = len(times) - warmup
     return {"steps_timed": steps, "seconds": dt, "samples": s, "real_tokens": r, "batch_tokens": t,
             "samples_per_s": s / dt, "real_tokens_per_s": r / dt, "batch_tokens_per_s": t / dt,
-            "step_ms": 1000 * dt / steps, "samples_per_step": s / steps, "real_fraction": r / t}
+            "step_ms": 1000 * dt / steps, "samples_per_step": s / steps, "real_fraction": r / t,
+            "data_wait_ms": 1000 * sum(waits[warmup:]) / steps if waits else None}
 
 
 def run_plain(setup: Setup, packed: bool, steps: int, on_step=None) -> dict:
@@ -206,10 +209,12 @@ def run_plain(setup: Setup, packed: bool, steps: int, on_step=None) -> dict:
         loader, _ = plain_loader(setup)
     params = [p for p in vlm.parameters() if p.requires_grad]
     amp = torch.autocast(device_type=device, dtype=torch.bfloat16) if a.precision.startswith("bf16") else None
-    times, samples, real, total = [], [], [], []
+    times, samples, real, total, waits = [], [], [], [], []
     it = iter(loader)
     for i in range(steps):
+        w0 = time.perf_counter()
         batch = next(it)
+        waits.append(time.perf_counter() - w0)
         b = _to(batch, device)
         # the equally optimised loop makes VLMModule's call (no full logits: the output layer runs on the
         # labelled positions only); the hand-written baseline computes the logits as one writes it by hand
@@ -231,7 +236,7 @@ def run_plain(setup: Setup, packed: bool, steps: int, on_step=None) -> dict:
             on_step(i)
     del it, loader
     gc.collect()
-    return summarize(times, samples, real, total, a.warmup)
+    return summarize(times, samples, real, total, a.warmup, waits)
 
 
 def run_mmlm(setup: Setup, steps: int, on_step=None) -> dict:
@@ -247,7 +252,11 @@ def run_mmlm(setup: Setup, steps: int, on_step=None) -> dict:
 
     class StepClock(pl.Callback):
         def __init__(self):
-            self.times, self.samples, self.real, self.total = [], [], [], []
+            self.times, self.samples, self.real, self.total, self.waits = [], [], [], [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            # from the last step's end: Lightning fetching this batch (and its hooks)
+            self.waits.append(time.perf_counter() - self.times[-1] if self.times else 0.0)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             _sync(device)
@@ -270,7 +279,7 @@ def run_mmlm(setup: Setup, steps: int, on_step=None) -> dict:
         trainer.fit(module, datamodule=dm)
         del trainer
     gc.collect()
-    return summarize(clock.times, clock.samples, clock.real, clock.total, a.warmup)
+    return summarize(clock.times, clock.samples, clock.real, clock.total, a.warmup, clock.waits)
 
 
 def run_mode(setup: Setup, mode: str, steps: int, on_step=None) -> dict:

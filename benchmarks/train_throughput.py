@@ -29,7 +29,9 @@ is measured first), so the two train on the same number of samples per optimizer
 
 Throughput is steady state: samples (and real tokens) of the ``--steps`` steps after ``--warmup``
 untimed ones, over the wall time from the end of the last warm-up step to the end of the last step
-(data loading included).
+(data loading included). ``data wait ms``: per timed step, the time spent waiting for the batch (the
+plain loops: inside ``next(loader)``; mmlm: from one step's end to the next one's start, i.e.
+Lightning's fetch and hooks), so a loader that cannot keep up shows there.
 Modes run one after another in this process (``--repeats`` rounds, median reported).
 
 Peak memory (``--memory``, default on) runs each mode again in its own subprocess (so one mode's
@@ -186,11 +188,12 @@ def main(argv=None) -> int:
         mem = memory.get(mode, {}).get("delta_bytes")
         rows.append({"mode": mode, "samples/s": med(mode, "samples_per_s"),
                      "real tok/s": med(mode, "real_tokens_per_s"), "ms/step": med(mode, "step_ms"),
+                     "data wait ms": med(mode, "data_wait_ms"),
                      "samples/step": med(mode, "samples_per_step"), "real frac": med(mode, "real_fraction"),
                      "peak mem MiB": mem / 2**20 if mem is not None else None,
                      "vs plain_pad": med(mode, "samples_per_s") / base if base else None})
-    C.print_table(rows, ["mode", "samples/s", "real tok/s", "ms/step", "samples/step", "real frac", "peak mem MiB",
-                         "vs plain_pad"], title="training throughput (steady state, medians over rounds)")
+    C.print_table(rows, ["mode", "samples/s", "real tok/s", "ms/step", "data wait ms", "samples/step", "real frac",
+                         "peak mem MiB", "vs plain_pad"], title="training throughput (steady state, medians over rounds)")
 
     ratios, checks = {}, []
     if base and "mmlm" in runs:
