@@ -3,14 +3,11 @@
 ``run_quickstart(workdir)``:
 
 1. builds the synthetic shapes dataset in ``WORKDIR/data`` (``data_pipelines.synthetic``);
-2. trains the ``tiny`` preset in stages (:data:`RECIPES`) through the same code as ``mmlm fit``, on
-   the GPU when there is one, else the CPU, each stage from the previous stage's model: captions
-   (``configs/tiny-cpu.yaml``), questions and captions (``configs/tiny-cpu-vqa.yaml``), drills of the
-   colour questions (``configs/tiny-cpu-color.yaml``) and of the position questions
-   (``configs/tiny-cpu-where.yaml``), questions and captions again
-   (``configs/tiny-cpu-review.yaml``). A stage's run directory is ``WORKDIR/<recipe name>``, the last
-   one's ``WORKDIR`` itself (checkpoints/, logs/, preflight.json, model/); a killed quickstart
-   resumes from the stage's ``last.ckpt``;
+2. trains the ``tiny`` preset in stages (:data:`RECIPES`, what each teaches in :data:`RECIPE_ROLES`;
+   :func:`stage_summary` says both in words) through the same code as ``mmlm fit``, on the GPU when
+   there is one, else the CPU, each stage from the previous stage's model. A stage's run directory
+   is ``WORKDIR/<recipe name>``, the last one's ``WORKDIR`` itself (checkpoints/, logs/,
+   preflight.json, model/); a killed quickstart resumes from the stage's ``last.ckpt``;
 3. evaluates ``WORKDIR/model`` on the synthetic test split with ``mmlm.evaluation`` (the code
    behind ``mmlm eval``): VQA accuracy (official VQA rule) and caption metrics (CIDEr, BLEU,
    METEOR, ROUGE-L with pycocoevalcap), plus caption exact match;
@@ -33,6 +30,14 @@ from mmlm.io import atomic_write_text
 N_SHOWN = 4
 RECIPES = ("tiny-cpu.yaml", "tiny-cpu-vqa.yaml", "tiny-cpu-color.yaml", "tiny-cpu-where.yaml", "tiny-cpu-review.yaml")
 """The quickstart's stages, in order (files in ``configs/``)."""
+RECIPE_ROLES = ("captions", "questions and captions", "a drill of the colour questions",
+                "a drill of the position questions", "questions and captions again")
+"""What each of :data:`RECIPES` trains on."""
+
+
+def stage_summary() -> str:
+    """The stages in words: ``captions (configs/tiny-cpu.yaml), ...``."""
+    return ", ".join(f"{role} (configs/{recipe})" for recipe, role in zip(RECIPES, RECIPE_ROLES, strict=True))
 
 
 def default_config(name: str = "tiny-cpu.yaml") -> Path:

@@ -6,18 +6,15 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from mmlm.quickstart import RECIPES  # light: the training stack loads only when the command runs
+    from mmlm.quickstart import RECIPES, stage_summary  # light: the training stack loads only when the command runs
 
     p = sub.add_parser(
         "quickstart",
         help="build the synthetic dataset, train the tiny preset, evaluate and describe test images",
         description=(
             "The main job on the embedded default: build the synthetic shapes dataset (WORKDIR/data), train "
-            "the `tiny` preset from scratch in five stages, each from the previous stage's model: captions "
-            "(configs/tiny-cpu.yaml), questions and captions (configs/tiny-cpu-vqa.yaml), drills of the "
-            "colour questions (configs/tiny-cpu-color.yaml) and of the position questions "
-            "(configs/tiny-cpu-where.yaml), questions and captions again "
-            "(configs/tiny-cpu-review.yaml); a stage's run directory is WORKDIR/<recipe name>, the last one's "
+            f"the `tiny` preset from scratch in {len(RECIPES)} stages, each from the previous stage's model: "
+            f"{stage_summary()}; a stage's run directory is WORKDIR/<recipe name>, the last one's "
             "WORKDIR. It trains on the GPU when there is one, else the CPU (about 9 minutes on 2 CPU cores; "
             "11-12 on a slower pair), "
             "then evaluates the model on the "
