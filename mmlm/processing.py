@@ -82,7 +82,12 @@ def torch_resize_is_fast() -> bool:
     """Whether torch runs its vectorised antialiased uint8 resize here: x86 CPUs with AVX2 or
     AVX-512 (3-4x PIL's speed). Elsewhere its generic kernel is slower than PIL, so ``auto`` keeps PIL."""
     try:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            return False
+        probe = torch.zeros(1, 8, 8, 3, dtype=torch.uint8).permute(0, 3, 1, 2)  # (1, 3, 8, 8), channels last
+        for mode in _TORCH_RESIZE:  # a build without the uint8 antialiased kernels raises here
+            F.interpolate(probe, size=(4, 4), mode=mode, antialias=True, align_corners=False)
+        return True
     except Exception:  # an old or unusual build: keep PIL
         return False
 
