@@ -6,8 +6,9 @@
 #   generate-compile  the same with the compiled static-cache decode step on both sides
 #   mfu               model FLOPs/s over the measured bf16 matmul peak (small, compiled, 48 x 1024)
 #   train             mmlm vs the plain loop, small preset, synthetic shapes
-#   train-lognormal   the same on long-tailed caption lengths
-#   train-flex        long-tailed, packed modes with FlexAttention (block-sparse masks of the packed samples)
+#   train-lognormal   the same on long-tailed caption lengths (samples up to 512 tokens, 196 of them
+#                     the image's; packed rows of 1024, so that packing has room to pack)
+#   train-flex        train-lognormal's packed modes with FlexAttention (block-sparse masks of the samples)
 #   loader            images/s through the loader with 8 workers vs 8 x the PIL decode ceiling
 #
 # For a machine without webdataset: wheels in .whl/ (pip download webdataset braceexpand -d .whl)
@@ -31,8 +32,8 @@ declare -A JOBS=(
     [generate-compile]="benchmarks/generate.py --preset small --device cuda --new-tokens 64 --repeats 3 --compile"
     [mfu]="benchmarks/mfu.py --compile --batch-size 48"
     [train]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8"
-    [train-lognormal]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal"
-    [train-flex]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal --attn-implementation flex_attention --modes plain_packed mmlm --no-memory --out benchmarks/results/train_throughput-flex-$(date +%F).json"
+    [train-lognormal]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal --max-length 512 --pack-length 1024"
+    [train-flex]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal --max-length 512 --pack-length 1024 --attn-implementation flex_attention --modes plain_packed mmlm --no-memory --out benchmarks/results/train_throughput-flex-$(date +%F).json"
     [loader]="benchmarks/loader.py --num-workers 8 --batches 60"
 )
 ORDER=(generate generate-compile mfu train train-lognormal train-flex loader)
