@@ -120,7 +120,7 @@ def fit_args(run_dir: Path, *extra: str, steps: int = 4, workers: int = 0, batch
         "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
         "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false",
-        "--model.model_overrides", json.dumps(TINY_OVERRIDES),
+        "--model.model_overrides", "null", "--model.model_overrides", json.dumps(TINY_OVERRIDES),  # not the recipe's
         "--model.tokenizer_vocab_size", "320", "--model.max_length", "160",
         "--data.train", str(d / "train"), "--data.val", str(d / "val"),
         "--data.batch_size", str(batch_size), "--data.num_workers", str(workers), "--data.shuffle_buffer", "16",

@@ -65,3 +65,37 @@ def test_the_quickstart_stages_start_from_one_another():
     for prev, name in zip(RECIPES, RECIPES[1:]):
         init = parse_config(["--config", str(Path(__file__).parent.parent / "configs" / name)]).fit.model.init_from
         assert init == str(Path("runs") / Path(prev).stem / "model"), (name, init)
+
+
+def test_model_overrides_flags_merge_into_the_recipes(tmp_path):
+    """A ``--model.model_overrides`` flag adds to the recipe's overrides instead of silently replacing
+    them (which would drop ``pretrained: true``); dotted and ``=`` forms; ``null`` clears; bad values: errors."""
+    import pytest
+
+    from mmlm.cli.fit import merge_model_overrides
+
+    import yaml
+
+    cfg = yaml.safe_load(next(p for p in CONFIGS if p.stem == "tiny-cpu").read_text())
+    cfg["model"]["model_overrides"] = {"vision": {"pretrained": False, "depth": 1}, "text": {"pretrained": False}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    base = ["--config", str(recipe)]
+
+    def overrides(*flags):
+        return parse_config(base + list(flags)).fit.model.model_overrides
+
+    assert overrides() == {"vision": {"pretrained": False, "depth": 1}, "text": {"pretrained": False}}
+    assert overrides("--model.model_overrides", "{text: {attn_implementation: eager}}") == {
+        "vision": {"pretrained": False, "depth": 1}, "text": {"pretrained": False, "attn_implementation": "eager"}}
+    assert overrides("--model.model_overrides.vision.depth", "2", "--model.model_overrides.vision.image_transform="
+                     "{resize_kernel: pil}") == {"vision": {"pretrained": False, "depth": 2,
+                                                            "image_transform": {"resize_kernel": "pil"}},
+                                                 "text": {"pretrained": False}}
+    assert overrides("--model.model_overrides", "null", "--model.model_overrides", "{projector: {name: linear}}") == {
+        "projector": {"name": "linear"}}
+    assert merge_model_overrides(["--model.lr", "0.1"]) == ["--model.lr", "0.1"]  # nothing to merge: untouched
+    with pytest.raises(ValueError, match="takes a mapping"):
+        merge_model_overrides(base + ["--model.model_overrides", "3"])
+    with pytest.raises(ValueError, match="needs a value"):
+        merge_model_overrides(base + ["--model.model_overrides"])

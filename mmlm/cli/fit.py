@@ -12,6 +12,8 @@ Sections: ``trainer`` (lightning.Trainer), ``model`` (mmlm.training.VLMModule), 
 (mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint), ``preflight``, ``monitor``
 (throughput/lr), ``signals`` (SIGTERM/SIGUSR1 checkpointing), ``export`` (final model), plus
 ``seed_everything`` (default 0; it also seeds the data stream unless ``data.seed`` is given) and ``ckpt_path``.
+``--model.model_overrides`` flags merge into the config's ``model_overrides`` key by key (a plain
+LightningCLI would replace the whole mapping); ``--model.model_overrides null`` clears it first.
 
 Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>``)::
 
@@ -38,6 +40,7 @@ Global batch = data.batch_size x trainer.accumulate_grad_batches x devices x num
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -191,6 +194,88 @@ def _datamodule_class():
     return VLMDataModule
 
 
+OVERRIDES_FLAG = "--model.model_overrides"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in key by key (nested mappings merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _config_overrides(value: str) -> dict:
+    """``model.model_overrides`` of one ``--config`` value (a YAML file or inline YAML); {} when absent
+    or unreadable (the parser reports unreadable configs itself)."""
+    import yaml
+
+    try:
+        text = Path(value).read_text() if os.path.isfile(value) else value
+        data = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):
+        return {}
+    model = data.get("model") if isinstance(data, dict) else None
+    found = model.get("model_overrides") if isinstance(model, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def merge_model_overrides(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--model.model_overrides[.KEY...] VALUE`` merged into the config files'
+    ``model_overrides`` and passed on as one flag at the end.
+
+    jsonargparse replaces a dict option wholesale, so ``--config configs/align-small.yaml
+    --model.model_overrides '{text: {attn_implementation: flex_attention}}'`` would silently drop the
+    recipe's ``{vision: {pretrained: true}, text: {pretrained: true}}`` and train from random weights.
+    Here the flags merge key by key, in order, onto the last config's ``model_overrides``; a flag whose
+    value is ``null`` clears what came before it (``--model.model_overrides null`` drops the config's).
+    """
+    import yaml
+
+    flags, rest, configs, i = [], [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+        if name == OVERRIDES_FLAG or name.startswith(OVERRIDES_FLAG + "."):
+            if eq:
+                value = inline
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            else:
+                raise ValueError(f"{name} needs a value (YAML, e.g. '{{text: {{attn_implementation: sdpa}}}}')")
+            path = [k for k in name[len(OVERRIDES_FLAG):].split(".") if k]
+            flags.append((path, value))
+        else:
+            rest.append(arg)
+            if name == "--config":
+                if eq:
+                    configs.append(inline)
+                elif i + 1 < len(argv):
+                    configs.append(argv[i + 1])
+        i += 1
+    if not flags:
+        return list(argv)
+    merged: dict = {}
+    for value in configs:  # a later config replaces the dict, as the parser does
+        found = _config_overrides(value)
+        merged = found or merged
+    for path, value in flags:
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{OVERRIDES_FLAG}{'.' + '.'.join(path) if path else ''}: not YAML: {value!r} "
+                             f"({str(e).splitlines()[0]})") from None
+        for key in reversed(path):
+            parsed = {key: parsed}
+        if parsed is None:
+            merged = {}
+        elif not isinstance(parsed, dict):
+            raise ValueError(f"{OVERRIDES_FLAG} takes a mapping (e.g. '{{text: {{pretrained: true}}}}'), got {value!r}")
+        else:
+            merged = _deep_merge(merged, parsed)
+    return [*rest, OVERRIDES_FLAG, json.dumps(merged)]
+
+
 def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only: bool = False):
     """Run (or with ``parse_only`` just parse) ``mmlm fit ARGV``; returns the LightningCLI
     (``cli.trainer``, ``cli.model``, ``cli.datamodule``) or, when parsing only, the config."""
@@ -200,6 +285,7 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fit"]:
         argv = argv[1:]
+    argv = merge_model_overrides(argv)
     dm_class = datamodule_class or _datamodule_class()
     cli_class = type("FitCLI", (FitCLI,), {"parse_only": parse_only})
     with warnings.catch_warnings():

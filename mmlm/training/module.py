@@ -89,7 +89,9 @@ class VLMModule(pl.LightningModule):
             init_from: an mmlm checkpoint directory (e.g. RUN_DIR/model of an align run) to start from
                 instead of a preset; its processor (tokenizer, prompt format) comes along.
             model_overrides: merged into the preset's config, e.g. ``{vision: {pretrained: true},
-                text: {pretrained: true}}`` or ``{text: {hf_config: {num_hidden_layers: 2}}}``.
+                text: {pretrained: true}}`` or ``{text: {hf_config: {num_hidden_layers: 2}}}``. On the
+                command line each flag merges into the config file's (key by key; also
+                ``--model.model_overrides.text.attn_implementation sdpa``); a ``null`` flag clears them.
             stage: what trains: align (projector), instruct (projector + LM), full (everything).
             lr: peak learning rate (AdamW).
             vision_lr: learning rate of the vision encoder (default: lr).
