@@ -205,18 +205,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _config_overrides(value: str) -> dict:
-    """``model.model_overrides`` of one ``--config`` value (a YAML file or inline YAML); {} when absent
-    or unreadable (the parser reports unreadable configs itself)."""
+def _config_overrides(value: str) -> dict | None:
+    """``model.model_overrides`` of one ``--config`` value (a YAML file or inline YAML): None when the
+    config does not set it or is unreadable (the parser reports that itself), {} when it sets null."""
     import yaml
 
     try:
         text = Path(value).read_text() if os.path.isfile(value) else value
         data = yaml.safe_load(text)
     except (OSError, yaml.YAMLError):
-        return {}
+        return None
     model = data.get("model") if isinstance(data, dict) else None
-    found = model.get("model_overrides") if isinstance(model, dict) else None
+    if not isinstance(model, dict) or "model_overrides" not in model:
+        return None
+    found = model["model_overrides"]
     return found if isinstance(found, dict) else {}
 
 
@@ -256,9 +258,9 @@ def merge_model_overrides(argv: list[str]) -> list[str]:
     if not flags:
         return list(argv)
     merged: dict = {}
-    for value in configs:  # a later config replaces the dict, as the parser does
+    for value in configs:  # a later config that sets it replaces the dict, as the parser does
         found = _config_overrides(value)
-        merged = found or merged
+        merged = merged if found is None else found
     for path, value in flags:
         try:
             parsed = yaml.safe_load(value)
