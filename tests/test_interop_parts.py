@@ -286,3 +286,6 @@ def test_checkpoint_preprocessing_is_recorded(tmp_path):
     cfg = vision_config_for(path, pretrained=False)
     t = HFVisionEncoder(cfg).image_transform()
     assert (t.resize_mode, t.mean, t.std, t.size) == ("pad", (0.5,) * 3, (0.25,) * 3, 32)
+    assert t.resize_kernel == "auto"
+    cfg.image_transform = {**cfg.image_transform, "resize_kernel": "pil"}  # an override, as model_overrides gives
+    assert HFVisionEncoder(cfg).image_transform().resize_kernel == "pil"
