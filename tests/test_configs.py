@@ -69,15 +69,17 @@ def test_the_quickstart_stages_start_from_one_another():
 
 def test_model_overrides_flags_merge_into_the_recipes(tmp_path):
     """A ``--model.model_overrides`` flag adds to the recipe's overrides instead of silently replacing
-    them (which would drop ``pretrained: true``); dotted and ``=`` forms; ``null`` clears; bad values: errors."""
+    them (which would drop ``pretrained: true``); dotted and ``=`` forms; ``null`` clears; ``--model.lora``
+    likewise; bad values: errors."""
     import pytest
 
-    from mmlm.cli.fit import merge_model_overrides
+    from mmlm.cli.fit import merge_dict_flags
 
     import yaml
 
     cfg = yaml.safe_load(next(p for p in CONFIGS if p.stem == "tiny-cpu").read_text())
     cfg["model"]["model_overrides"] = {"vision": {"pretrained": False, "depth": 1}, "text": {"pretrained": False}}
+    cfg["model"]["lora"] = {"r": 16, "lora_alpha": 32}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(cfg))
     base = ["--config", str(recipe)]
@@ -94,8 +96,13 @@ def test_model_overrides_flags_merge_into_the_recipes(tmp_path):
                                                  "text": {"pretrained": False}}
     assert overrides("--model.model_overrides", "null", "--model.model_overrides", "{projector: {name: linear}}") == {
         "projector": {"name": "linear"}}
-    assert merge_model_overrides(["--model.lr", "0.1"]) == ["--model.lr", "0.1"]  # nothing to merge: untouched
+    assert overrides("--model.model_overrides", "null") is None
+    lora = lambda *flags: parse_config(base + list(flags)).fit.model.lora  # noqa: E731
+    assert lora() == {"r": 16, "lora_alpha": 32}
+    assert lora("--model.lora.r", "8") == {"r": 8, "lora_alpha": 32}
+    assert lora("--model.lora", "null") is None
+    assert merge_dict_flags(["--model.lr", "0.1"]) == ["--model.lr", "0.1"]  # nothing to merge: untouched
     with pytest.raises(ValueError, match="takes a mapping"):
-        merge_model_overrides(base + ["--model.model_overrides", "3"])
+        merge_dict_flags(base + ["--model.model_overrides", "3"])
     with pytest.raises(ValueError, match="needs a value"):
-        merge_model_overrides(base + ["--model.model_overrides"])
+        merge_dict_flags(base + ["--model.model_overrides"])

@@ -12,8 +12,8 @@ Sections: ``trainer`` (lightning.Trainer), ``model`` (mmlm.training.VLMModule), 
 (mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint), ``preflight``, ``monitor``
 (throughput/lr), ``signals`` (SIGTERM/SIGUSR1 checkpointing), ``export`` (final model), plus
 ``seed_everything`` (default 0; it also seeds the data stream unless ``data.seed`` is given) and ``ckpt_path``.
-``--model.model_overrides`` flags merge into the config's ``model_overrides`` key by key (a plain
-LightningCLI would replace the whole mapping); ``--model.model_overrides null`` clears it first.
+``--model.model_overrides`` and ``--model.lora`` flags merge into the config's mapping key by key (a
+plain LightningCLI would replace the whole mapping); a ``null`` flag resets it.
 
 Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>``)::
 
@@ -194,7 +194,8 @@ def _datamodule_class():
     return VLMDataModule
 
 
-OVERRIDES_FLAG = "--model.model_overrides"
+MERGED_OPTIONS = ("model.model_overrides", "model.lora")
+"""Mapping options whose command-line flags merge into the config's value instead of replacing it."""
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -205,77 +206,77 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _config_overrides(value: str) -> dict | None:
-    """``model.model_overrides`` of one ``--config`` value (a YAML file or inline YAML): None when the
-    config does not set it or is unreadable (the parser reports that itself), {} when it sets null."""
+_UNSET = object()
+
+
+def _config_value(value: str, option: str):
+    """``option`` (dotted) in one ``--config`` value (a YAML file or inline YAML); ``_UNSET`` when the
+    config does not set it or is unreadable (the parser reports that itself)."""
     import yaml
 
     try:
-        text = Path(value).read_text() if os.path.isfile(value) else value
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(Path(value).read_text() if os.path.isfile(value) else value)
     except (OSError, yaml.YAMLError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or "model_overrides" not in model:
-        return None
-    found = model["model_overrides"]
-    return found if isinstance(found, dict) else {}
+        return _UNSET
+    for key in option.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return _UNSET
+        data = data[key]
+    return data
 
 
-def merge_model_overrides(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--model.model_overrides[.KEY...] VALUE`` merged into the config files'
-    ``model_overrides`` and passed on as one flag at the end.
+def merge_dict_flags(argv: list[str]) -> list[str]:
+    """``argv`` with the flags of each :data:`MERGED_OPTIONS` option (``--model.model_overrides[.KEY...]
+    VALUE``, ``--model.lora[.KEY] VALUE``) merged into the config files' value and passed on as one flag.
 
-    jsonargparse replaces a dict option wholesale, so ``--config configs/align-small.yaml
+    jsonargparse replaces a mapping option wholesale, so ``--config configs/align-small.yaml
     --model.model_overrides '{text: {attn_implementation: flex_attention}}'`` would silently drop the
     recipe's ``{vision: {pretrained: true}, text: {pretrained: true}}`` and train from random weights.
-    Here the flags merge key by key, in order, onto the last config's ``model_overrides``; a flag whose
-    value is ``null`` clears what came before it (``--model.model_overrides null`` drops the config's).
+    Here the flags merge key by key, in order, onto the last config's value; a flag whose value is
+    ``null`` resets it (``--model.model_overrides null`` drops the recipe's, ``--model.lora null`` turns
+    LoRA off). The merged flag goes last, so ``--print_config`` and the saved config.yaml show it.
     """
     import yaml
 
-    flags, rest, configs, i = [], [], [], 0
+    flags: dict[str, list] = {}
+    rest, configs, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
-        if name == OVERRIDES_FLAG or name.startswith(OVERRIDES_FLAG + "."):
+        option = next((o for o in MERGED_OPTIONS if name == "--" + o or name.startswith(f"--{o}.")), None)
+        if option is not None:
             if eq:
                 value = inline
             elif i + 1 < len(argv):
                 value, i = argv[i + 1], i + 1
             else:
                 raise ValueError(f"{name} needs a value (YAML, e.g. '{{text: {{attn_implementation: sdpa}}}}')")
-            path = [k for k in name[len(OVERRIDES_FLAG):].split(".") if k]
-            flags.append((path, value))
+            flags.setdefault(option, []).append((name, [k for k in name[len(option) + 2:].split(".") if k], value))
         else:
             rest.append(arg)
-            if name == "--config":
-                if eq:
-                    configs.append(inline)
-                elif i + 1 < len(argv):
-                    configs.append(argv[i + 1])
+            if name == "--config" and (eq or i + 1 < len(argv)):
+                configs.append(inline if eq else argv[i + 1])
         i += 1
-    if not flags:
-        return list(argv)
-    merged: dict = {}
-    for value in configs:  # a later config that sets it replaces the dict, as the parser does
-        found = _config_overrides(value)
-        merged = merged if found is None else found
-    for path, value in flags:
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{OVERRIDES_FLAG}{'.' + '.'.join(path) if path else ''}: not YAML: {value!r} "
-                             f"({str(e).splitlines()[0]})") from None
-        for key in reversed(path):
-            parsed = {key: parsed}
-        if parsed is None:
-            merged = {}
-        elif not isinstance(parsed, dict):
-            raise ValueError(f"{OVERRIDES_FLAG} takes a mapping (e.g. '{{text: {{pretrained: true}}}}'), got {value!r}")
-        else:
-            merged = _deep_merge(merged, parsed)
-    return [*rest, OVERRIDES_FLAG, json.dumps(merged)]
+    for option, items in flags.items():
+        merged = None
+        for config in configs:  # a later config that sets it replaces the value, as the parser does
+            found = _config_value(config, option)
+            merged = merged if found is _UNSET else found
+        for name, path, value in items:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{name}: not YAML: {value!r} ({str(e).splitlines()[0]})") from None
+            for key in reversed(path):
+                parsed = {key: parsed}
+            if parsed is None:
+                merged = None
+            elif not isinstance(parsed, dict):
+                raise ValueError(f"{name} takes a mapping (e.g. '{{text: {{pretrained: true}}}}'), got {value!r}")
+            else:
+                merged = _deep_merge(merged if isinstance(merged, dict) else {}, parsed)
+        rest += ["--" + option, json.dumps(merged)]
+    return rest
 
 
 def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only: bool = False):
@@ -287,7 +288,7 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fit"]:
         argv = argv[1:]
-    argv = merge_model_overrides(argv)
+    argv = merge_dict_flags(argv)
     dm_class = datamodule_class or _datamodule_class()
     cli_class = type("FitCLI", (FitCLI,), {"parse_only": parse_only})
     with warnings.catch_warnings():

@@ -103,6 +103,7 @@ class VLMModule(pl.LightningModule):
             warmup: linear warmup: a fraction of trainer.max_steps when < 1, else a number of steps.
             min_lr_ratio: the cosine decays to min_lr_ratio * lr at trainer.max_steps.
             lora: LoRA on the LM (peft.LoraConfig arguments, e.g. ``{r: 16, lora_alpha: 32}``); needs peft.
+                Command-line flags merge into the config file's (``--model.lora.r 8``); ``null`` turns it off.
             activation_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
             compile: torch.compile each LM decoder layer, each vision block and the loss
                 (``mmlm.training.compile``): faster GPU steps (small preset, 16 x 1024 tokens on an H100:
