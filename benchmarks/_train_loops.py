@@ -100,9 +100,8 @@ class Setup:
         self.vlm.load_state_dict(self.init_state)
         self.vlm.to(self.device)
         self.vlm.train()
-        attn = getattr(self.args, "attn_implementation", None)
-        if attn:
-            self.vlm.lm.set_attn_implementation(attn if packed else self.base_attn)
+        if self.args.attn_implementation:
+            self.vlm.lm.set_attn_implementation(self.args.attn_implementation if packed else self.base_attn)
         return self.vlm
 
     def optimizer(self, fused: bool | None = None):

@@ -212,15 +212,17 @@ class VLMConfig:
         """A copy with overrides; sub-configs take dicts that are merged key by key,
         e.g. ``cfg.updated(image_token_id=5, text={"hf_config": {"vocab_size": 512}})``."""
         data = self.to_dict()
-        _deep_merge(data, overrides)
+        deep_merge(data, overrides)
         return VLMConfig.from_dict(data)
 
 
-def _deep_merge(base: dict, overrides: dict) -> None:
+def deep_merge(base: dict, overrides: dict) -> None:
+    """Merge ``overrides`` into ``base`` in place, key by key: nested mappings merge, anything else
+    (dataclasses as their dicts) replaces."""
     for key, value in overrides.items():
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+            deep_merge(base[key], value)
         else:
             base[key] = value

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import PIL
+import torch
 import torch.nn.functional as F
 from PIL import Image
 
@@ -144,10 +144,18 @@ class ImageTransform:
 
     def fit(self, image: Image.Image) -> Image.Image:
         """Resize/crop/pad to the square input size (RGB, uint8), with PIL."""
-        image, new, box = self.plan(image)
+        return self._fit_pil(*self.plan(image))
+
+    def _fit_pil(self, image: Image.Image, new: tuple[int, int], box: tuple[int, int, int, int] | None) -> Image.Image:
+        """``plan``'s geometry carried out with PIL."""
         if new != image.size:
             image = image.resize(new, _RESAMPLE[self.cfg.interpolation])
         return image.crop(box) if box is not None else image
+
+    @staticmethod
+    def _as_tensor(image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 (3, H, W), a channels-last view of an owned, writable array."""
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """The fitted RGB image as a uint8 (3, size, size) tensor (a channels-last view)."""
@@ -155,8 +163,9 @@ class ImageTransform:
             return self.to_uint8_pil(image)
         image, (w, h), box = self.plan(image)
         if w > image.width or h > image.height or (box is not None and (box[0] < 0 or box[1] < 0)):
-            return self.to_uint8_pil(image)  # an upscale (torch strays further from PIL there) or a crop past the edge
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]  # (1, 3, H, W), channels last
+            # an upscale (torch strays further from PIL there) or a crop past the edge: PIL's
+            return self._as_tensor(self._fit_pil(image, (w, h), box))
+        x = self._as_tensor(image)[None]  # (1, 3, H, W), channels last
         # PIL's antialiased filter, in two passes rounded to uint8 between them, in PIL's order
         W, H = image.size
         steps = [(h, W), (h, w)] if pil_resizes_vertically_first(W, H, w, h) else [(h, w)]  # torch: horizontal first
@@ -171,8 +180,7 @@ class ImageTransform:
 
     def to_uint8_pil(self, image: Image.Image) -> torch.Tensor:
         """``to_uint8`` with PIL resampling whatever ``resize_kernel`` says (the reference)."""
-        arr = np.array(self.fit(image), dtype=np.uint8)  # (H, W, 3), writable, owned
-        return torch.from_numpy(arr).permute(2, 0, 1)
+        return self._as_tensor(self.fit(image))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """(3, size, size) float32: ``(x / 255 - mean) / std`` (``mmlm.pixels.normalize_pixels``)."""

@@ -198,14 +198,6 @@ MERGED_OPTIONS = ("model.model_overrides", "model.lora")
 """Mapping options whose command-line flags merge into the config's value instead of replacing it."""
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` merged in key by key (nested mappings merge, anything else replaces)."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 _UNSET = object()
 
 
@@ -237,6 +229,8 @@ def merge_dict_flags(argv: list[str]) -> list[str]:
     LoRA off). The merged flag goes last, so ``--print_config`` and the saved config.yaml show it.
     """
     import yaml
+
+    from mmlm.config import deep_merge
 
     flags: dict[str, list] = {}
     rest, configs, i = [], [], 0
@@ -274,7 +268,8 @@ def merge_dict_flags(argv: list[str]) -> list[str]:
             elif not isinstance(parsed, dict):
                 raise ValueError(f"{name} takes a mapping (e.g. '{{text: {{pretrained: true}}}}'), got {value!r}")
             else:
-                merged = _deep_merge(merged if isinstance(merged, dict) else {}, parsed)
+                merged = merged if isinstance(merged, dict) else {}
+                deep_merge(merged, parsed)  # merged is this function's own copy (parsed YAML)
         rest += ["--" + option, json.dumps(merged)]
     return rest
 
