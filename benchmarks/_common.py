@@ -265,7 +265,7 @@ def fmt(v: Any) -> str:
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> None:
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]  # rows may be none
     if title:
         print(f"\n{title}")
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
