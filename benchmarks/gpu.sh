@@ -2,6 +2,8 @@
 # The GPU figures of issue 8 in one go: bash benchmarks/gpu.sh [JOB ...] (default: all jobs).
 #
 # Jobs (each a benchmark script with its GPU settings; results in benchmarks/results/ as usual):
+#   tests             pytest -m gpu tests/test_gpu.py: packing isolation per attention kernel, uint8
+#                     pixels on the device, CUDA-graph decoding = eager, bf16 Lightning steps
 #   generate          describe: batch-1 decode vs transformers generate, batch 16 vs batch 1
 #   generate-compile  the same with the compiled static-cache decode step on both sides
 #   mfu               model FLOPs/s over the measured bf16 matmul peak (small, compiled, 48 x 1024)
@@ -28,6 +30,7 @@ export PYTHONPATH=".:${PYTHONPATH:-}"
 export TOKENIZERS_PARALLELISM=false
 
 declare -A JOBS=(
+    [tests]="-m pytest -p no:warnings -p no:cacheprovider -m gpu tests/test_gpu.py"
     [generate]="benchmarks/generate.py --preset small --device cuda --new-tokens 64 --repeats 3"
     [generate-compile]="benchmarks/generate.py --preset small --device cuda --new-tokens 64 --repeats 3 --compile"
     [mfu]="benchmarks/mfu.py --compile --batch-size 48"
@@ -36,7 +39,7 @@ declare -A JOBS=(
     [train-flex]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 2 --num-workers 8 --data lognormal --max-length 512 --pack-length 1024 --attn-implementation flex_attention --modes plain_packed mmlm --no-memory --out benchmarks/results/train_throughput-flex-$(date +%F).json"
     [loader]="benchmarks/loader.py --num-workers 8 --batches 60"
 )
-ORDER=(generate generate-compile mfu train train-lognormal train-flex loader)
+ORDER=(tests generate generate-compile mfu train train-lognormal train-flex loader)
 [ $# -gt 0 ] && ORDER=("$@")
 
 status=0

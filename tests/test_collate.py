@@ -138,14 +138,22 @@ def _per_sample_losses(logits, labels) -> list[torch.Tensor]:
     return loss.view(tg.shape)
 
 
-def test_packing_keeps_samples_apart_losses_equal_unpacked(pair):
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_packing_keeps_samples_apart_losses_equal_unpacked(pair, attn):
+    """With SDPA (a block-diagonal mask from the position ids) and FlexAttention (a block mask)."""
     vlm, proc = pair
     samples = _samples(proc, 6)
     pack = PackCollate(proc, max_length=128)
     b = pack(samples)
     assert b["num_samples"] == 6 and b["input_ids"].shape[0] < 6  # several samples share rows
+    default = vlm.lm.config._attn_implementation  # the unpadded reference below keeps it
+    vlm.lm.set_attn_implementation(attn)
+    try:
+        with torch.no_grad():
+            packed = vlm(**model_inputs(b))
+    finally:
+        vlm.lm.set_attn_implementation(default)
     with torch.no_grad():
-        packed = vlm(**model_inputs(b))
         token_losses = _per_sample_losses(packed.logits, b["labels"])
         rows = pack.plan([s["input_ids"].numel() for s in samples], 6)
         for r, row in enumerate(rows):
