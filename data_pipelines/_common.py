@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -104,7 +105,7 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
         "--max-pixels",
         type=int,
         default=PIL_DEFAULT_MAX_PIXELS,
-        help=f"skip images with more pixels than this (default {PIL_DEFAULT_MAX_PIXELS})",
+        help=f"skip images with more pixels than this (default {PIL_DEFAULT_MAX_PIXELS}; PIL refuses twice that)",
     )
 
 
@@ -113,18 +114,23 @@ def check_output_args(args: argparse.Namespace) -> None:
         raise BuildError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.workers < 1:
         raise BuildError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_shard_bytes < 1:
+        raise BuildError(f"--max-shard-bytes must be >= 1, got {args.max_shard_bytes}")
     if not 0.0 < args.max_skip_fraction <= 1.0:
         raise BuildError(f"--max-skip-fraction must be in (0, 1], got {args.max_skip_fraction}")
     if getattr(args, "resize_max", None) is not None and args.resize_max < 1:
         raise BuildError(f"--resize-max must be >= 1, got {args.resize_max}")
     if args.out.exists() and not args.out.is_dir():
         raise BuildError(f"--out {args.out} exists and is not a directory")
+    if not args.prefix or "/" in args.prefix or args.prefix.startswith("."):
+        raise BuildError(f"--prefix must be a file name that does not start with a dot, got {args.prefix!r}")
 
 
 def cli(
     run: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> int:
-    """Parse ``argv`` and call ``run(args)``; map :class:`BuildError` and friends to exit code 2."""
+    """Parse ``argv`` and call ``run(args)``; map :class:`BuildError` and ``OSError`` (a path that
+    cannot be read or written) to ``error: ...`` and exit code 2, Ctrl-C to exit code 130."""
     args = parser.parse_args(argv)
     try:
         return int(run(args) or 0)
@@ -133,6 +139,9 @@ def cli(
         return 2
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # not a directory, permission denied, disk full, ...
+        print(f"error: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
@@ -155,12 +164,26 @@ def load_json(path: Path, what: str) -> Any:
 
 
 def iter_json_array(path: Path, what: str, chunk_chars: int = 1 << 20) -> Iterator[Any]:
-    """Stream the items of a top-level JSON array without loading the whole file."""
+    """Stream the items of a top-level JSON array without loading the whole file.
+
+    The file is UTF-8 (a leading byte-order mark is allowed, as :func:`load_json` allows it);
+    bytes that are not UTF-8 and malformed JSON are a :class:`BuildError`."""
     path = Path(path)
     if not path.is_file():
         raise BuildError(f"{what} {path} does not exist")
+    try:
+        yield from _iter_json_array(path, what, chunk_chars)
+    except UnicodeDecodeError as e:
+        raise BuildError(f"{what} {path} is not UTF-8 ({e.reason})") from None
+
+
+# what may still continue a number that a chunk boundary cut ("1." | "5", "2e" | "-3")
+_NUMBER_TAIL = re.compile(r"[0-9.eE+-]*\Z")
+
+
+def _iter_json_array(path: Path, what: str, chunk_chars: int) -> Iterator[Any]:
     dec = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         buf, pos, eof = "", 0, False
 
         def fill() -> bool:
@@ -205,7 +228,8 @@ def iter_json_array(path: Path, what: str, chunk_chars: int = 1 << 20) -> Iterat
                     if not eof and fill():
                         continue
                     raise BuildError(f"{what} {path} is not valid JSON ({e.msg})") from None
-                if end == len(buf) and not eof and fill():  # a scalar may continue in the next chunk
+                cut = end == len(buf) or (isinstance(item, (int, float)) and _NUMBER_TAIL.match(buf, end))
+                if cut and not eof and fill():  # a scalar may continue in the next chunk
                     continue
                 break
             pos = end

@@ -5,10 +5,12 @@ intact (:func:`decode_check`); an input that cannot be used raises
 :class:`~data_pipelines._errors.SkipSample` with a short reason (``empty image``, ``not an image``,
 ``image too large``, ``undecodable image``, ``missing image``, ``unreadable image``) instead of
 failing the run. jpg/png/webp bytes are stored as they are (no re-encode); other formats (gif,
-bmp, tiff, ...) are re-encoded to PNG; ``--resize-max PX`` re-encodes images whose longer side
-exceeds PX (EXIF orientation applied, JPEG/WEBP quality 95, PNG lossless, same format as the
-input). :func:`prepare_image_bytes` and :func:`load_image` return ``(bytes, ext)``. PIL is
-imported when first used.
+bmp, tiff, ...) are re-encoded to PNG (32-bit integer and float images, which PNG cannot hold,
+scaled to 8 bits as training's ``mmlm.data.decode.to_rgb`` scales them: a plain RGB conversion
+turns a 0..1 float image black); ``--resize-max PX`` re-encodes images whose longer side exceeds
+PX (EXIF orientation applied, JPEG/WEBP quality 95, PNG lossless, same format as the input).
+:func:`prepare_image_bytes` and :func:`load_image` return ``(bytes, ext)``. PIL is imported when
+first used.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ PIL_DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
 
 def decode_check(data: bytes, max_pixels: int = PIL_DEFAULT_MAX_PIXELS):
-    """Fully decode ``data`` with PIL; return the loaded image or raise :class:`SkipSample`."""
+    """Fully decode ``data`` with PIL; return the loaded image or raise :class:`SkipSample`.
+
+    More than ``max_pixels`` is ``image too large``; so is more than twice PIL's default limit
+    (178,956,970 pixels: PIL's ``DecompressionBombError``) whatever ``max_pixels`` says."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise SkipSample("empty image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # max_pixels decides, not PIL's warning at its own default
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 if im.size[0] * im.size[1] > max_pixels:
                     raise SkipSample("image too large", f"{im.size[0]}x{im.size[1]}")
@@ -62,7 +67,11 @@ def _encode(im, fmt: str) -> bytes:
             im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         im.save(buf, format="WEBP", quality=95)
     else:
-        if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+        if im.mode in ("I", "F"):  # 32-bit int / float (TIFF): PNG has neither; scaled as training decodes them
+            from mmlm.data.decode import to_rgb
+
+            im = to_rgb(im)
+        elif im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
             im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         im.save(buf, format="PNG")
     return buf.getvalue()
@@ -79,7 +88,9 @@ def prepare_image_bytes(
     from PIL import Image, ImageOps
 
     im = decode_check(data, max_pixels)
-    fmt = im.format or ""
+    # PIL names a JPEG that carries extra pictures (phone photos with a depth map or gain map) MPO:
+    # its bytes are a JPEG that every decoder reads, so it is stored as one, not re-encoded to PNG
+    fmt = "JPEG" if im.format == "MPO" else im.format or ""
     ext = FORMAT_EXT.get(fmt)
     w, h = im.size
     too_big = resize_max is not None and max(w, h) > resize_max

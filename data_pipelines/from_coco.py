@@ -18,8 +18,9 @@ Output samples:
 * ``--per-caption``: one sample per (image, caption) pair as in LLaVA/BLIP pre-training:
   ``KEY.txt`` = that caption, json ``{"image_id", "id": caption id}``. Key: ``IMAGEID-CAPTIONID``.
 
-Empty captions are dropped (counted as skipped); an image with no captions left, missing or
-undecodable is skipped with its reason. Usage::
+Empty captions are dropped (counted as skipped, keyed ``IMAGEID-CAPTIONID`` in ``skipped.jsonl``
+in both modes); an image with no captions left, missing or undecodable is skipped with its
+reason. Usage::
 
     python -m data_pipelines.from_coco --annotations annotations/captions_val2017.json \\
         --images val2017/ --out shards/coco-val2017
@@ -68,6 +69,8 @@ def _entries_coco(data: dict) -> list[dict]:
     by_id: dict[int, dict] = {}
     for im in data["images"]:
         try:
+            if not isinstance(im["file_name"], str):
+                raise TypeError("file_name is not a string")
             by_id[int(im["id"])] = {"image_id": int(im["id"]), "file_names": [im["file_name"]], "captions": []}
         except (KeyError, TypeError, ValueError):
             raise BuildError(f'COCO image entry without "id"/"file_name": {str(im)[:80]}') from None
@@ -83,14 +86,17 @@ def _entries_coco(data: dict) -> list[dict]:
 def _entries_karpathy(data: dict, splits: Sequence[str]) -> list[dict]:
     out = []
     for im in data["images"]:
+        if not isinstance(im, dict):
+            raise BuildError(f"Karpathy image entry is not an object: {str(im)[:80]}")
         if im.get("split") not in splits:
             continue
         try:
             image_id = int(im["cocoid"])
             names = [str(Path(im.get("filepath", "")) / im["filename"]), im["filename"]]
             caps = [(int(s.get("sentid", i)), s.get("raw")) for i, s in enumerate(im.get("sentences", []))]
-        except (KeyError, TypeError, ValueError):
-            raise BuildError(f"Karpathy image entry without cocoid/filename: {str(im)[:80]}") from None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            entry = str(im)[:80]
+            raise BuildError(f'Karpathy image entry needs "cocoid", "filename", "sentences": [{{"raw"}}]: {entry}') from None
         out.append({"image_id": image_id, "file_names": names, "captions": caps, "split": im["split"]})
     return out
 
@@ -130,7 +136,10 @@ def build_records(
             out.append(Skip(caption_key(image_id, cid), "empty caption"))
     if not caps:
         key = image_key(image_id)
-        return out or [Skip(key, "no captions")]
+        return out or [Skip(key, "no captions", f"{len(entry['captions'])} empty" if entry["captions"] else "")]
+    if not per_caption:  # the image's sample goes on without them, but they are counted
+        out += [Skip(caption_key(image_id, cid), "empty caption") for cid, text in entry["captions"]
+                if not (isinstance(text, str) and text.strip())]
     names = entry["file_names"]
     path = next((images / n for n in names if (images / n).is_file()), images / names[0])
     data, ext = load_image(path, resize_max=resize_max, max_pixels=max_pixels)

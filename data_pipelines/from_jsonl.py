@@ -10,8 +10,9 @@ absolute path, or a list of paths for several images) and one of:
 
 Every other field (``id``, ``image_id``, ...) is kept in the sample's json. The sample key is the
 1-based line number, zero-padded (``000000042``), so a re-run over the same file resumes exactly.
-Blank lines are ignored. A bad line, a missing or undecodable image, or a sample that breaks the
-schema is skipped and reported (``OUT/skipped.jsonl``). Usage::
+The file is UTF-8 (a byte-order mark is allowed); blank lines are ignored. A bad line (not JSON,
+or not UTF-8: never decoded with replacement characters), a missing or undecodable image, or a
+sample that breaks the schema is skipped and reported (``OUT/skipped.jsonl``). Usage::
 
     python -m data_pipelines.from_jsonl --jsonl data.jsonl --image-root images/ --out shards/
 """
@@ -19,6 +20,7 @@ schema is skipped and reported (``OUT/skipped.jsonl``). Usage::
 from __future__ import annotations
 
 import argparse
+import codecs
 import functools
 import json
 from collections.abc import Iterator, Sequence
@@ -46,9 +48,12 @@ def line_key(lineno: int) -> str:
 
 
 def iter_jobs(path: Path) -> Iterator[Job]:
-    """One job per non-blank line: payload ``(key, raw line)``; parsing happens in the workers."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    """One job per non-blank line: payload ``(key, raw line bytes)``; decoding and parsing happen
+    in the workers (a leading UTF-8 byte-order mark is dropped)."""
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            if lineno == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
             if line.strip():
                 key = line_key(lineno)
                 yield Job((key,), (key, line))
@@ -74,6 +79,11 @@ def build_record(
 ) -> list[Record]:
     """Worker: one jsonl line -> one record (raises SkipSample)."""
     key, line = payload
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SkipSample("bad line", f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:

@@ -79,9 +79,9 @@ def build_records(
         answers: list[str] = []
         if ann is not None:
             raw = ann.get("answers") or []
-            answers = [a["answer"] if isinstance(a, dict) else a for a in raw]
-            if not all(isinstance(a, str) for a in answers):
-                out.append(Skip(key, "bad annotation", "answers must be strings or {answer: str}"))
+            answers = [a.get("answer") if isinstance(a, dict) else a for a in raw] if isinstance(raw, list) else None
+            if answers is None or not all(isinstance(a, str) for a in answers):
+                out.append(Skip(key, "bad annotation", "answers must be a list of strings or {answer: str}"))
                 continue
             for f in ("question_type", "answer_type", "multiple_choice_answer"):
                 if f in ann:
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise BuildError(f"--images {args.images} is not a directory")
     try:
         args.image_pattern.format(split=args.split, image_id=1)
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise BuildError(f"bad --image-pattern {args.image_pattern!r}: {e}") from None
     qdata = load_json(args.questions, "--questions")
     if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):

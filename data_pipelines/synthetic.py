@@ -46,8 +46,9 @@ unique over the dataset; question ids are ``image_id * 10 + N``. Train conversat
 ``"<image>\\n"`` in the first human turn and hold 3 to 5 question/answer turns. Every image is
 seeded from ``(seed, split, index)`` and every shard is made by one task, so the output is
 byte-identical for a seed whatever ``--workers``. A re-run over a half-done output keeps the
-complete shards and makes the missing ones. ``--shard-size`` counts samples; a val/test shard
-holds ``shard_size // 7`` images (at least 1) with their questions. Usage::
+complete shards and makes the missing ones; an interrupted run (Ctrl-C) leaves only complete
+shards and images behind. ``--shard-size`` counts samples; a val/test shard holds
+``shard_size // 7`` images (at least 1) with their questions. Usage::
 
     python -m data_pipelines.synthetic --out data/shapes --train 20000 --val 500 --test 500
 """
@@ -263,6 +264,13 @@ def plan(out: Path, split: str, n: int, shard_size: int, seed: int, size: int) -
     return [Task(str(out / split), split, k, lo, min(n, lo + per), seed, size) for k, lo in enumerate(range(0, n, per))]
 
 
+def _drop_temporaries(split_dir: Path) -> None:
+    """Delete the temporary shards and images that killed workers left in ``split_dir``."""
+    resume_state(split_dir, "shard", read_keys=False)  # removes .shard-*.tar.tmp
+    for tmp in (split_dir / "images").glob(".*.png.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def write_annotations(split_dir: Path, split: str, ann: dict[str, list], info: dict) -> None:
     d = split_dir / "annotations"
     info = dict(info, split=split)
@@ -388,12 +396,19 @@ def build(
     t0 = time.perf_counter()
     rendered = 0
     bar = progress(sum(counts.values()), "synthetic", disable=not show_progress, unit="img")
-    for task, res in zip(tasks, parallel_map(run_task, tasks, workers, chunk=1, ahead=2)):
-        rendered += res["rendered"]
-        for k, v in res["ann"].items():
-            ann[task.split][k] += v
-        bar.update(res["images"])
-    bar.close()
+    try:
+        for task, res in zip(tasks, parallel_map(run_task, tasks, workers, chunk=1, ahead=2)):
+            rendered += res["rendered"]
+            for k, v in res["ann"].items():
+                ann[task.split][k] += v
+            bar.update(res["images"])
+    except BaseException:  # Ctrl-C or an error: worker processes killed mid-shard leave temporaries
+        for split in SPLITS:
+            if counts[split]:
+                _drop_temporaries(out / split)
+        raise
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
     for split in ("val", "test"):
         if counts[split]:

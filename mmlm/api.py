@@ -50,13 +50,17 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: st
     return vlm, Processor.from_pretrained(path)
 
 
-def open_image(source: str | Path | Image.Image) -> Image.Image:
-    """A PIL image in RGB with its EXIF orientation applied."""
+def open_image(source) -> Image.Image:
+    """A path, binary file or PIL image -> an RGB PIL image exactly as training decodes one: EXIF
+    orientation applied (files), then :func:`mmlm.data.decode.to_rgb` (alpha composited on white,
+    16-bit and float images scaled to 8 bits; a plain ``convert("RGB")`` would turn a 16-bit
+    grayscale PNG white and show whatever colour transparent pixels store). Any format PIL reads."""
+    from mmlm.data.decode import to_rgb
+
     if isinstance(source, Image.Image):
-        return source.convert("RGB") if source.mode != "RGB" else source
+        return to_rgb(source)
     with Image.open(source) as im:
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(im))
 
 
 class TextStream:
@@ -107,6 +111,8 @@ def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | Non
                    config: GenerationConfig, stop_strings: Sequence[str] = (),
                    on_text: Callable[[int, str], None] | None = None) -> list[str]:
     """One batch: images (one PIL image or a list per sample) + prompts -> texts."""
+    if any(not s for s in stop_strings):  # "" is in every text: every reply would be empty
+        raise ValueError("stop strings must not be empty")
     batch = processor.prompt_inputs(images, prompts)
     batch.pop("labels")
     streamer = TextStream(processor, len(prompts), on_text) if on_text else None

@@ -7,8 +7,9 @@ Inputs (:func:`discover_inputs`). Each PATH is, after brace expansion (``shard-{
 - an image file (any extension: a file named explicitly is always tried);
 - a webdataset shard (``.tar``, ``.tar.gz``, ``.tgz``): each sample's first image, with the id
   ``SHARD#KEY``; a sample without an image, or a shard that cannot be read, is an error entry;
-- a folder: its images (``IMAGE_EXTENSIONS``, case-insensitive) and shards, recursively, sorted,
-  hidden files and folders skipped; a folder with neither is an error;
+- a folder: its images (``IMAGE_EXTENSIONS``, case-insensitive) and shards, recursively (symlinked
+  subfolders too, each real folder once), sorted, hidden files and folders skipped; a folder with
+  neither is an error;
 - a glob (``*``, ``?``, ``[...]``; ``**`` recurses): the images, shards and folders it matches.
 
 A path that does not exist, a glob that matches nothing and an empty folder raise
@@ -18,8 +19,9 @@ twice is described once.
 
 Decoding (:class:`PrefetchLoader`): a producer thread reads shards, decodes images with a small
 thread pool (PIL releases the GIL) and hands whole batches to the consumer through a bounded
-queue, so decoding overlaps generation and memory stays bounded. An image that cannot be read
-becomes an entry with an ``error`` and no image; the run goes on.
+queue, so decoding overlaps generation and memory stays bounded. Images become RGB as training
+decodes them (``mmlm.api.open_image``). An image that cannot be read becomes an entry with an ``error``
+and no image; the run goes on.
 
 Results (:func:`read_done`): one JSON object per line, ``{"path"|"key", "prompt", "text"}`` or
 ``{"path"|"key", "prompt", "error"}``. Appending and flushing per batch means a killed run loses
@@ -76,7 +78,13 @@ def _brace_expand(spec: str) -> list[str]:
 
 def _walk(folder: str) -> list[Source]:
     found = []
-    for root, dirs, files in os.walk(folder):
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):  # symlinked subfolders are searched too
+        real = os.path.realpath(root)
+        if real in visited:  # each real folder once: a link back up is no endless loop
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
@@ -339,10 +347,11 @@ def result_id(record: dict) -> str | None:
 def read_done(path: str | Path, *, log=sys.stderr) -> set[tuple[str, str]]:
     """``(id, prompt)`` of every image a JSONL results file already describes.
 
-    Lines that do not parse (a truncated last line from a killed run) and error lines (so the
-    image is retried) are dropped, and the file is rewritten atomically without them (the lines
-    kept are kept byte for byte). A line that does not parse before the last one is an error:
-    the file was not written by ``mmlm describe``.
+    A truncated last line from a killed run (a ``{...`` with no newline after it) and error lines
+    (so the image is retried) are dropped, and the file is rewritten atomically without them (the
+    lines kept are kept byte for byte). Any other line that is not a result (``{"path"|"key",
+    "prompt", "text"|"error"}``) is a ``ValueError`` and the file is left as it is: it was not
+    written by ``mmlm describe`` (a dataset's JSONL, notes), and rewriting it would destroy it.
     """
     path = Path(path)
     if not path.exists():
@@ -362,11 +371,12 @@ def read_done(path: str | Path, *, log=sys.stderr) -> set[tuple[str, str]]:
             ok = isinstance(record, dict) and result_id(record) is not None
         except json.JSONDecodeError:
             ok = False
-        if not ok:
-            if any(x.strip() for x in lines[i + 1:]):
-                raise ValueError(f"{path}: line {i + 1} is not a JSON result; not a file written by mmlm describe?")
-            truncated += 1
-            continue
+        if not ok or not ("text" in record or "error" in record):
+            if not ok and i == len(lines) - 1 and line.lstrip().startswith(b"{"):  # cut before its newline
+                truncated += 1
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not a result of mmlm describe; give --out a new file "
+                             f"or one that mmlm describe wrote")
         if "text" not in record:
             errors += 1
             continue

@@ -111,6 +111,56 @@ def test_from_jsonl(tmp_path, images, capsys):
     _inspect_ok(out)
 
 
+def test_from_jsonl_bom_and_lines_that_are_not_utf8(tmp_path, images):
+    src = tmp_path / "d.jsonl"
+    line = json.dumps({"image": "red.png", "caption": "café"}, ensure_ascii=False).encode()
+    latin1 = json.dumps({"image": "red.png", "caption": "café"}, ensure_ascii=False).encode("latin-1")
+    src.write_bytes(b"\xef\xbb\xbf" + line + b"\r\n" + latin1 + b"\r\n" + line + b"\r\n")
+    out = tmp_path / "out"
+    assert from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(out), *OPTS]) == 0
+    recs = _read(out)  # the BOM does not cost line 1; line 2 is skipped, not stored as "caf\ufffd"
+    assert {k: r.caption for k, r in recs.items()} == {"000000001": "café", "000000003": "café"}
+    assert _skips(out) == {"bad line": 1}
+
+
+def test_high_bit_depth_tiffs_are_kept_and_scaled_like_training():
+    import numpy as np
+
+    from mmlm.data.decode import decode_image
+
+    ramp = np.linspace(0.0, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+    for arr in (ramp, (ramp * 60000).astype(np.int32)):  # mode F (0..1) and mode I (16-bit range)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="TIFF")
+        for resize_max in (None, 32):
+            data, ext = _common.prepare_image_bytes(buf.getvalue(), resize_max=resize_max)  # not skipped
+            assert ext == "png"
+            pixels = np.asarray(decode_image(data))
+            assert pixels.min() < 10 and pixels.max() > 200  # the ramp, not a black (or white) image
+
+
+def test_max_pixels_decides_not_pils_default_limit():
+    big = io.BytesIO()
+    Image.new("1", (10000, 9000)).save(big, format="PNG")  # 90 MP: just past PIL's warning threshold
+    assert _common.prepare_image_bytes(big.getvalue(), max_pixels=100_000_000)[1] == "png"
+    with pytest.raises(_common.SkipSample, match="image too large"):
+        _common.prepare_image_bytes(big.getvalue())  # the default limit still holds
+    with pytest.raises(_common.SkipSample, match="image too large"):
+        _common.prepare_image_bytes(_encode((0, 0, 0), "PNG", size=(100, 100)), max_pixels=9_999)
+
+
+def test_multi_picture_jpegs_are_stored_as_jpeg():
+    """Phone photos with a depth or gain map are MPO to PIL: JPEG bytes, kept as they are."""
+    big = Image.effect_noise((120, 90), 40).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, format="MPO", save_all=True, append_images=[big.resize((40, 30))])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    assert _common.prepare_image_bytes(buf.getvalue()) == (buf.getvalue(), "jpg")  # not a PNG 5x the size
+    data, ext = _common.prepare_image_bytes(buf.getvalue(), resize_max=60)
+    small = Image.open(io.BytesIO(data))
+    assert ext == "jpg" and small.format == "JPEG" and small.size == (60, 45)
+
+
 def test_from_jsonl_resize_max(tmp_path, images):
     src = tmp_path / "d.jsonl"
     src.write_text(
@@ -172,6 +222,16 @@ def test_bad_input_is_a_one_line_error(tmp_path, images, capsys):
     assert (
         from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(out), "--shard-size", "0"]) == 2
     )
+    base = ["--jsonl", str(src), "--image-root", str(images), "--out", str(tmp_path / "p"), *OPTS]
+    for bad in (["--prefix", "a/b"], ["--prefix", ".hidden"], ["--prefix", ""], ["--max-shard-bytes", "0"]):
+        assert from_jsonl.main(base + bad) == 2 and bad[0] in capsys.readouterr().err  # what ShardWriter refuses
+        assert not (tmp_path / "p").exists()  # one line, before anything is written
+    # an --out that cannot be made (under a file): one line, no traceback
+    capsys.readouterr()
+    bad_out = images / "red.png" / "out"
+    assert from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(bad_out), *OPTS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "red.png" in err and "\n" not in err
 
 
 def test_skip_budget_stops_the_run(tmp_path, images, capsys):
@@ -221,7 +281,11 @@ def test_from_coco_captions_format(tmp_path, images):
     )
     assert r1.images == [(d / "val2014" / f"COCO_val2014_{1:012d}.jpg").read_bytes()]
     assert recs["000000000002"].captions == ["green one"]
-    assert _skips(out) == {"missing image": 1, "not an image": 1}
+    # the blank reference caption of image 2 is dropped, and counted (never silently)
+    assert _skips(out) == {"missing image": 1, "not an image": 1, "empty caption": 1}
+    assert {"key": "000000000002-21", "reason": "empty caption", "detail": ""} in [
+        json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()
+    ]
     _inspect_ok(out)
 
     out2 = tmp_path / "per_caption"
@@ -269,6 +333,23 @@ def test_from_coco_karpathy(tmp_path, images):
         "caption 2 a",
         "caption 2 b",
     ]
+
+
+def test_from_coco_malformed_entries_are_one_line_errors(tmp_path, images, capsys):
+    d = _coco_images(images)
+    bad = {
+        "coco": {"images": [{"id": 1, "file_name": None}], "annotations": [{"image_id": 1, "caption": "x"}]},
+        "karpathy": {"dataset": "coco", "images": [{"cocoid": 1, "filename": "a.jpg", "split": "train",
+                                                    "sentences": [{"raw": "x"}]}, 5]},
+        "sentences": {"images": [{"cocoid": 1, "filename": "a.jpg", "split": "train", "sentences": ["x"]}]},
+    }
+    for name, data in bad.items():
+        src = tmp_path / f"{name}.json"
+        src.write_text(json.dumps(data))
+        argv = ["--annotations", str(src), "--images", str(d / "val2014"), "--split", "train"]
+        assert from_coco.main(argv + ["--out", str(tmp_path / name), *OPTS]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
 
 
 # ----------------------------------------------------------------------------- from_llava
@@ -336,6 +417,19 @@ def test_iter_json_array_streams(tmp_path):
         list(_common.iter_json_array(p, "x", chunk_chars=4))
 
 
+def test_iter_json_array_numbers_across_chunks_bom_and_bad_utf8(tmp_path):
+    p = tmp_path / "arr.json"
+    items = [-2.5e10, 0.125, 12345678, 1e-7, {"x": 1.5}]
+    p.write_text(json.dumps(items))
+    for chunk in (1, 2, 3, 5, 7):  # a chunk that ends after "-2." or "1e" must not end the number
+        assert list(_common.iter_json_array(p, "x", chunk_chars=chunk)) == items
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())  # a BOM, as load_json accepts it
+    assert list(_common.iter_json_array(p, "x", chunk_chars=4)) == items
+    p.write_bytes(b'[{"a": "caf\xe9"}]')  # latin-1: a one-line error, not a traceback
+    with pytest.raises(_common.BuildError, match="not UTF-8"):
+        list(_common.iter_json_array(p, "x"))
+
+
 # ----------------------------------------------------------------------------- from_vqav2
 
 
@@ -383,12 +477,32 @@ def test_from_vqav2(tmp_path, images):
     assert recs["11"].images == r.images == [(d / "val2014" / f"COCO_val2014_{1:012d}.jpg").read_bytes()]
     assert _skips(out) == {"not an image": 1}
     _inspect_ok(out)
+    for pattern in ("{split.stem}", "{0}", "{image_id:s}"):  # one line, not a traceback
+        assert from_vqav2.main(base + ["--image-pattern", pattern, "--out", str(tmp_path / "p")]) == 2
     # test split: no annotations, questions only
     out2 = tmp_path / "test"
     assert from_vqav2.main(base + ["--out", str(out2)]) == 0
     recs2 = _read(out2)
     assert sorted(recs2) == ["10", "11", "20"] and recs2["20"].answers == [] and recs2["20"].kind() == "vqa"
     _inspect_ok(out2)
+
+
+def test_from_vqav2_malformed_answers_are_skipped_not_split_or_crashing(tmp_path, images):
+    d = _coco_images(images)
+    qp, ap = tmp_path / "q.json", tmp_path / "a.json"
+    questions = [{"image_id": 1, "question": f"q{q}?", "question_id": q} for q in (1, 2, 3)]
+    qp.write_text(json.dumps({"questions": questions}))
+    anns = [
+        {"question_id": 1, "answers": "yes"},  # a string, not a list: never ["y", "e", "s"]
+        {"question_id": 2, "answers": [{"raw_answer": "red", "answer_id": 1}]},  # no "answer": no KeyError
+        {"question_id": 3, "answers": [{"answer": "red"}]},
+    ]
+    ap.write_text(json.dumps({"annotations": anns}))
+    out = tmp_path / "out"
+    args = ["--questions", str(qp), "--annotations", str(ap), "--images", str(d / "val2014"), "--split", "val2014"]
+    assert from_vqav2.main(args + ["--out", str(out), *OPTS]) == 0
+    assert {k: r.answers for k, r in _read(out).items()} == {"3": ["red"]}
+    assert _skips(out) == {"bad annotation": 2}
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -436,6 +550,30 @@ def test_inspect_token_lengths_when_processor_exists(tmp_path, monkeypatch, caps
     assert inspect_cli.main([str(d), "--processor", "PROC", "--json", "--no-progress"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert calls == ["PROC"] and rep["lengths"]["caption_tokens"]["max"] == 3
+
+
+def test_interrupted_synthetic_build_leaves_no_temporaries(tmp_path, monkeypatch):
+    """A Ctrl-C kills the worker processes mid-shard: their temporary files must not stay behind."""
+    real = synthetic.parallel_map
+
+    def killed_midway(fn, tasks, workers, **kw):
+        tasks = list(tasks)
+        yield from real(fn, tasks[:1], 1)  # the first shard completes
+        for t in tasks[1:3]:  # two workers die while writing a shard and an image
+            Path(t.out, "images").mkdir(parents=True, exist_ok=True)
+            Path(t.out, f".shard-{t.shard:06d}.tar.tmp").write_bytes(b"half a tar")
+            Path(t.out, "images", f".{t.start}.png.tmp").write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "parallel_map", killed_midway)
+    out = tmp_path / "syn"
+    argv = ["--out", str(out), "--train", "4", "--val", "3", "--test", "0", "--shard-size", "2", *OPTS]
+    assert synthetic.main(argv) == 130
+    assert [p.name for p in out.rglob(".*")] == []  # no hidden temporaries
+    assert (out / "train" / "shard-000000.tar").is_file()
+    monkeypatch.setattr(synthetic, "parallel_map", real)
+    assert synthetic.main(argv) == 0  # and the re-run finishes the job
+    assert len(_read(out / "train")) == 4
 
 
 def test_every_builder_explains_itself(capsys):

@@ -198,6 +198,75 @@ def test_resume_describes_only_missing_images(ckpt, tmp_path, count_generated):
     assert len(_read(out)) == 8
 
 
+def test_out_that_mmlm_did_not_write_is_refused_and_left_intact(ckpt, tmp_path, capsys, count_generated):
+    root, _ = ckpt
+    labels = tmp_path / "labels.jsonl"  # a dataset's JSONL: ids, but no "text" or "error"
+    notes = tmp_path / "notes.txt"  # one line of text and no newline: not a half-written result
+    labels.write_text('{"path": "x.jpg", "caption": "hand-written label"}\n')
+    notes.write_text("my notes")
+    for out in (labels, notes):
+        before = out.read_bytes()
+        rc = main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error:") and err.count("\n") == 1 and out.name in err
+        assert out.read_bytes() == before
+    assert count_generated["images"] == 0
+
+
+def test_empty_stop_string_is_a_bad_argument(ckpt, capsys):
+    root, _ = ckpt
+    rc = main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--stop", ""])
+    assert rc == 2 and "--stop" in capsys.readouterr().err  # not an empty reply for every image
+
+
+def test_images_reach_the_model_as_training_decodes_them(ckpt, tmp_path, monkeypatch, capsys):
+    """16-bit grayscale is scaled (not clipped to white), transparency composited on white."""
+    from mmlm.data.decode import decode_image
+
+    root, _ = ckpt
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(folder / "a16.png")
+    clear_red = np.zeros((32, 32, 4), np.uint8)
+    clear_red[..., 0] = 255
+    Image.fromarray(clear_red, "RGBA").save(folder / "b_rgba.png")
+    seen = []
+    real = mmlm.api.generate_texts
+
+    def spy(vlm, processor, images, *args, **kwargs):
+        seen.extend(np.asarray(im) for im in images)
+        return real(vlm, processor, images, *args, **kwargs)
+
+    monkeypatch.setattr(mmlm.api, "generate_texts", spy)
+    paths = [folder / "a16.png", folder / "b_rgba.png"]
+    assert main(["describe", str(folder), "--model", str(root / "model"), *GEN]) == 0  # batched
+    assert main(["describe", str(paths[0]), "--model", str(root / "model"), *GEN]) == 0  # one image, streamed
+    expected = [np.asarray(decode_image(p.read_bytes())) for p in paths + paths[:1]]
+    assert len(seen) == 3 and all(np.array_equal(a, b) for a, b in zip(seen, expected))
+
+
+def test_python_api_opens_images_as_training_decodes_them_and_refuses_empty_stop_strings(ckpt, tmp_path):
+    """``mmlm.api.open_image`` (``mmlm.describe``, ``mmlm chat``): paths, files and PIL images
+    become the RGB pixels ``decode_image`` gives the training stream."""
+    from mmlm.api import open_image
+    from mmlm.data.decode import decode_image
+
+    gray16 = Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16))
+    clear_red = np.zeros((32, 32, 4), np.uint8)
+    clear_red[..., 0] = 255
+    for i, im in enumerate([gray16, Image.fromarray(clear_red, "RGBA")]):
+        path = tmp_path / f"{i}.png"
+        im.save(path)
+        want = np.asarray(decode_image(path.read_bytes()))
+        for source in (path, str(path), io.BytesIO(path.read_bytes()), Image.open(path)):
+            got = open_image(source)
+            assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
+    _, pair = ckpt
+    assert len(describe([Image.new("RGB", (8, 8))], model=pair, stop_strings=["."], max_new_tokens=2)) == 1
+    with pytest.raises(ValueError, match="stop strings must not be empty"):
+        describe([Image.new("RGB", (8, 8))], model=pair, stop_strings=[".", ""], max_new_tokens=2)
+
+
 def test_help_explains_with_an_example(capsys):
     with pytest.raises(SystemExit) as e:
         main(["describe", "--help"])
@@ -213,6 +282,17 @@ def test_discover_inputs_dedupes_and_expands_braces(ckpt):
     got = discover_inputs([str(folder / "{red,blue}.png"), str(folder / "red.png"), str(folder)])
     assert [s.path for s in got][:2] == [str(folder / "red.png"), str(folder / "blue.png")]
     assert len(got) == 4 and not any(s.shard for s in got)
+
+
+def test_discover_inputs_searches_symlinked_folders_once(ckpt, tmp_path):
+    root, _ = ckpt
+    top = tmp_path / "top"
+    top.mkdir()
+    Image.new("RGB", (8, 8), "red").save(top / "a.png")
+    os.symlink(root / "imgs" / "sub", top / "linked")  # a dataset folder linked in
+    os.symlink(top, top / "loop")  # a link back up: no endless walk, no image twice
+    got = [os.path.relpath(s.path, top) for s in discover_inputs([str(top)])]
+    assert got == ["a.png", "linked/deeper/n2.webp", "linked/noise.jpg"]
 
 
 def test_stream_printer_prints_exactly_the_final_text():

@@ -220,6 +220,24 @@ def test_iter_tar_records_reports_bad_samples_and_truncated_shards(tmp_path):
     assert errors == ["b"]
 
 
+def test_compressed_shards_are_read_whole_and_truncation_still_found(tmp_path):
+    import gzip
+
+    out = tmp_path / "out"
+    with ShardWriter(out) as w:
+        for i in range(3):
+            w.write(Record(f"s{i}", [b"i"], ["png"], caption=f"caption {i}"))
+    data = (out / shard_name("shard", 0)).read_bytes()
+    gz = tmp_path / "shard.tar.gz"
+    gz.write_bytes(gzip.compress(data))  # far smaller than the tar it holds
+    errors = []
+    recs = list(iter_tar_records(gz, on_error=lambda k, e: errors.append((k, str(e)))))
+    assert [r.key for r in recs] == ["s0", "s1", "s2"] and errors == []
+    gz.write_bytes(gzip.compress(data[:2048]))  # cut at a member boundary, then compressed
+    list(iter_tar_records(gz, on_error=lambda k, e: errors.append((k, str(e)))))
+    assert errors and errors[-1][0] == str(gz) and "truncated" in errors[-1][1]
+
+
 def test_expand_shards(tmp_path):
     for i in range(3):
         (tmp_path / shard_name("shard", i)).write_bytes(b"")

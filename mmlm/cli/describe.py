@@ -23,9 +23,9 @@ examples:
   mmlm describe img/*.png --model DIR --prompt "what color is the star?" --max-new-tokens 8
 
 inputs:
-  PATH is an image file, a folder (searched recursively for jpg/jpeg/png/webp/bmp/gif/tif images
-  and .tar shards), a glob ('**' recurses; quote it to let mmlm expand it), a brace pattern, or a
-  webdataset shard (.tar): each sample's first image, reported as key SHARD#KEY.
+  PATH is an image file, a folder (searched recursively for jpg/jpeg/png/webp/bmp/gif/tif/tiff
+  images and .tar/.tar.gz/.tgz shards), a glob ('**' recurses; quote it to let mmlm expand it), a
+  brace pattern, or a webdataset shard (.tar): each sample's first image, reported as key SHARD#KEY.
   A missing path is an error before anything is loaded or written (exit 2).
 
 output:
@@ -79,6 +79,9 @@ def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
 def generation_config(args):
     """The ``GenerationConfig`` the decoding options ask for (ValueError on bad values)."""
     from mmlm.generation import GenerationConfig
+
+    if any(not s for s in getattr(args, "stop", None) or []):  # "" is in every text: every reply would be empty
+        raise ValueError("--stop must not be empty")
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -162,12 +165,12 @@ def run(args) -> int:
     if out is None and len(sources) == 1 and not sources[0].shard:
         return _describe_one(args, sources[0].path, config)
 
+    done: set = set()
+    if out is not None:
+        done = inference.read_done(out)  # a file that is not ours fails here, before the model loads
     ids = inference.entry_ids(sources)
     vlm, processor = load_model(args)
     prompt_text = processor.config.caption_prompt if args.prompt is None else args.prompt
-    done: set = set()
-    if out is not None:
-        done = inference.read_done(out)
     todo = sum(1 for i in ids if (i, prompt_text) not in done)
     if out is not None and todo < len(ids):
         print(f"{out}: {len(ids) - todo} of {len(ids)} images already described; {todo} to go", file=sys.stderr)

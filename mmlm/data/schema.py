@@ -407,10 +407,10 @@ def iter_tar_samples(
 ) -> Iterator[tuple[str, dict[str, bytes], SchemaError | None]]:
     """Yield ``(key, {ext: bytes}, error)`` for each run of consecutive members sharing a key.
 
-    Streams the tar (``tarfile`` stream mode); non-file members are skipped. ``error`` is a
-    :class:`SchemaError` when a member of the sample has no extension, is duplicated, or is larger
-    than ``max_member_size`` (such a member is not read), else ``None`` (see
-    :func:`group_tar_members`). A truncated or unreadable tar raises ``tarfile.TarError``/``OSError``
+    Streams the tar (``tarfile`` stream mode; gzip/bz2/xz-compressed tars too); non-file members
+    are skipped. ``error`` is a :class:`SchemaError` when a member of the sample has no extension,
+    is duplicated, or is larger than ``max_member_size`` (such a member is not read), else ``None``
+    (see :func:`group_tar_members`). A truncated or unreadable tar raises ``tarfile.TarError``/``OSError``
     from the iteration (a tar cut at a member boundary is detected by its missing end-of-archive
     block; the last sample is then not yielded).
     """
@@ -421,9 +421,11 @@ def iter_tar_samples(
                 yield _with_schema_error(*last)
             last = group  # held back until the end-of-archive check
         end = tar.offset
+        # bytes of the (decompressed) tar stream read so far: compressed shards (.tar.gz) too
+        read = tar.fileobj.tell()
     # tarfile ends quietly when a file stops exactly at a header boundary: require the
     # end-of-archive zero block so that a shard cut at a 512-byte boundary is not taken as whole
-    if os.path.getsize(path) < end + tarfile.BLOCKSIZE:
+    if read < end + tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"{os.fspath(path)} is truncated (no end-of-archive marker)")
     if last is not None:
         yield _with_schema_error(*last)
