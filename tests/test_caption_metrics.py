@@ -78,6 +78,31 @@ def test_equal_to_cocoevalcap(tmp_path, monkeypatch):
     for m in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"):
         assert point[m] == pytest.approx(ours.metrics[m], rel=1e-12, abs=1e-15), m
     assert point["METEOR"] == pytest.approx(np.mean([ours.per_item[i]["METEOR"] for i in REFS]))
+    # ... and the runner's rows carry METEOR's corpus/segment-mean ratio, so its intervals and
+    # paired tests are centred on the corpus METEOR that metrics.json reports (not the segment mean)
+    from mmlm.evaluation.benchmarks import CAPTION_FORMAT, Benchmark, Item
+    from mmlm.evaluation.bootstrap import bootstrap_ci
+    from mmlm.evaluation.scoring import score, stat_spec
+
+    items = [Item(id=str(i), image=None, prompt=None, references=tuple(REFS[i])) for i in REFS]
+    bench = Benchmark("coco", "caption", "caption", items, CAPTION_FORMAT)
+    result = score(bench, {str(i): PREDS[i] for i in REFS}, tokenizer="ptb", skip_metrics=["SPICE"])
+    assert result.metrics["METEOR"] == official.eval["METEOR"]
+    assert result.metrics["METEOR"] != pytest.approx(point["METEOR"])  # the segment mean differs
+    for spec in (result.spec, stat_spec("caption", json.loads(json.dumps(result.rows)))):
+        assert spec.point()["METEOR"] == pytest.approx(official.eval["METEOR"], rel=1e-12)
+    lo, hi = bootstrap_ci(result.spec, 200, seed=0)["METEOR"]
+    assert lo <= official.eval["METEOR"] <= hi
+    # --compare against a run written before rows carried the ratio: derived from its metrics.json
+    from mmlm.evaluation.scoring import compare_runs
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"scoring": "caption", "METEOR": official.eval["METEOR"]}))
+    (old / "per_item.jsonl").write_text("".join(
+        json.dumps({**r, "stats": {"bleu": r["stats"]["bleu"]}}) + "\n" for r in result.rows))
+    same = compare_runs(result.rows, "caption", old, n_resamples=50)["metrics"]["METEOR"]
+    assert same["a"] == pytest.approx(official.eval["METEOR"]) and same["delta"] == pytest.approx(0, abs=1e-12)
 
     # the pure-Python tokenizer agrees with the Java PTBTokenizer on these captions
     java = cm.tokenize({i: REFS[i] + [PREDS[i]] for i in REFS}, "ptb")

@@ -272,6 +272,15 @@ def test_vizwiz_textvqa_gqa_pope_and_vqa_shards(tmp_path, patch_model):
     assert cli("vqa", "--benchmark", "textvqa", "--model", str(model_dir(tmp_path)), "--annotations", str(tv),
                "--images", str(images), "--out", str(out)) == 0
     assert load(out / "metrics.json")["overall"] == 80.0  # (1.0 + 0.6) / 2
+    # TextVQA's own rule (EvalAI processing of the raw answers too): "the dog" matches "A dog"
+    tv.write_text(json.dumps({"data": [
+        {"question_id": 7, "question": "what is it?", "image_id": "im0", "answers": answers10("the dog")},
+    ]}))
+    out = tmp_path / "textvqa-raw"
+    assert cli("vqa", "--benchmark", "textvqa", "--model", str(model_dir(tmp_path)), "--annotations", str(tv),
+               "--images", str(images), "--out", str(out)) == 0
+    m = load(out / "metrics.json")
+    assert m["overall"] == 100.0 and m["accuracy_rule"].startswith("TextVQA")
 
     # GQA: {qid: {imageId, question, answer, types}} -> [{questionId, prediction}]
     gqa = tmp_path / "gqa.json"
@@ -352,6 +361,27 @@ def test_resume_after_interruption(tmp_path):
     assert sum(calls3) == 7
 
 
+def test_cache_of_other_data_files_is_not_reused(tmp_path):
+    """POPE's random/popular/adversarial files number their questions alike: a rerun into the same
+    --out with another file must not take the first file's answers from the cache."""
+    images = tmp_path / "imgs"
+    png(images / "im0.jpg", 0)
+    files = {}
+    for name, question in (("random", "is there a cat in the image?"), ("adversarial", "is there a dog in the image?")):
+        files[name] = tmp_path / f"coco_pope_{name}.json"
+        row = {"question_id": 1, "image": "im0.jpg", "text": question, "label": "no"}
+        files[name].write_text(json.dumps(row) + "\n")
+    answers = {"is there a cat in the image?": "No", "is there a dog in the image?": "Yes"}
+    out = tmp_path / "pope"
+    bench = load_benchmark("vqa", "pope", questions=files["random"], images=images)
+    assert runner.evaluate(bench, fake_predict(answers), out, progress=False, n_resamples=0)["accuracy"] == 1.0
+    bench = load_benchmark("vqa", "pope", questions=files["adversarial"], images=images)
+    with pytest.raises(runner.EvalError, match="different run.*data"):
+        runner.evaluate(bench, fake_predict(answers), out, progress=False, n_resamples=0)
+    assert runner.evaluate(bench, fake_predict(answers), out, progress=False, n_resamples=0,
+                           resume=False)["accuracy"] == 0.0
+
+
 def test_bad_images_are_skipped_and_counted(tmp_path):
     q, a, images, gold = vqav2_files(tmp_path, n=4)
     (images / f"COCO_val2014_{1:012d}.jpg").write_bytes(b"not a png")
@@ -403,6 +433,70 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
                "--images", str(images), "--out", str(tmp_path / "o"), "--compile", "--num-beams", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not beam search" in err[0] and not (tmp_path / "o").exists()
+    # a model on VQAv2 annotations without the questions file would caption the images, not answer
+    assert cli("vqa", "--benchmark", "vqav2", "--model", str(model_dir(tmp_path)), "--annotations", str(a),
+               "--images", str(images), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--questions FILE is needed" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_wrong_shapes_and_mismatched_files_are_one_line_errors(tmp_path, capsys):
+    q, a, images, _ = vqav2_files(tmp_path, n=3)
+    preds = tmp_path / "p.json"
+    preds.write_text(json.dumps([{"question_id": 1000 + i, "answer": "red"} for i in range(3)]))
+
+    def fails(*argv: str, match: str) -> None:
+        out = tmp_path / "o"
+        assert cli(*argv, "--out", str(out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and match in err[0], err
+        assert not (out / "metrics.json").exists()
+
+    # annotations of another split: no question_id in common is an error, not "nothing scored"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"annotations": [dict(x, question_id=x["question_id"] + 10**6)
+                                                 for x in load(a)["annotations"]]}))
+    fails("vqa", "--benchmark", "vqav2", "--predictions", str(preds), "--questions", str(q),
+          "--annotations", str(other), match="no annotation for any question_id")
+    # "answers" as a string would be scored as one answer per character
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": [dict(x, answers="red") for x in load(a)["annotations"]]}))
+    fails("vqa", "--benchmark", "vqav2", "--predictions", str(preds), "--questions", str(q),
+          "--annotations", str(bad), match="'answers' must be a list")
+    bad.write_text(json.dumps([{"image": "x.jpg", "question": "q?", "answers": "red"}]))
+    fails("vqa", "--benchmark", "vizwiz", "--predictions", str(preds), "--annotations", str(bad),
+          match="'answers' must be a list")
+    # entries that are not objects
+    bad.write_text(json.dumps({"123": "what?"}))
+    fails("vqa", "--benchmark", "gqa", "--predictions", str(preds), "--questions", str(bad),
+          match="expected a question object")
+    bad.write_text(json.dumps({"images": [1, 2]}))
+    fails("caption", "--benchmark", "coco-karpathy", "--predictions", str(preds), "--annotations", str(bad),
+          match="expected an object")
+    # POPE files merged without renumbering: a repeated question_id would take another's answer
+    bad.write_text("".join(json.dumps({"question_id": 1, "image": "x.jpg", "text": t, "label": "no"}) + "\n"
+                           for t in ("is there a cat?", "is there a dog?")))
+    fails("vqa", "--benchmark", "pope", "--predictions", str(preds), "--questions", str(bad),
+          match="question_id 1 occurs more than once")
+    bad.write_bytes(b"\xff\xfe{}")
+    fails("vqa", "--benchmark", "pope", "--predictions", str(preds), "--questions", str(bad), match="bad.json")
+
+
+def test_bad_compare_fails_before_any_work(tmp_path, capsys):
+    q, a, images, gold = vqav2_files(tmp_path, n=3)
+    bench = load_benchmark("vqa", "vqav2", questions=q, annotations=a, images=images)
+    calls: list[int] = []
+    out = tmp_path / "out"
+    with pytest.raises(runner.EvalError, match="no such metrics file"):
+        runner.evaluate(bench, fake_predict(gold, calls), out, progress=False, compare=tmp_path / "nope.json")
+    assert calls == [] and not out.exists()  # nothing predicted, nothing written
+    # a compare that fails late (no common items) leaves no per_item.jsonl without its metrics.json
+    runner.evaluate(bench, fake_predict(gold), tmp_path / "a", progress=False, n_resamples=0)
+    rows = (tmp_path / "a" / "per_item.jsonl").read_text().replace('"id": "10', '"id": "x10')
+    (tmp_path / "a" / "per_item.jsonl").write_text(rows)
+    with pytest.raises(runner.EvalError, match="no item ids in common"):
+        runner.evaluate(bench, fake_predict(gold), out, progress=False, compare=tmp_path / "a")
+    assert not (out / "per_item.jsonl").exists() and not (out / "metrics.json").exists()
 
 
 def test_callback_logs_metrics(tmp_path, monkeypatch):

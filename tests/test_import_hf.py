@@ -102,6 +102,9 @@ def test_refuses_what_mmlm_cannot_represent(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     rc = main(["import", "hf", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert rc == 2 and "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # transformers would ask for a model_type key in a config.json that is not there
+    rc = main(["import", "hf", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert rc == 2 and "has no config.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["import", "export"])

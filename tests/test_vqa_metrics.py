@@ -90,6 +90,29 @@ def test_few_answers_use_exact_match():
         vm.vqa_accuracy("x", [])
 
 
+def test_textvqa_accuracy_processes_the_answers_too():
+    # TextVQA's answers are raw annotator text: EvalAI's processor runs on them as on the prediction
+    assert vm.evalai_normalize("The Beatles?") == "beatles"
+    assert vm.evalai_normalize("Man's Hat, 1,000") == "man 's hat 1000"
+    assert vm.textvqa_accuracy("the beatles", ["the beatles"] * 10) == 1.0  # VQAv2's rule: 0.0
+    assert vm.textvqa_accuracy("two", ["two"] * 10) == 1.0
+    assert vm.textvqa_accuracy("Coca-Cola", ten(("coca cola", 2), ("Coca-Cola", 1), ("pepsi", 7))) == pytest.approx(0.9)
+    assert vm.textvqa_accuracy("pepsi", ten(("coca cola", 3), ("pepsi", 7))) == 1.0
+    assert vm.textvqa_accuracy("fanta", ten(("coca cola", 3), ("pepsi", 7))) == 0.0
+    assert vm.textvqa_accuracy("The Beatles", ["beatles"]) == 1.0  # few answers: exact match
+    with pytest.raises(ValueError):
+        vm.textvqa_accuracy("x", [])
+
+
+def test_vizwiz_accuracy_compares_the_answers_as_written():
+    # VizWiz's evaluation never runs processPunctuation on the human answers
+    assert vm.vizwiz_accuracy("coca-cola", ten(("coca-cola", 4), ("pepsi", 6))) == 0.0  # VQAv2's rule: 1.0
+    assert vm.vizwiz_accuracy("coca cola", ten(("coca cola", 4), ("pepsi", 6))) == 1.0
+    assert vm.vizwiz_accuracy("Blue.", ten(("blue", 2), ("unanswerable", 8))) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        vm.vizwiz_accuracy("x", [])
+
+
 def test_vqa_report_rounds_like_the_official_code():
     accs = [1.0, 0.3, 0.6, 0.0, 1 / 3]
     groups = [

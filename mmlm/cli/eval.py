@@ -48,7 +48,9 @@ benchmarks and files:
   shards        --shards 'data/vqa-{000000..000003}.tar' (samples with "question"/"answers")
 
 metrics: VQA accuracy as the official vqaEval.py (answer normalization; mean over the 10 leave-one-out
-  subsets of min(#matches/3, 1)) in percent: overall, perAnswerType, perQuestionType; GQA: exact match;
+  subsets of min(#matches/3, 1)) in percent: overall, perAnswerType, perQuestionType; TextVQA and VizWiz
+  with their own official answer processing (TextVQA: EvalAI's, on the answers too; VizWiz: answers as
+  written); GQA: exact match;
   POPE: accuracy, precision, recall, f1, yes_ratio (fractions) and overall (accuracy, percent).
   Submission files: VQAv2/OK-VQA/TextVQA/shards [{question_id, answer}], VizWiz [{image, answer}],
   GQA [{questionId, prediction}], POPE jsonl {question_id, prompt, text}.
@@ -290,6 +292,7 @@ def run(args) -> int:
                                         "max_new_tokens": args.max_new_tokens, "compile": args.compile}
             if task == "vqa":
                 provenance["prompt_suffix"] = args.prompt_suffix
+            runner.check_run(bench, model=True, compare=args.compare)  # before the (slow) model load
             predict_fn = runner.model_predict_fn(
                 model_dir, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams, compile=args.compile,

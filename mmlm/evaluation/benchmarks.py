@@ -36,14 +36,16 @@ vizwiz           ``--annotations val.json`` (list of {image, question, answers})
 textvqa          ``--annotations TextVQA_0.5.1_val.json`` ({"data": [...]})    ``[{question_id, answer}]``
 gqa              ``--questions testdev_balanced_questions.json`` ({qid: {...}}) ``[{questionId, prediction}]``
 pope             ``--questions coco_pope_*.json`` (jsonl {question_id, image,   jsonl ``{question_id, prompt, text}``
-                 text, label}); several files may be merged beforehand
+                 text, label}); files merged beforehand need unique ids
 shards (vqa)     our tar shards with ``question``/``answers``; id =              ``[{question_id, answer}]``
                  ``question_id`` or the sample key
 ===============  ==========================================================  ====================
 
-Scoring rules: captions -> :mod:`.caption_metrics`; vqav2/okvqa/vizwiz/textvqa/shards -> official
-VQA accuracy; gqa -> exact match (+ ``perAnswerType`` open/binary as GQA's eval, structural and
-semantic types); pope -> POPE's yes/no metrics (+ ``perCategory`` when the file has ``category``).
+Scoring rules: captions -> :mod:`.caption_metrics`; vqav2/okvqa/shards -> official VQA accuracy;
+textvqa, vizwiz -> their own official variants of it (``vqa_metrics.textvqa_accuracy``,
+``vizwiz_accuracy``: the same leave-one-out rule, other answer processing); gqa -> exact match
+(+ ``perAnswerType`` open/binary as GQA's eval, structural and semantic types); pope -> POPE's
+yes/no metrics (+ ``perCategory`` when the file has ``category``).
 
 Bad input raises :class:`BenchmarkError` (a ``ValueError``) with a one-line reason naming the file.
 Writes go through :func:`atomic_write_text` (temporary file + ``os.replace``).
@@ -171,7 +173,10 @@ def _read_json_or_jsonl(path: str | os.PathLike | None, what: str) -> list[Any]:
     p = Path(path)
     if not p.is_file():
         raise BenchmarkError(f"{what} not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BenchmarkError(f"{p}: not UTF-8 text") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -281,6 +286,14 @@ def load_benchmark(
         if name in ("vqav2", "okvqa"):
             items = _take(_vqav2(name, questions, annotations, images, suffix, notices), limit)
             bench = Benchmark(name, "vqa", "vqa", items, VQA_FORMAT, notices, sources)
+            missing = sum(1 for it in items if not it.references)
+            if annotations is not None and questions is not None and items and missing == len(items):
+                raise BenchmarkError(
+                    f"{annotations}: no annotation for any question_id of {questions}"
+                    f"{' (first ' + str(len(items)) + ' questions)' if limit is not None else ''}; "
+                    "are the questions and annotations files of the same split?")
+            if annotations is not None and missing:
+                notices.append(f"{missing} question(s) have no annotation and are not scored")
         elif name == "vizwiz":
             items = _take(_vizwiz(annotations, questions, images, suffix), limit)
             bench = Benchmark(name, "vqa", "vqa", items, VIZWIZ_FORMAT, notices, sources)
@@ -300,6 +313,13 @@ def load_benchmark(
         raise BenchmarkError(f"unknown task {task!r} (expected caption or vqa)")
     if not bench.items:
         raise BenchmarkError(f"{name}: no items to evaluate (check the files, --split and --limit)")
+    seen: set[str] = set()
+    for it in bench.items:  # predictions are keyed by id: a repeated id would be scored with another's answer
+        if it.id in seen:
+            key = bench.submission.key_field
+            raise BenchmarkError(f"{name}: {key} {it.id} occurs more than once in the input; ids must be unique "
+                                 "(files merged from several splits, e.g. POPE's, need distinct ids)")
+        seen.add(it.id)
     return bench
 
 

@@ -31,8 +31,11 @@ Per-item statistics (for confidence intervals and paired tests, see :mod:`.boots
     corpus score is exactly the mean of the item scores, so a resample mean is cheap and the
     interval is centred on the reported value).
   * ``ROUGE_L``, ``SPICE``: the corpus score is the mean of the item scores (exact).
-  * ``METEOR``: the corpus score aggregates alignment statistics; intervals use the mean of the
-    per-segment scores (an approximation, noted in metrics.json).
+  * ``METEOR``: the corpus score aggregates alignment statistics, so it is not the mean of the
+    per-segment scores (on ordinary data the mean is markedly higher). Intervals and paired tests
+    use the mean of the per-segment scores rescaled by ``corpus / mean`` of the full run (the
+    per-item ``stats.meteor_scale``), so they are centred on the reported METEOR and a comparison
+    shows each run's reported value (an approximation, noted in metrics.json).
 
 Breakdowns (e.g. nocaps ``perDomain``): each subset is re-scored as its own corpus with BLEU,
 ROUGE_L, CIDEr (document frequencies of the subset, like the official nocaps evaluation) and the
@@ -430,9 +433,11 @@ _MEAN_METRICS = ("METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 def caption_stat_spec(rows: Sequence[Mapping[str, Any]]) -> StatSpec:
     """Build the :class:`StatSpec` for caption metrics from per-item rows
-    ``{"scores": {metric: x}, "stats": {"bleu": [10 numbers]}}`` (the per_item.jsonl rows).
+    ``{"scores": {metric: x}, "stats": {"bleu": [10 numbers], "meteor_scale": s}}`` (the
+    per_item.jsonl rows).
 
-    Metrics present in every row's ``scores`` are included (means); BLEU comes from the stats.
+    Metrics present in every row's ``scores`` are included (means; METEOR's segment scores times
+    ``meteor_scale`` when the rows have it, see the module docstring); BLEU comes from the stats.
     """
     means = [m for m in _MEAN_METRICS if rows and all(m in (r.get("scores") or {}) for r in rows)]
     has_bleu = bool(rows) and all(len((r.get("stats") or {}).get("bleu", ())) == 10 for r in rows)
@@ -442,7 +447,8 @@ def caption_stat_spec(rows: Sequence[Mapping[str, Any]]) -> StatSpec:
         vals = [1.0]
         if has_bleu:
             vals.extend(float(x) for x in r["stats"]["bleu"])
-        vals.extend(float(r["scores"][m]) for m in means)
+        scale = float((r.get("stats") or {}).get("meteor_scale") or 1.0)
+        vals.extend(float(r["scores"][m]) * (scale if m == "METEOR" else 1.0) for m in means)
         values[i] = vals
     off = 1 + (10 if has_bleu else 0)
 

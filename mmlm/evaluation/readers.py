@@ -30,6 +30,25 @@ from mmlm.evaluation.benchmarks import (
 )
 
 
+def _answers(entry: dict, where: str) -> tuple[str, ...]:
+    """An entry's human answers: ``answers`` is a list of ``{"answer": ...}`` objects or strings
+    (absent or null: none); anything else is a :class:`BenchmarkError` (a string would otherwise
+    be read as one answer per character)."""
+    raw = entry.get("answers")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BenchmarkError(f"{where}: 'answers' must be a list, got {type(raw).__name__}")
+    out = []
+    for j, a in enumerate(raw):
+        if isinstance(a, dict):
+            a = _require(a, "answer", f"{where}: answers[{j}]")
+        elif not isinstance(a, str):
+            raise BenchmarkError(f"{where}: answers[{j}] must be a string or an object with 'answer'")
+        out.append(str(a))
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- caption readers
 
 
@@ -45,6 +64,8 @@ def _karpathy(name: str, annotations, images, split: str | None, caption_prompt)
     seen: set[str] = set()
     for i, e in enumerate(entries):
         where = f"{annotations}: images[{i}]"
+        if not isinstance(e, dict):
+            raise BenchmarkError(f"{where}: expected an object, got {type(e).__name__}")
         if split != "all" and e.get("split") != split:
             continue
         filename = _require(e, "filename", where)
@@ -174,15 +195,12 @@ def _vqav2(name, questions, annotations, images, suffix, notices) -> Iterator[It
         sub = qdata.get("data_subtype")
         subtypes = [sub] if sub else ["val2014", "test2015", "train2014"]
     root = Path(images) if images else None
-    missing = 0
     for i, q in enumerate(qlist):
         where = f"{questions}: questions[{i}]"
         qid = _require(q, "question_id", where)
         image_id = q.get("image_id")
         a = anns.get(qid)
-        if anns and a is None:
-            missing += 1
-        refs = tuple(str(x.get("answer", "")) if isinstance(x, dict) else str(x) for x in (a or {}).get("answers", []))
+        refs = _answers(a, f"{annotations}: question_id {qid}") if a else ()
         groups = {"perQuestionType": a.get("question_type"), "perAnswerType": a.get("answer_type")} if a else {}
         path = None
         if root is not None and image_id is not None:
@@ -192,8 +210,6 @@ def _vqav2(name, questions, annotations, images, suffix, notices) -> Iterator[It
             id=str(qid), image=path, prompt=vqa_prompt(question, suffix) if question else None,
             references=refs, question=question, groups=groups, meta={"question_id": qid, "image_id": image_id},
         )
-    if missing:
-        notices.append(f"{missing} question(s) have no annotation and are not scored")
 
 
 def _vizwiz(annotations, questions, images, suffix) -> Iterator[Item]:
@@ -206,7 +222,7 @@ def _vizwiz(annotations, questions, images, suffix) -> Iterator[Item]:
         where = f"{path_}[{i}]"
         image = _require(e, "image", where)
         question = str(_require(e, "question", where))
-        refs = tuple(str(a.get("answer", "")) if isinstance(a, dict) else str(a) for a in e.get("answers") or [])
+        refs = _answers(e, where)
         groups = {"perAnswerType": e.get("answer_type")} if e.get("answer_type") else {}
         yield Item(
             id=str(image), image=str(root / image) if root else None, prompt=vqa_prompt(question, suffix),
@@ -229,7 +245,7 @@ def _textvqa(annotations, questions, images, suffix) -> Iterator[Item]:
         path = _first_existing([root / f"{image_id}.jpg", root / str(image_id)]) if root else None
         yield Item(
             id=str(qid), image=path, prompt=vqa_prompt(question, suffix),
-            references=tuple(str(a) for a in e.get("answers") or []), question=question,
+            references=_answers(e, where), question=question,
             meta={"question_id": qid, "image_id": image_id},
         )
 
@@ -243,6 +259,9 @@ def _gqa(questions, annotations, images, suffix, notices) -> Iterator[Item]:
     unbalanced = 0
     for qid, q in data.items():
         where = f"{path_}: {qid}"
+        if not isinstance(q, dict):
+            raise BenchmarkError(f"{where}: expected a question object, got {type(q).__name__} "
+                                 "(not a GQA questions file?)")
         if q.get("isBalanced") is False:
             unbalanced += 1
             continue

@@ -13,7 +13,8 @@ Files in ``out_dir`` (every final file written atomically: temporary name, then 
 * ``predictions.cache.jsonl`` - append-only cache; first line ``{"fingerprint": {...}}``, then
   one ``{"id", "prediction"}`` line per item, flushed and fsync-ed after every batch. A rerun
   with the same fingerprint skips the ids already there (an interrupted run resumes); a
-  different fingerprint (other model/prompt/generation settings) is refused unless
+  different fingerprint (other model/prompt/generation settings, other data files: the
+  benchmark's annotation/question files and image folder, as absolute paths) is refused unless
   ``resume=False``, which starts the cache afresh. A torn last line is dropped.
 * ``predictions.json`` (``predictions.jsonl`` for POPE) - the submission file (model mode).
 * ``per_item.jsonl`` - ``{"id", "prediction", "scores", "stats", "groups"}`` per scored item:
@@ -40,7 +41,8 @@ run with :class:`EvalError`. Greedy decoding is the default of :func:`model_pred
 
 Layout
 ------
-This module keeps only the orchestration (:func:`evaluate`) and ``COMPARISON_NAME``; the rest
+This module keeps only the orchestration (:func:`evaluate`, with :func:`check_run`, the checks it
+makes before any work) and ``COMPARISON_NAME``; the rest
 lives in modules that each do one thing and is re-exported here (see ``__all__``), so
 ``from mmlm.evaluation.runner import ...`` and ``runner.X`` keep working:
 
@@ -91,6 +93,7 @@ from .scoring import (
     _score_pope,
     _score_vqa,
     compare_runs,
+    load_compared_run,
     score,
     stat_spec,
 )
@@ -107,7 +110,9 @@ __all__ = [
     "score",
     "stat_spec",
     "evaluate",
+    "check_run",
     "compare_runs",
+    "load_compared_run",
     "model_predict_fn",
     "resolve_device",
     # private helpers moved to .prediction / .scoring, re-exported so old imports keep resolving
@@ -130,6 +135,23 @@ COMPARISON_NAME = "comparison.json"
 
 
 # --------------------------------------------------------------------------- evaluate
+
+
+def check_run(bench: Benchmark, *, model: bool, compare: str | os.PathLike | None = None) -> None:
+    """What :func:`evaluate` checks before any work (the CLI calls it before loading a model):
+    a model run needs every item's image and, for VQA, its question (a ``None`` prompt would mean
+    the checkpoint's caption prompt: the model would caption instead of answer); ``compare`` must
+    name a readable run scored with the same rule. Raises :class:`EvalError`."""
+    if model:
+        if any(it.image is None for it in bench.items):
+            raise EvalError(f"--images DIR is needed to run a model on {bench.name}")
+        if bench.task == "vqa" and any(it.prompt is None for it in bench.items):
+            raise EvalError(f"--questions FILE is needed to run a model on {bench.name} "
+                            "(the annotations hold no question text)")
+    if compare is not None:
+        if not bench.has_references:
+            raise EvalError("--compare needs a scored run (this benchmark has no references)")
+        load_compared_run(compare, bench.scoring)
 
 
 def evaluate(
@@ -158,6 +180,7 @@ def evaluate(
     """
     if (predict_fn is None) == (predictions_path is None):
         raise EvalError("give exactly one of a model (predict_fn) or --predictions FILE")
+    check_run(bench, model=predict_fn is not None, compare=compare)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notices = list(bench.notices)
@@ -165,9 +188,10 @@ def evaluate(
     skipped_items: dict[str, str] = {}
 
     if predict_fn is not None:
-        if any(it.image is None for it in bench.items):
-            raise EvalError(f"--images DIR is needed to run a model on {bench.name}")
-        fp = {"benchmark": bench.name, "task": bench.task, **dict(fingerprint or {})}
+        # the data files belong to the run too: the same ids in other files (POPE's random/popular/
+        # adversarial files all number their questions from 1) must not reuse cached answers
+        data = {k: (v if k == "shards" else os.path.abspath(v)) for k, v in sorted(bench.sources.items())}
+        fp = {"benchmark": bench.name, "task": bench.task, "data": data, **dict(fingerprint or {})}
         preds, skipped_items = predict(
             bench.items, predict_fn, batch_size=batch_size, cache_path=out / CACHE_NAME, fingerprint=fp,
             resume=resume, progress=progress, max_bad_fraction=max_bad_fraction, desc=f"eval {bench.name}",
@@ -226,15 +250,18 @@ def evaluate(
         report.update(result.info)
         if result.skipped_metrics:
             report["skipped_metrics"] = dict(result.skipped_metrics)
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows)
-        atomic_write_text(out / PER_ITEM_NAME, text)
-        files["per_item"] = PER_ITEM_NAME
 
     comparison = None
     if compare is not None:
         if result is None:
             raise EvalError("--compare needs a scored run (this benchmark has no references)")
         comparison = compare_runs(result.rows, bench.scoring, compare, n_resamples=n_resamples, seed=seed)
+    # the result files last, after everything that can fail: per_item.jsonl, comparison.json, metrics.json
+    if result is not None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows)
+        atomic_write_text(out / PER_ITEM_NAME, text)
+        files["per_item"] = PER_ITEM_NAME
+    if comparison is not None:
         atomic_write_json(out / COMPARISON_NAME, comparison)
         files["comparison"] = COMPARISON_NAME
 

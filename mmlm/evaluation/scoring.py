@@ -15,7 +15,8 @@ It raises :class:`EvalError` when no item has both a prediction and references.
 intervals (breakdowns stratified by group, none for caption breakdowns) and
 :func:`_bootstrap_note` the matching method notes; :func:`compare_runs` runs the paired bootstrap
 against another run's ``metrics.json`` (:data:`METRICS_NAME`) and the per-item file it names
-(default :data:`PER_ITEM_NAME`), pairing items by id. Nothing here generates predictions or
+(default :data:`PER_ITEM_NAME`), pairing items by id; :func:`load_compared_run` reads and checks
+that run (the runner calls it up front). Nothing here generates predictions or
 writes files; see :mod:`.prediction` and :mod:`.runner`.
 """
 
@@ -36,7 +37,7 @@ from .bootstrap import MetricKey, StatSpec, bootstrap_ci, nest, paired_bootstrap
 from .caption_metrics import caption_stat_spec, score_captions
 from .errors import EvalError
 
-__all__ = ["ScoreResult", "PER_ITEM_NAME", "METRICS_NAME", "score", "stat_spec", "compare_runs"]
+__all__ = ["ScoreResult", "PER_ITEM_NAME", "METRICS_NAME", "score", "stat_spec", "compare_runs", "load_compared_run"]
 
 PER_ITEM_NAME = "per_item.jsonl"
 METRICS_NAME = "metrics.json"
@@ -97,12 +98,23 @@ def stat_spec(scoring: str, rows: Sequence[Mapping[str, Any]]) -> StatSpec:
     raise ValueError(f"unknown scoring {scoring!r}")
 
 
+# benchmarks whose official evaluation has its own variant of the VQA accuracy (see .vqa_metrics)
+_VQA_RULES = {
+    "textvqa": (vm.textvqa_accuracy, "TextVQA's official accuracy (EvalAI answer processing of the prediction "
+                                     "and every answer, leave-one-out min(#matches/3, 1))"),
+    "vizwiz": (vm.vizwiz_accuracy, "VizWiz-VQA's official accuracy (normalized prediction vs the answers as "
+                                   "written, leave-one-out min(#matches/3, 1))"),
+}
+
+
 def _score_vqa(bench: Benchmark, items: list[Item], preds: Mapping[str, str]) -> ScoreResult:
+    accuracy, rule = _VQA_RULES.get(bench.name, (vm.vqa_accuracy, "official VQA accuracy (leave-one-out "
+                                                                  "min(#matches/3, 1))"))
     rows = []
     accs = []
     for it in items:
         pred = preds[it.id]
-        acc = vm.vqa_accuracy(pred, it.references) if bench.scoring == "vqa" else vm.exact_match(pred, it.references)
+        acc = accuracy(pred, it.references) if bench.scoring == "vqa" else vm.exact_match(pred, it.references)
         accs.append(acc)
         rows.append({"id": it.id, "prediction": pred, "scores": {"accuracy": acc}, "groups": dict(it.groups)})
     metrics = vm.vqa_report(accs, [r["groups"] for r in rows], ndigits=_VQA_DIGITS)
@@ -110,7 +122,7 @@ def _score_vqa(bench: Benchmark, items: list[Item], preds: Mapping[str, str]) ->
     if bench.scoring == "vqa":
         n_soft = sum(len(it.references) >= vm.MIN_SOFT_ANSWERS for it in items)
         info["accuracy_rule"] = (
-            f"official VQA accuracy (leave-one-out min(#matches/3, 1)) for {n_soft} item(s) with >= "
+            f"{rule} for {n_soft} item(s) with >= "
             f"{vm.MIN_SOFT_ANSWERS} answers; exact match after normalization for {len(items) - n_soft} item(s)"
         )
     else:
@@ -147,9 +159,13 @@ def _score_caption(items: list[Item], preds: Mapping[str, str], tokenizer: str, 
     refs = {it.id: list(it.references) for it in items}
     groups = {it.id: dict(it.groups) for it in items if it.groups}
     res = score_captions(refs, {k: preds[k] for k in refs}, tokenizer=tokenizer, skip=skip, groups=groups or None)
+    extra: dict[str, float] = {}
+    if "METEOR" in res.metrics:  # corpus METEOR / mean segment METEOR (see .caption_metrics)
+        mean = float(np.mean([res.per_item[it.id]["METEOR"] for it in items]))
+        extra["meteor_scale"] = res.metrics["METEOR"] / mean if mean > 0 else 1.0
     rows = [
         {"id": it.id, "prediction": preds[it.id], "scores": res.per_item[it.id],
-         "stats": {"bleu": res.bleu_stats[it.id]}, "groups": dict(it.groups)}
+         "stats": {"bleu": res.bleu_stats[it.id], **extra}, "groups": dict(it.groups)}
         for it in items
     ]
     metrics: dict[str, Any] = dict(res.metrics)
@@ -228,7 +244,8 @@ def _bootstrap_note(scoring: str, n_resamples: int, seed: int) -> dict[str, Any]
     if scoring == "caption":
         note["notes"] = ("Bleu_n recomputed exactly from per-item n-gram statistics; CIDEr with document "
                          "frequencies of the full reference set held fixed; METEOR interval from the mean "
-                         "of per-segment scores (approximation); no intervals for breakdowns")
+                         "of per-segment scores rescaled to the corpus METEOR (approximation); no intervals "
+                         "for breakdowns")
     else:
         note["notes"] = "breakdown intervals resample within each group (stratified)"
     return note
@@ -249,6 +266,39 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def load_compared_run(other_metrics: str | os.PathLike, scoring: str) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """The run that ``--compare`` names: (its metrics.json, its per-item file, its per-item rows).
+    Raises :class:`EvalError` when the file is missing or invalid, was scored with another rule
+    or has no per-item scores (the runner calls it before any work, so a bad ``--compare`` fails
+    first, not after predicting and scoring)."""
+    mpath = Path(other_metrics)
+    if mpath.is_dir():
+        mpath = mpath / METRICS_NAME
+    if not mpath.is_file():
+        raise EvalError(f"--compare: no such metrics file: {mpath}")
+    try:
+        other = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalError(f"--compare: {mpath} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(other, dict) or other.get("scoring") != scoring:
+        got = other.get("scoring") if isinstance(other, dict) else None
+        raise EvalError(f"--compare: {mpath} was scored with {got!r}, this run with {scoring!r}")
+    per_item = mpath.parent / ((other.get("files") or {}).get("per_item") or PER_ITEM_NAME)
+    if not per_item.is_file():
+        raise EvalError(f"--compare: per-item scores not found: {per_item}")
+    rows = _read_rows(per_item)
+    if not all(isinstance(r, dict) and "id" in r for r in rows):
+        raise EvalError(f"--compare: {per_item} is not a per-item scores file (rows without 'id')")
+    meteor = other.get("METEOR")
+    if scoring == "caption" and isinstance(meteor, (int, float)) and rows and \
+            all("METEOR" in (r.get("scores") or {}) and "meteor_scale" not in (r.get("stats") or {}) for r in rows):
+        # a run written before rows carried METEOR's corpus/segment-mean ratio: derive it from its metrics.json
+        mean = float(np.mean([r["scores"]["METEOR"] for r in rows]))
+        for r in rows:
+            r.setdefault("stats", {})["meteor_scale"] = meteor / mean if mean > 0 else 1.0
+    return mpath, per_item, rows
+
+
 def compare_runs(
     rows_a: Sequence[Mapping[str, Any]],
     scoring: str,
@@ -264,21 +314,8 @@ def compare_runs(
     ``metrics[name] = {a, b, delta, ci, p_value, resamples}`` (a = this run). Per-item CIDEr
     values carry the document frequencies of the run they come from, so compare runs made on
     the same item set (same ``--limit``) for an exact CIDEr pairing."""
-    mpath = Path(other_metrics)
-    if mpath.is_dir():
-        mpath = mpath / METRICS_NAME
-    if not mpath.is_file():
-        raise EvalError(f"--compare: no such metrics file: {mpath}")
-    try:
-        other = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"--compare: {mpath} is not valid JSON ({e.msg})") from None
-    if other.get("scoring") != scoring:
-        raise EvalError(f"--compare: {mpath} was scored with {other.get('scoring')!r}, this run with {scoring!r}")
-    per_item = mpath.parent / ((other.get("files") or {}).get("per_item") or PER_ITEM_NAME)
-    if not per_item.is_file():
-        raise EvalError(f"--compare: per-item scores not found: {per_item}")
-    rows_b = {r["id"]: r for r in _read_rows(per_item)}
+    mpath, per_item, rows = load_compared_run(other_metrics, scoring)
+    rows_b = {r["id"]: r for r in rows}
     common = [r for r in rows_a if r["id"] in rows_b]
     if not common:
         raise EvalError(f"--compare: no item ids in common with {per_item}")

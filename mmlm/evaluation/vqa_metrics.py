@@ -20,6 +20,15 @@ Contract
   Items with fewer than :data:`MIN_SOFT_ANSWERS` answers (single-reference data such as GQA-style
   shards) cannot reach 1.0 under that rule, so they are scored by exact match of the normalized
   prediction against any normalized answer instead (documented deviation for non-VQA-style data).
+* Two benchmarks have their own official variant of that rule (same leave-one-out, other answer
+  processing; the same exact-match fallback for fewer answers):
+  :func:`textvqa_accuracy` is TextVQA's evaluator (EvalAI / pythia ``TextVQAAccuracyEvaluator``, as
+  LLaVA and lmms-eval score TextVQA): prediction *and* every human answer go through
+  :func:`evalai_normalize` (``EvalAIAnswerProcessor``: lower-case, drop ``,`` and ``?``, ``'s`` ->
+  `` 's``, then the punctuation/digit/article steps), since TextVQA's answers are raw annotator text
+  ("the beatles" must match "The Beatles"); :func:`vizwiz_accuracy` is the VizWiz-VQA evaluation
+  (``VQAEval`` of the VizWiz challenge): the prediction is normalized as above, the human answers
+  are compared as written (no ``processPunctuation``, even when they disagree).
 * :func:`vqa_report` aggregates per-item accuracies into the official ``overall``,
   ``perQuestionType`` and ``perAnswerType`` (percent, ``round(..., 2)``, the official arithmetic).
 * :func:`pope_answer` maps free text to ``"yes"``/``"no"`` exactly like POPE's ``evaluate.py``
@@ -50,6 +59,9 @@ __all__ = [
     "process_digit_article",
     "normalize_answer",
     "vqa_accuracy",
+    "evalai_normalize",
+    "textvqa_accuracy",
+    "vizwiz_accuracy",
     "exact_match",
     "vqa_report",
     "pope_answer",
@@ -169,14 +181,51 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     if len(answers) < MIN_SOFT_ANSWERS:
         return exact_match(prediction, answers)
-    res = normalize_answer(prediction)
     gts = list(answers)
     if len(set(gts)) > 1:
         gts = [process_punctuation(a) for a in gts]
+    return _leave_one_out(normalize_answer(prediction), gts)
+
+
+def _leave_one_out(res: str, gts: Sequence[str]) -> float:
+    """Mean over the leave-one-out subsets (drop answer *i*) of ``min(#matches / 3, 1)``."""
     matches = [a == res for a in gts]
     total = sum(matches)
     accs = [min(1.0, float(total - m) / 3) for m in matches]
     return float(sum(accs)) / len(accs)
+
+
+def evalai_normalize(text: str) -> str:
+    """Port of ``EvalAIAnswerProcessor.__call__`` (TextVQA's evaluator): lower-case, remove ``,``
+    and ``?``, ``'s`` -> `` 's``, strip; then :func:`normalize_answer`'s steps. (Its comma regex
+    differs from :data:`COMMA_STRIP`, but no comma is left by then, so neither ever matches.)"""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_answer(text)
+
+
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA's official accuracy (0..1): :func:`evalai_normalize` on the prediction and on
+    every human answer, then the leave-one-out average of ``min(matches/3, 1)``. Fewer than
+    :data:`MIN_SOFT_ANSWERS` answers: exact match after that normalization."""
+    if not answers:
+        raise ValueError("textvqa_accuracy needs at least one reference answer")
+    res = evalai_normalize(prediction)
+    gts = [evalai_normalize(a) for a in answers]
+    if len(gts) < MIN_SOFT_ANSWERS:
+        return 1.0 if res in gts else 0.0
+    return _leave_one_out(res, gts)
+
+
+def vizwiz_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VizWiz-VQA's official accuracy (0..1): the prediction normalized as in
+    :func:`vqa_accuracy`, the human answers compared as written (the VizWiz evaluation never
+    processes them), leave-one-out average of ``min(matches/3, 1)``. Fewer than
+    :data:`MIN_SOFT_ANSWERS` answers: :func:`exact_match`."""
+    if not answers:
+        raise ValueError("vizwiz_accuracy needs at least one reference answer")
+    if len(answers) < MIN_SOFT_ANSWERS:
+        return exact_match(prediction, answers)
+    return _leave_one_out(normalize_answer(prediction), list(answers))
 
 
 def exact_match(prediction: str, answers: Sequence[str] | str) -> float:

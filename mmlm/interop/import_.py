@@ -112,6 +112,8 @@ def import_hf(source: str | Path, out: str | Path | None = None, *, chat_templat
     source = str(source)
     if not Path(source).is_dir() and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"LLaVA checkpoint directory not found: {source}")
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(f"{source} has no config.json: not a transformers LLaVA checkpoint directory")
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     plan = _import_plan(config)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
