@@ -110,6 +110,15 @@ def test_export_timm_tower_converted_to_transformers(tmp_path, layout):
     assert plan["vision_hf"]["model_type"] == f"{layout}_vision_model"
     export_hf((vlm, proc), tmp_path / "hf")
     assert_same_as_transformers(vlm, proc, tmp_path / "hf", picture(seed=8), check_text=False)
+    # a from-scratch LM's config holds its class's default ids (Llama: eos 2, here <image>): the export's
+    # text config carries the tokenizer's instead, as its generation config does
+    import json
+
+    text_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["text_config"]
+    stops = proc.stop_token_ids
+    assert text_cfg["eos_token_id"] == (stops if len(stops) > 1 else stops[0])
+    assert text_cfg["bos_token_id"] == proc.tokenizer.bos_token_id
+    assert vlm.config.image_token_id not in stops
 
 
 def test_refuses_what_llava_cannot_represent(tmp_path, capsys):

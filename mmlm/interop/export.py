@@ -33,7 +33,8 @@ Decisions worth knowing:
   installed transformers (which keeps the original-format names for compatibility). LLaVA ties
   ``lm_head`` to ``language_model.embed_tokens``; an LM with tied embeddings under another name
   (GPT-2's ``wte``) is exported untied, with ``lm_head`` an equal copy (same logits).
-- Generation: the export's ``generation_config`` stops on mmlm's stop tokens (eos + end-of-turn).
+- Generation: the export's ``generation_config`` and ``text_config`` stop on mmlm's stop tokens (eos +
+  end-of-turn) and carry the tokenizer's bos/pad ids, not the LM class's defaults.
 - Image processors: ``squash`` -> CLIPImageProcessor resizing to (S, S); ``crop`` -> shorter side
   to floor(S / crop_pct) + centre crop S; ``pad`` -> LlavaImageProcessor with ``do_pad``.
   transformers resizes with torchvision, mmlm with PIL: the same geometry, up to resampling
@@ -370,8 +371,13 @@ def to_llava(vlm, processor=None, plan: dict | None = None, dtype: torch.dtype |
     plan = plan or check_exportable(vlm)
     text_config = copy.deepcopy(vlm.lm.config)
     text_config.vocab_size = vlm.lm.get_input_embeddings().num_embeddings
-    if processor is not None and processor.tokenizer.pad_token_id is not None:
-        text_config.pad_token_id = processor.tokenizer.pad_token_id
+    if processor is not None:  # the tokenizer's special ids, not the LM class's defaults (Llama's eos 2 can
+        # be any token of a from-scratch vocabulary; mmlm's own tokenizers have <image> there)
+        stops = processor.stop_token_ids
+        text_config.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
+        text_config.bos_token_id = processor.tokenizer.bos_token_id
+        if processor.tokenizer.pad_token_id is not None:
+            text_config.pad_token_id = processor.tokenizer.pad_token_id
     vhf = {k: v for k, v in plan["vision_hf"].items() if k not in ("architectures", "transformers_version")}
     vision_config = AutoConfig.for_model(vhf.pop("model_type"), **vhf)
     tensors, act = _projector_as_llava(vlm.projector, plan["text_dim"])
@@ -415,8 +421,7 @@ def to_llava(vlm, processor=None, plan: dict | None = None, dtype: torch.dtype |
     llava.eval()
     if processor is not None:
         gen = llava.generation_config
-        stops = processor.stop_token_ids
-        gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
+        gen.eos_token_id = text_config.eos_token_id
         gen.pad_token_id = processor.tokenizer.pad_token_id
         if processor.tokenizer.bos_token_id is not None:
             gen.bos_token_id = processor.tokenizer.bos_token_id
