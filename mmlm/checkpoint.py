@@ -1,6 +1,7 @@
 """Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ the processor's files).
 
-- ``save_vlm`` / ``save_pretrained`` write atomically (see ``mmlm.io.atomic_dir``).
+- ``save_vlm`` / ``save_pretrained`` write atomically (see ``mmlm.io.atomic_dir``); a VLM whose LM
+  still carries (peft) LoRA adapters is refused: merge them first.
 - ``load_vlm`` rebuilds the model from ``config.json`` alone (pretrained flags are turned
   off: the weights come from the safetensors file, nothing is downloaded) and loads the
   weights strictly. Pickle-based weight files are refused, never unpickled; no remote code runs.
@@ -30,6 +31,9 @@ class UnsafeCheckpointError(ValueError):
 def _write_model(vlm, directory: Path) -> None:
     from safetensors.torch import save_model
 
+    if type(vlm.lm).__module__.startswith("peft."):  # its keys (base_model.model..., lora_A) match no config
+        raise ValueError("the LM carries LoRA adapters: merge them first (mmlm.training.freeze.merge_lora); "
+                         "a checkpoint holds the plain weights that config.json rebuilds")
     cfg = {"format": FORMAT, "mmlm_version": FORMAT_VERSION, **vlm.config.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     save_model(vlm, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -60,6 +60,13 @@ class ImageTransformConfig:
             raise ValueError(f"unknown resize_kernel {self.resize_kernel!r}; known: {list(RESIZE_KERNELS)}")
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std take one value per RGB channel (3 each), got mean={list(self.mean)}, "
+                             f"std={list(self.std)}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"std must be > 0 per channel, got {list(self.std)}")
+        if not self.crop_pct > 0:
+            raise ValueError(f"crop_pct must be > 0, got {self.crop_pct}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +126,17 @@ class VisionConfig:
     image_transform: dict = field(default_factory=dict)
     """Overrides of the encoder's image transform (mean, std, interpolation, resize_mode,
     crop_pct); backend ``hf`` records its checkpoint's preprocessing here."""
+
+    def __post_init__(self) -> None:
+        if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown vision resize_mode {self.resize_mode!r}; known: {list(RESIZE_MODES)} "
+                             "(or None: from the encoder's pretrained config)")
+        if not isinstance(self.image_transform, dict):
+            raise TypeError(f"vision image_transform: expected a mapping, got {type(self.image_transform).__name__}")
+        known = [f.name for f in dataclasses.fields(ImageTransformConfig)]
+        unknown = sorted(set(self.image_transform) - set(known))
+        if unknown:
+            raise ValueError(f"vision image_transform: unknown key(s) {unknown}; known keys: {sorted(known)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "VisionConfig":
@@ -210,8 +228,26 @@ class VLMConfig:
 
     def updated(self, **overrides: Any) -> "VLMConfig":
         """A copy with overrides; sub-configs take dicts that are merged key by key,
-        e.g. ``cfg.updated(image_token_id=5, text={"hf_config": {"vocab_size": 512}})``."""
+        e.g. ``cfg.updated(image_token_id=5, text={"hf_config": {"vocab_size": 512}})``.
+
+        Except where a merge would mix two architectures: an ``hf_config`` whose ``model_type`` differs
+        from the current one replaces it whole (a Llama preset's ``hidden_size``/``num_hidden_layers``
+        would otherwise override a GPT-2's ``n_embd``/``n_layer`` through transformers' attribute map),
+        and a ``text.name`` of another LM without an ``hf_config`` clears it, so the architecture comes
+        from that LM (``TextConfig.hf_config``: "filled from name when empty"), not from the preset's."""
         data = self.to_dict()
+        for part in ("vision", "text"):
+            new = overrides.get(part)
+            if dataclasses.is_dataclass(new) and not isinstance(new, type):
+                new = dataclasses.asdict(new)
+            if not isinstance(new, dict):
+                continue
+            old = data[part]
+            new_hf = new.get("hf_config")
+            if isinstance(new_hf, dict) and new_hf.get("model_type") not in (None, old["hf_config"].get("model_type")):
+                old["hf_config"] = {}
+            elif part == "text" and new.get("name") and new["name"] != old["name"] and "hf_config" not in new:
+                old["hf_config"] = {}
         deep_merge(data, overrides)
         return VLMConfig.from_dict(data)
 

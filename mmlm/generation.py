@@ -220,7 +220,14 @@ def _beam_search(vlm, embeds, attention_mask, cfg: GenerationConfig, eos: torch.
                  positions: torch.Tensor | None = None):
     """Beam search through transformers' implementation, on our input embeddings. ``positions`` (B, L):
     the prompt's LM positions when they are not the attention mask's count (shared image positions);
-    transformers 5 extends them by one per new token and copies them per beam."""
+    transformers 5 extends them by one per new token and copies them per beam.
+
+    transformers fills every option not passed from the LM's ``generation_config`` (a pretrained LM's
+    ``generation_config.json``: ``repetition_penalty``, ``no_repeat_ngram_size``, its ``eos_token_id``, ...),
+    which greedy decoding and sampling here never read; the search runs with a default one instead, so
+    that only ``GenerationConfig``'s options and ``eos`` (none: run to ``max_new_tokens``) apply."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
     extra = {}
     if positions is not None:
         import transformers
@@ -229,9 +236,15 @@ def _beam_search(vlm, embeds, attention_mask, cfg: GenerationConfig, eos: torch.
             raise ValueError("beam search for a model with shared image positions needs transformers >= 5 "
                              f"(installed: {transformers.__version__}); use greedy decoding or sampling")
         extra["position_ids"] = positions
-    seqs = vlm.lm.generate(
-        inputs_embeds=embeds, attention_mask=attention_mask, num_beams=cfg.num_beams, do_sample=False,
-        max_new_tokens=cfg.max_new_tokens, eos_token_id=eos.tolist() or None, pad_token_id=pad_token_id,
-        early_stopping=True, **extra,
-    )
+    lm = vlm.lm
+    saved = lm.generation_config
+    lm.generation_config = HFGenerationConfig()
+    try:
+        seqs = lm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, num_beams=cfg.num_beams, do_sample=False,
+            max_new_tokens=cfg.max_new_tokens, eos_token_id=eos.tolist() or None, pad_token_id=pad_token_id,
+            early_stopping=True, **extra,
+        )
+    finally:
+        lm.generation_config = saved
     return seqs  # with inputs_embeds, decoder-only generate returns only the new tokens

@@ -87,8 +87,13 @@ PRESETS: dict[str, Callable[[], VLMConfig]] = {
 }
 
 
+PRESET_ALIASES: dict[str, str] = {"llava-1.5-7b-like": "llava-1.5-7b"}
+"""Other names of presets (the design documents call the LLaVA-1.5 preset ``llava-1.5-7b-like``)."""
+
+
 def get_preset(name: str) -> VLMConfig:
-    """The config of preset ``name``; an unknown name fails with the known ones."""
+    """The config of preset ``name`` (or one of its ``PRESET_ALIASES``); an unknown name fails with the known ones."""
+    name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]()

@@ -9,11 +9,15 @@ Contract:
   after its text (``place_images``).
 - The chat template (Jinja, saved with the model) marks assistant text with
   ``{% generation %}``; labels cover exactly those tokens (answer + end-of-turn), all
-  others are -100. A caption is the assistant's answer to ``caption_prompt``.
+  others are -100. A sample with assistant text none of whose tokens the template marks raises
+  (the template masks every label), naming the sample. A caption is the assistant's answer to
+  ``caption_prompt``.
 - Each ``<image>`` token is expanded to exactly ``num_image_tokens`` copies, the count the
   model produces. A sample longer than ``max_length`` is truncated on the right, but never
   inside (or before the end of) an image span: then it raises ``ImageSpanTruncated`` or, with
-  ``on_overflow="drop"``, ``encode`` returns None. The error names the sample.
+  ``on_overflow="drop"``, ``encode`` returns None. The error names the sample. Generation prompts
+  (``add_generation_prompt``) are never cut: a cut removes the assistant's header, and the model
+  would continue the question instead of answering it (``mmlm chat`` drops old turns instead).
 - Batches are right-padded for training and left-padded for generation.
 - ``pixel_values`` are float32, normalised as the image transform says; ``encode(...,
   pixel_dtype="uint8")`` gives the fitted RGB images as uint8 instead, which the model normalises
@@ -29,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +66,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 DEFAULT_SPECIAL_TOKENS = ["<pad>", "<|end|>", IMAGE_TOKEN, "<|system|>", "<|user|>", "<|assistant|>"]
 
+_GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # {% generation %}, {%- generation -%}, ...
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _PIL_MAJOR = int(PIL.__version__.split(".")[0])
 _TORCH_RESIZE = ("bilinear", "bicubic")  # modes torch resamples as PIL does (antialiased)
@@ -215,6 +221,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512,
 
 def normalize_messages(conversation: Sequence[dict], key: str | None = None) -> list[dict]:
     """LLaVA (``from``/``value``) or chat (``role``/``content``) turns -> chat turns."""
+    if not conversation:
+        raise ValueError(f"{_name(key)}the conversation has no turns")
     out = []
     for i, turn in enumerate(conversation):
         role = turn.get("role", turn.get("from"))
@@ -261,7 +269,7 @@ def place_images(messages: list[dict], num_images: int, key: str | None = None,
     return out
 
 
-def _name(key: str | None) -> str:
+def _name(key: str | int | None) -> str:
     return f"sample {key!r}: " if key is not None else ""
 
 
@@ -316,7 +324,7 @@ class Processor:
             tokenizer.chat_template = chat_template
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        if "{% generation %}" not in tokenizer.chat_template and "{%- generation %}" not in tokenizer.chat_template:
+        if not _GENERATION_MARK.search(tokenizer.chat_template):
             raise ValueError("the chat template must mark assistant text with {% generation %}...{% endgeneration %} "
                              "so that labels cover the assistant's tokens only")
         if config.image_placement not in IMAGE_PLACEMENTS:
@@ -333,9 +341,16 @@ class Processor:
     # ---------------------------------------------------------------- construction / io
     @classmethod
     def for_model(cls, model, tokenizer, chat_template: str | None = None, **config: Any) -> "Processor":
-        """A processor matching ``model``'s image transform and tokens per image."""
+        """A processor matching ``model``'s image transform and tokens per image. The model's
+        ``image_token_id`` must be the tokenizer's ``<image>`` id (else its images would meet no placeholder)."""
         cfg = ProcessorConfig(image_transform=model.image_transform(), num_image_tokens=model.num_image_tokens, **config)
-        return cls(tokenizer, cfg, chat_template)
+        processor = cls(tokenizer, cfg, chat_template)
+        model_id = model.config.image_token_id
+        if model_id != processor.image_token_id:
+            raise ValueError(f"the model's image_token_id={model_id} is not the tokenizer's {IMAGE_TOKEN} id "
+                             f"{processor.image_token_id}: build the model with "
+                             f"image_token_id=tokenizer.convert_tokens_to_ids({IMAGE_TOKEN!r})")
+        return processor
 
     @property
     def chat_template(self) -> str:
@@ -382,25 +397,26 @@ class Processor:
         return messages
 
     def encode(self, conversation: Sequence[dict], images: Sequence[Image.Image] = (), *,
-               add_generation_prompt: bool = False, key: str | None = None, pixel_dtype: str = "float") -> dict | None:
+               add_generation_prompt: bool = False, key: str | int | None = None, pixel_dtype: str = "float") -> dict | None:
         """One sample -> ``{input_ids (L,), labels (L,), pixel_values (n, 3, H, W) | None, num_images}``.
 
         ``pixel_dtype="float"``: pixel values normalised as the image transform says (float32);
         ``"uint8"``: the fitted RGB images, not normalised (the model normalises them on its device,
         see ``mmlm.pixels``; what the training data pipeline sends). Returns None only when the
-        sample overflows into an image span and on_overflow="drop".
+        sample overflows into an image span and on_overflow="drop". Errors name the sample by ``key``
+        (``__call__`` passes each sample's index in the batch).
         """
         check_pixel_dtype(pixel_dtype)
         messages = self._with_system(place_images(normalize_messages(conversation, key), len(images), key,
                                                   self.config.image_placement))
-        enc = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
-            return_assistant_tokens_mask=not add_generation_prompt,
-        )
-        ids = list(enc["input_ids"])
-        mask = [0] * len(ids) if add_generation_prompt else enc["assistant_masks"]
-        ids, labels = self._expand_images(ids, [t if m else -100 for t, m in zip(ids, mask)])
-        ids, labels = self._truncate(ids, labels, key)
+        ids, mask = self._tokenize(messages, add_generation_prompt)
+        if not add_generation_prompt and not mask.any() and any(
+                m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise ValueError(f"{_name(key)}the chat template masks every label: none of the assistant's tokens is "
+                             "inside {% generation %}...{% endgeneration %}, so the sample has nothing to learn")
+        ids, labels = self._expand_images(ids, np.where(mask, ids, -100))
+        if not add_generation_prompt:  # a prompt is never cut (see the module docstring)
+            ids, labels = self._truncate(ids, labels, key)
         if ids is None:
             return None
         pixel_values = None
@@ -409,10 +425,41 @@ class Processor:
             pixel_values = torch.stack([to_tensor(im) for im in images])
         return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "num_images": len(images)}
 
-    def _expand_images(self, ids: list[int], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, messages: list[dict], add_generation_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The chat template's rendering of ``messages`` as token ids (L,) and the assistant mask (L,): True
+        at the tokens whose characters overlap a ``{% generation %}`` span (all False for a generation prompt).
+
+        Not transformers' ``return_assistant_tokens_mask``, which maps only a span's first and last
+        characters to tokens: with a tokenizer that trims whitespace from its offsets (GPT-2's), a span
+        that starts with a space (``vicuna_v1``'s ``" " + answer``) maps to no token, and transformers
+        then drops that span and every later one of the sample (no labels, silently); one that ends on
+        such a character labels the rest of the sequence."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        tok = self.tokenizer
+        rendered, spans = render_jinja_template(
+            conversations=[messages], chat_template=tok.get_chat_template(), add_generation_prompt=add_generation_prompt,
+            return_assistant_tokens_mask=not add_generation_prompt, **tok.special_tokens_map,
+        )
+        text = rendered[0]
+        if add_generation_prompt:
+            ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # (L,)
+            return ids, np.zeros(len(ids), dtype=bool)
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"labels need a fast tokenizer (character offsets); got {type(tok).__name__}")
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)  # (L,)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # (L, 2) [start, end)
+        start, end = offsets[:, 0], offsets[:, 1]
+        mask = np.zeros(len(ids), dtype=bool)
+        for lo, hi in spans[0]:  # [lo, hi) characters of one generation span
+            mask |= np.where(end > start, (start < hi) & (end > lo), (start >= lo) & (start < hi))
+        return ids, mask
+
+    def _expand_images(self, ids: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Repeat each image token ``num_image_tokens`` times (labels -100 there): (L,), (L,)."""
         img, n = self.image_token_id, self.config.num_image_tokens
-        ids_a = np.asarray(ids, dtype=np.int64)
+        ids_a = np.asarray(ids, dtype=np.int64)  # (L,)
         is_img = ids_a == img
         repeats = np.where(is_img, n, 1)
         labels_a = np.where(is_img, -100, np.asarray(labels, dtype=np.int64))
@@ -470,11 +517,17 @@ class Processor:
             convs = [[{"role": "user", "content": p}] for p in prompts]
         else:
             convs = [conversations] if conversations and isinstance(conversations[0], dict) else list(conversations)
+        if not convs:
+            raise ValueError("no samples: pass at least one prompt or conversation")
         per_sample = _images_per_sample(images, len(convs))
         generating = text is not None
-        samples = [self.encode(c, ims, add_generation_prompt=generating) for c, ims in zip(convs, per_sample)]
-        if any(s is None for s in samples):
-            raise ImageSpanTruncated("a sample overflows max_length inside an image span")
+        # errors name the sample by its index in the batch
+        samples = [self.encode(c, ims, add_generation_prompt=generating, key=i)
+                   for i, (c, ims) in enumerate(zip(convs, per_sample))]
+        dropped = [i for i, s in enumerate(samples) if s is None]
+        if dropped:
+            raise ImageSpanTruncated(f"sample {dropped[0]}: overflows max_length={self.config.max_length} inside an "
+                                     "image span")
         return self.pad(samples, "left" if generating else "right")
 
     def prompt_inputs(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str | None]) -> dict:

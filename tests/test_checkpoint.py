@@ -72,3 +72,41 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         save_pretrained(tmp_path / "ckpt", vlm, proc)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_model_with_lora_adapters_is_refused_not_saved_unloadable(tmp_path):
+    """peft's wrapper renames every LM weight (base_model.model..., lora_A/B): such a checkpoint matched no
+    config.json and failed only when loaded. (A stand-in for peft, which is optional.)"""
+    vlm, _ = tiny_pair()
+
+    class PeftModelForCausalLM(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.base_model = lm
+
+    PeftModelForCausalLM.__module__ = "peft.peft_model"
+    vlm.lm = PeftModelForCausalLM(vlm.lm)
+    with pytest.raises(ValueError, match=r"the LM carries LoRA adapters: merge them first"):
+        vlm.save_pretrained(tmp_path / "m")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_lm_config_that_records_a_dtype_still_builds_and_loads_in_float32(tmp_path):
+    """A hub LM's config records its weights' dtype ("dtype": "bfloat16"); mmlm keeps that config. The LM
+    was built in bfloat16 from it, so a float32 checkpoint loaded rounded, with other logits."""
+    from _tiny import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(tok)
+    cfg.text.hf_config["dtype"] = "bfloat16"
+    torch.manual_seed(0)
+    vlm = VLM(cfg).eval()
+    assert {p.dtype for p in vlm.parameters()} == {torch.float32}
+    proc = Processor.for_model(vlm, tok, max_length=128)
+    save_pretrained(tmp_path / "m", vlm, proc)
+    again, _ = load(tmp_path / "m", device="cpu", dtype="float32")
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    batch = proc(images=[image()], conversations=[[{"role": "user", "content": "<image>what color?"},
+                                                   {"role": "assistant", "content": "red"}]])
+    with torch.no_grad():
+        assert torch.equal(vlm(**batch).logits, again(**batch).logits)

@@ -63,6 +63,24 @@ def test_beam_search_width_one_is_greedy_and_wider_beams_run(pair):
     assert len(_strip(greedy[0], pad)) >= 1
 
 
+def test_beam_search_ignores_the_lm_s_own_generation_config():
+    """A pretrained LM's generation_config.json (repetition penalty, n-gram blocking, its own eos) must not
+    reach mmlm's beam search, as it never reaches greedy decoding: only GenerationConfig's options apply."""
+    vlm, proc = tiny_pair()
+    # a model that repeats one token: what n-gram blocking would change
+    vlm.lm.lm_head.register_forward_hook(lambda mod, args, out: out.index_fill(-1, torch.tensor([45]), 100.0))
+    clean = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=6, num_beams=2)
+    gc = vlm.lm.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.eos_token_id = 5.0, 1, 45
+    assert torch.equal(_gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=6, num_beams=2), clean)
+    assert clean.shape == (3, 6) and (clean == 45).all()
+    assert vlm.lm.generation_config is gc and gc.no_repeat_ngram_size == 1  # put back as it was
+    # no eos given: run to max_new_tokens, as greedy decoding does (not the LM's eos)
+    batch = proc(images=IMAGES[:1], text=PROMPTS[:1])
+    assert generate(vlm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                    num_images=batch["num_images"], max_new_tokens=4, num_beams=2).shape == (1, 4)
+
+
 def test_sampling_is_seeded_and_top_p_small_is_greedy(pair):
     vlm, proc = pair
     a = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)

@@ -74,6 +74,25 @@ def test_pixel_shuffle_reduces_tokens_and_processor_matches():
     torch.testing.assert_close(y[:, 0], torch.cat([grid[:, 0, 0], grid[:, 0, 1], grid[:, 1, 0], grid[:, 1, 1]], -1))
 
 
+def test_a_grid_pixel_shuffle_cannot_merge_fails_when_the_model_is_built():
+    """Not at the first forward, after the processor was made with P // r^2 tokens per image."""
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"square patch grid whose side is divisible by pixel_shuffle_factor=3, "
+                                         r"got 16 patches"):
+        VLM(tiny_config(tok, projector="pixel_shuffle", factor=3))
+    with pytest.raises(ValueError, match=r"factor=2, got 17 patches \(class/register tokens count"):
+        VLM(tiny_config(tok, projector="pixel_shuffle").updated(vision={"drop_prefix_tokens": False}))
+
+
+def test_processor_for_a_model_with_another_image_token_id_fails():
+    from mmlm import Processor
+
+    tok = tiny_tokenizer()
+    vlm = VLM(tiny_config(tok).updated(image_token_id=5))
+    with pytest.raises(ValueError, match=r"the model's image_token_id=5 is not the tokenizer's <image> id 2"):
+        Processor.for_model(vlm, tok)
+
+
 @pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "pixel_shuffle"])
 def test_position_embedding_adds_one_learned_vector_per_image_token(projector):
     tok = tiny_tokenizer()
@@ -120,8 +139,50 @@ def test_unknown_names_list_the_known_ones():
         VLM(tiny_config(tok, projector="nope"))
     with pytest.raises(ValueError, match="unknown preset 'huge'; known:"):
         get_preset("huge")
+    assert get_preset("llava-1.5-7b-like") == get_preset("llava-1.5-7b")  # DESIGN.md's name for it
     with pytest.raises(ValueError, match="unknown key"):
         tiny_config(tok).updated(vision={"widht": 3})
+
+
+def test_bad_image_settings_fail_in_the_config_and_list_the_known_values():
+    """They used to pass the config and the model build and fail later: a resize mode when the processor
+    was made, an image_transform key as a bare TypeError, a 2-value mean or a zero std at normalisation."""
+    from mmlm.config import ImageTransformConfig, VisionConfig
+
+    with pytest.raises(ValueError, match=r"unknown vision resize_mode 'fit'; known: \['squash', 'crop', 'pad'\]"):
+        get_preset("tiny").updated(vision={"resize_mode": "fit"})
+    with pytest.raises(ValueError, match=r"image_transform: unknown key\(s\) \['meen'\]; known keys: \['crop_pct', "):
+        get_preset("tiny").updated(vision={"image_transform": {"meen": [0.5, 0.5, 0.5]}})
+    assert VisionConfig(image_transform={"mean": [0.4, 0.4, 0.4], "resize_kernel": "pil"}).resize_mode is None
+    with pytest.raises(ValueError, match=r"3 each\), got mean=\[0.5, 0.5\]"):
+        ImageTransformConfig(size=8, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"std must be > 0 per channel, got \[0.0, 0.5, 0.5\]"):
+        ImageTransformConfig(size=8, std=(0, 0.5, 0.5))
+
+
+def test_an_lm_of_another_family_replaces_the_preset_s_architecture(tmp_path):
+    """Overrides merge key by key, but not two architectures: the tiny preset's Llama keys (hidden_size=128,
+    3 layers) used to reach a GPT-2 hf_config through transformers' attribute map."""
+    tok = tiny_tokenizer()
+    iid = tok.convert_tokens_to_ids("<image>")
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": len(tok), "n_positions": 256}
+    vlm = VLM.from_preset("tiny", image_token_id=iid, text={"hf_config": gpt2})
+    assert vlm.config.text.hf_config == gpt2
+    assert (vlm.lm.config.n_embd, vlm.lm.config.n_layer, vlm.lm.config.n_positions) == (64, 2, 256)
+    # the same family still merges (the README's vocabulary override)
+    assert get_preset("tiny").updated(text={"hf_config": {"model_type": "llama", "vocab_size": 300}}).text.hf_config[
+        "hidden_size"] == 128
+    # another LM by name: its architecture comes from it, not from the preset's hf_config
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, vocab_size=len(tok))).save_pretrained(tmp_path)
+    cfg = get_preset("small").updated(text={"name": str(tmp_path)})
+    assert cfg.text.hf_config == {} and cfg.text.name == str(tmp_path)
+    vlm = VLM(cfg.updated(image_token_id=iid, vision={"name": None, "width": 32, "depth": 2, "num_heads": 2,
+                                                      "image_size": 32}))
+    assert vlm.lm.config.model_type == "qwen2" and vlm.config.text.hf_config["hidden_size"] == 64
+    assert get_preset("small").updated(text={"name": None}).text.hf_config["model_type"] == "llama"
 
 
 def test_feature_layer_and_prefix_tokens():

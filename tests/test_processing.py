@@ -50,6 +50,50 @@ def test_labels_multi_turn_with_system_prompt(pair):
     assert "You are a helpful assistant." in text and "how many shapes" in text
 
 
+def _gpt2_style_tokenizer():
+    """A byte-level BPE tokenizer like GPT-2's tokenizer.json: its offsets are trimmed of whitespace
+    (``ByteLevel(trim_offsets=True)``), so a leading space belongs to no token's offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from _tiny import CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def test_labels_of_answers_that_start_with_a_space_and_a_tokenizer_that_trims_offsets():
+    """vicuna_v1 labels " answer</s>" (the space belongs to the answer). transformers' assistant mask maps the
+    span's first character, a space, to a token; GPT-2-style offsets give it none, and every label was lost."""
+    from mmlm.processing import Processor, ProcessorConfig
+    from mmlm.templates import TEMPLATES
+
+    proc = Processor(_gpt2_style_tokenizer(), ProcessorConfig(ImageTransformConfig(size=32), num_image_tokens=2),
+                     TEMPLATES["vicuna_v1"].template)
+    conv = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "<image>\nwhat color is the star?"}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "how many shapes are there?"}, {"role": "assistant", "content": "two"}]
+    enc = proc.encode(conv, [image()])
+    runs, prev = [], False
+    for i, flag in enumerate((enc["labels"] != -100).tolist()):
+        if flag and not prev:
+            runs.append([])
+        if flag:
+            runs[-1].append(int(enc["input_ids"][i]))
+        prev = flag
+    assert [proc.tokenizer.decode(r) for r in runs] == [" red<|endoftext|>", " two<|endoftext|>"]
+    assert torch.equal(enc["labels"][enc["labels"] != -100], enc["input_ids"][enc["labels"] != -100])
+    # the generation prompt is the training text's prefix up to the answer
+    gen = proc.encode(conv[:2], [image()], add_generation_prompt=True)["input_ids"]
+    assert torch.equal(enc["input_ids"][: gen.numel()], gen)
+
+
 def test_caption_is_the_answer_to_the_caption_prompt(pair):
     _, proc = pair
     enc = proc.encode(proc.caption_conversation("a small red star"), [image()])
@@ -65,6 +109,62 @@ def test_image_placement_rules(pair):
     assert enc["pixel_values"].shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"sample 'k1': 2 <image> placeholder\(s\) in the text but 1 image"):
         proc.encode([{"role": "user", "content": "<image><image>hi"}], [image()], key="k1")
+
+
+def test_batch_errors_name_the_sample(pair):
+    from dataclasses import replace
+
+    from mmlm.processing import Processor
+
+    _, proc = pair
+    ok = [{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]
+    with pytest.raises(ValueError, match=r"^sample 1: 1 <image> placeholder\(s\) in the text but 2 image\(s\)$"):
+        proc(images=[[image()], [image(), image()]], conversations=[ok, ok])
+    long = [{"role": "user", "content": "what color is the star? " * 30 + "<image>"}, ok[1]]
+    with pytest.raises(ImageSpanTruncated, match=r"^sample 2: .* inside an image span"):
+        proc(images=[image(), image(), image()], conversations=[ok, ok, long])
+    dropping = Processor(proc.tokenizer, replace(proc.config, on_overflow="drop"))
+    with pytest.raises(ImageSpanTruncated, match=r"^sample 1: overflows max_length=128 inside an image span$"):
+        dropping(images=[image(), image()], conversations=[ok, long])
+    with pytest.raises(ValueError, match=r"^sample 1: 2 <image> placeholder\(s\) in the text but 1 image\(s\)$"):
+        proc(images=[image(), image()], text=["what?", "<image> or <image>?"])
+    with pytest.raises(ValueError, match=r"^sample 1: the conversation has no turns$"):
+        proc(conversations=[ok[1:], []])
+    with pytest.raises(ValueError, match=r"^no samples: pass at least one prompt or conversation$"):
+        proc(conversations=[])
+
+
+def test_a_template_that_masks_every_label_raises_naming_the_sample():
+    from mmlm.processing import DEFAULT_CHAT_TEMPLATE, Processor
+
+    _, proc = tiny_pair()
+    marks_nothing = DEFAULT_CHAT_TEMPLATE.replace(
+        "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}",
+        "{{ message['content'] + '<|end|>' }}{% generation %}{% endgeneration %}")
+    assert marks_nothing != DEFAULT_CHAT_TEMPLATE
+    bad = Processor(proc.tokenizer, proc.config, marks_nothing)
+    conv = [{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]
+    with pytest.raises(ValueError, match=r"^sample 's3': the chat template masks every label"):
+        bad.encode(conv, [image()], key="s3")
+    with pytest.raises(ValueError, match=r"^sample 0: the chat template masks every label"):
+        bad(images=[image()], conversations=[conv])
+    # prompts and conversations without assistant text have no label to lose
+    assert bad.encode(conv[:1], [image()], add_generation_prompt=True) is not None
+    assert bad.encode(conv[:1] + [{"role": "assistant", "content": " "}], [image()]) is not None
+
+
+def test_generation_marks_with_whitespace_control_are_accepted():
+    from mmlm.processing import Processor
+
+    _, proc = tiny_pair()  # its own tokenizer: a Processor sets the tokenizer's template
+    template = proc.chat_template.replace("{% generation %}", "{%- generation -%}").replace(
+        "{% endgeneration %}", "{%- endgeneration -%}")
+    assert "{% generation %}" not in template and "{%- generation %}" not in template
+    other = Processor(proc.tokenizer, proc.config, template)
+    enc = other.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}])
+    assert _labelled_text(other, enc) == "red<|end|>"
+    with pytest.raises(ValueError, match="must mark assistant text"):
+        Processor(proc.tokenizer, proc.config, template.replace("generation", "block"))
 
 
 def test_place_images_after_text():
@@ -141,6 +241,21 @@ def test_truncation_never_cuts_an_image_span():
         proc.encode(conv, [image()], key="s7")
     proc.config.on_overflow = "drop"
     assert proc.encode(conv, [image()]) is None
+
+
+def test_a_generation_prompt_longer_than_max_length_is_not_cut():
+    """Cut on the right, a prompt loses the assistant's header: the model would continue the question."""
+    vlm, proc = tiny_pair()
+    proc.config.max_length = 24
+    question = "how many shapes are there? " * 4
+    batch = proc(images=[image(), image()], text=["what color?", question])
+    assert batch["input_ids"].shape[1] > 24
+    assert proc.tokenizer.convert_ids_to_tokens(batch["input_ids"][:, -1].tolist()) == ["<|assistant|>"] * 2
+    assert (batch["input_ids"] == proc.image_token_id).sum(dim=1).tolist() == [16, 16]
+    assert question.strip() in proc.tokenizer.decode(batch["input_ids"][1])
+    # training samples are still cut at max_length
+    enc = proc.encode([{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": question}], [image()])
+    assert enc["input_ids"].numel() == 24
 
 
 def test_left_padding_for_generation(pair):
@@ -355,8 +470,9 @@ def _old_encode(proc, conversation, images, add_generation_prompt=False, key=Non
         else:
             out_ids.append(t)
             out_labels.append(lab)
-    ids, labels = proc._truncate(torch.tensor(out_ids, dtype=torch.long),
-                                 torch.tensor(out_labels, dtype=torch.long), key)
+    ids, labels = torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_labels, dtype=torch.long)
+    if not add_generation_prompt:  # generation prompts are never cut (the cut would remove the assistant header)
+        ids, labels = proc._truncate(ids, labels, key)
     if ids is None:
         return None
     tf = proc.image_transform

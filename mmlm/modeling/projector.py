@@ -91,6 +91,11 @@ class PixelShuffleProjector(Projector):
         if cfg.pixel_shuffle_factor < 1:
             raise ValueError(f"pixel_shuffle_factor must be >= 1, got {cfg.pixel_shuffle_factor}")
         self.factor = cfg.pixel_shuffle_factor
+        side = math.isqrt(num_patches)
+        if side * side != num_patches or side % self.factor:
+            raise ValueError(f"pixel_shuffle needs a square patch grid whose side is divisible by "
+                             f"pixel_shuffle_factor={self.factor}, got {num_patches} patches (class/register tokens "
+                             "count unless vision.drop_prefix_tokens)")
         super().__init__(cfg, text_dim, num_patches)
         hidden = cfg.hidden_dim or text_dim
         self.linear_1 = nn.Linear(vision_dim * self.factor**2, hidden)

@@ -3,7 +3,8 @@
 ``resolve_text_config`` fills ``TextConfig.hf_config`` from ``name`` when it is empty, so
 that a saved model carries its whole architecture and rebuilds offline. ``build_language_model``
 makes the ``AutoModelForCausalLM``: pretrained weights from ``name`` when asked, random init
-from ``hf_config`` otherwise. Remote code is never run.
+from ``hf_config`` otherwise; in float32 either way, whatever dtype the config records (cast the
+VLM, or ``mmlm.load(dtype=...)``). Remote code is never run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def hf_config_object(cfg: TextConfig):
         model_type = data.pop("model_type", None)
         if not model_type:
             raise ValueError("text.hf_config needs a 'model_type' (e.g. 'llama', 'qwen2', 'gpt2')")
-        for key in ("architectures", "transformers_version", "_name_or_path"):
+        # dtype: a hub LM's config records the dtype of its weights file (bfloat16, float16); built from it,
+        # the LM would be that dtype, and a float32 checkpoint would load into it rounded
+        for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
             data.pop(key, None)
         return AutoConfig.for_model(model_type, **data)
     if cfg.name:
@@ -51,4 +54,5 @@ def build_language_model(cfg: TextConfig) -> nn.Module:
             attn_implementation=cfg.attn_implementation, trust_remote_code=False, dtype=torch.float32,
         )
     config = hf_config_object(cfg)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=False)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=False,
+                                            dtype=torch.float32)
