@@ -59,6 +59,9 @@ def test_import_then_export_gives_the_original(tmp_path):
     vlm, proc = load(tmp_path / "mmlm", device="cpu", dtype="float32")
     cfg = json.loads((tmp_path / "mmlm" / "config.json").read_text())
     assert cfg["vision"]["backend"] == "hf" and cfg["vision"]["feature_layer"] == -2
+    hfv = cfg["vision"]["hf_config"]  # the geometry fields show the tower's, not the timm defaults
+    assert (cfg["vision"]["width"], cfg["vision"]["num_heads"]) == (hfv["hidden_size"], hfv["num_attention_heads"])
+    assert cfg["vision"]["depth"] == hfv["num_hidden_layers"]
     mine = proc(images=[image], text=["what color is the star?"])
     assert mine["input_ids"].tolist() == inputs["input_ids"].tolist()  # vicuna_v1, chosen from the template
     torch.testing.assert_close(mine["pixel_values"], inputs["pixel_values"], rtol=0, atol=1e-5)

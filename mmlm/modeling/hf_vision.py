@@ -62,6 +62,10 @@ def record_hf_vision(cfg: VisionConfig, hf: dict, transform: dict | None = None)
         cfg.image_transform = transform
     cfg.image_size = int(hf["image_size"])
     cfg.patch_size = int(hf["patch_size"])
+    # the geometry fields mirror the tower's, so that config.json does not show the timm defaults
+    for field, key in (("width", "hidden_size"), ("depth", "num_hidden_layers"), ("num_heads", "num_attention_heads")):
+        if key in hf:
+            setattr(cfg, field, int(hf[key]))
 
 
 def config_object(data: dict):
