@@ -380,14 +380,16 @@ def test_truncated_answers_are_too_long_but_unlabelled_templates_pass(tmp_path):
     (b,) = list(loader(VLMStream(sources, proc, PadCollate(proc), StreamConfig(split="eval", max_bad_fraction=None),
                                  rank=0, world_size=1)))
     assert b["keys"] == ["short"] and b["skipped"] == {"too_long": 1}
-    # a template that labels nothing is not a data error: the samples go on (the trainer's preflight says why)
+    # a template that labels nothing: the processor refuses each sample, naming the template (encode_error; the
+    # trainer's preflight stops such a run before it reads data)
     from mmlm.processing import DEFAULT_CHAT_TEMPLATE
 
     masking = DEFAULT_CHAT_TEMPLATE.replace("{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}",
                                             "{% generation %}{% endgeneration %}{{ message['content'] + '<|end|>' }}")
     proc = Processor(tiny_tokenizer(), make_processor(max_length=256).config, chat_template=masking)
-    (b,) = list(loader(VLMStream(sources, proc, PadCollate(proc), StreamConfig(split="eval"), rank=0, world_size=1)))
-    assert b["keys"] == ["short", "long"] and (b["labels"] == -100).all() and not b["skipped"]
+    with pytest.raises(DataErrorBudgetExceeded, match=r"encode_error=2; last: 'long'.*masks every label"):
+        list(loader(VLMStream(sources, proc, PadCollate(proc), StreamConfig(split="eval", max_bad=1), rank=0,
+                              world_size=1)))
 
 
 def test_question_pattern_keeps_the_matching_questions_and_the_images():
@@ -446,3 +448,25 @@ def test_question_pattern_in_the_stream_skips_records_without_a_match(tmp_path, 
         for ids, row in zip(b["input_ids"], b["labels"]):
             assert proc.tokenizer.decode(row[row != -100]) == "left<|end|>"
             assert (ids == proc.image_token_id).sum() == proc.config.num_image_tokens  # the image stayed
+
+
+def test_training_stream_with_nothing_the_sample_mode_selects_stops_instead_of_searching_forever(tmp_path, proc,
+                                                                                             monkeypatch):
+    """Every record is filtered (no_target: caption shards, sample_mode vqa, or a question_pattern that matches
+    nothing): the endless training stream used to read on forever without a batch or a word."""
+    import mmlm.data.stages as stages
+
+    write_caption_shards(tmp_path, 1, 8)
+    monkeypatch.setattr(stages, "MAX_FILTERED_IN_A_ROW", 200)
+    stream = VLMStream(resolve_sources(str(tmp_path)), proc, PadCollate(proc),
+                       StreamConfig(split="train", batch_size=2, sample_mode="vqa"), rank=0, world_size=1)
+    with pytest.raises(DataErrorBudgetExceeded, match=r"no training sample .* in 200 records in a row: every one "
+                                                       r"was skipped as no_target .*sample_mode='vqa'"):
+        next(iter(loader(stream)))
+    # a filter that lets one record in 8 through trains as before
+    write_tar(tmp_path / "q-000000.tar", [(f"q{i}", {"png": png(), "json": json.dumps(
+        {"question": "what is it?", "answers": ["a star"]})}) for i in range(1)])
+    stream = VLMStream(resolve_sources(str(tmp_path)), proc, PadCollate(proc),
+                       StreamConfig(split="train", batch_size=2, sample_mode="vqa"), rank=0, world_size=1)
+    batches = list(itertools.islice(iter(loader(stream)), 3))
+    assert all(k.startswith("q") for k in keys_of(batches)) and total_skipped(batches)["no_target"] > 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 from PIL import Image
 
@@ -97,3 +99,91 @@ def test_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
         bar._update_metrics(SimpleNamespace(training=True, sanity_checking=False, global_step=step), None)
     bar._update_metrics(SimpleNamespace(training=False, sanity_checking=False, global_step=31), None)  # validation end
     assert reads == [10, 20, 30, 31]
+
+
+def test_best_checkpoints_are_ranked_by_their_own_step_s_validation(tmp_path):
+    """Checkpoint and validation every 2 steps: best-step=N.ckpt is scored by the validation after step N
+    (Lightning's ModelCheckpoint saved before it and used the previous validation's val/loss)."""
+    import torch
+
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--checkpoint.save_top_k", "-1", steps=4)) == 0
+    val = read_metrics(run)["val/loss"]  # logged at the step index of the last batch (N - 1)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
+    (scores,) = [s["best_k_models"] for k, s in state.items() if k.startswith("ModelCheckpoint")]
+    assert sorted(Path(p).name for p in scores) == ["best-step=2.ckpt", "best-step=4.ckpt"]
+    for path, score in scores.items():
+        step = int(Path(path).stem.split("=")[1])
+        assert abs(float(score) - val[step - 1]) < 1e-6, (path, float(score), val)
+
+
+class CrashAt(pl.Callback):
+    """Raises (a crash: no signal, no checkpoint of its own) before global step ``step``."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_last_checkpoint_is_written_every_n_steps_without_validation_data(tmp_path):
+    """No val (the LLaVA recipes): last.ckpt every checkpoint.every_n_train_steps all the same (Lightning's
+    ModelCheckpoint waited for a val/loss that never came: a crash lost the whole run)."""
+    import torch
+
+    (tmp_path / "crash.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_fit_cli.CrashAt\n"
+                                         "      init_args: {step: 3}\n")
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit.main(fit_args(run, "--data.val", "null", "--config", str(tmp_path / "crash.yaml"), steps=6))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # nothing to rank by
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    """max_steps not a multiple of every_n_train_steps: last.ckpt is the final step's (it stayed at the last
+    periodic save, so extending the run with --ckpt_path last went back to it)."""
+    import torch
+
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--checkpoint.every_n_train_steps", "2", steps=3)) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["VLMDataModule"]["ranks"]["0"]["batches"] == 3
+
+
+def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
+    """Trainer values Lightning divides by, a --ckpt_path that is no checkpoint, Lightning's own
+    MisconfigurationException (they raised tracebacks), missing or empty shard paths (checked after the
+    tokenizer and the pre-flight): one line, exit 2, no run directory."""
+    bad_ckpt = tmp_path / "notes.json"
+    bad_ckpt.write_text("{}")
+    (tmp_path / "no-shards").mkdir()
+    cases = [
+        (("--data.train", str(tmp_path / "missing")), "no such shard or directory"),
+        (("--data.val", str(tmp_path / "no-shards")), "matches no .tar shard"),
+        (("--trainer.accumulate_grad_batches", "0"), "trainer.accumulate_grad_batches must be >= 1"),
+        (("--trainer.val_check_interval", "0"), "trainer.val_check_interval must be > 0"),
+        (("--ckpt_path", str(tmp_path / "missing.ckpt")), "no such checkpoint file"),
+        (("--ckpt_path", str(bad_ckpt)), "is not a checkpoint mmlm can read"),
+        (("--checkpoint.every_n_train_steps", "-1"), "every_n_train_steps=-1"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        assert fit.main(fit_args(run, *args, steps=1)) == 2, args
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+        assert message in line and "Traceback" not in err, (args, err[-500:])
+    assert not any((tmp_path / f"run{i}").exists() for i in range(6))  # checked before any file is written
+
+
+def test_an_error_in_a_loader_worker_is_reported_in_one_line(tmp_path, capsys):
+    """The data error budget trips in a DataLoader worker (num_workers > 0, every recipe's setting): torch
+    re-raises it with the worker's traceback in the message, which `error:` printed whole."""
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--data.max_length", "6", "--data.min_samples", "4", workers=1)) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: data error budget exceeded") and "too_long" in line
+    assert "Traceback" not in err and "DataLoader worker" not in err

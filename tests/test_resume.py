@@ -4,6 +4,8 @@ rates, RNG draws and final weights (optimizer, scheduler, step and RNG restored)
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -46,3 +48,95 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path, capsys):
     assert fit.main(fit_args(run, "--ckpt_path", "last", steps=1)) == 0
     assert "starting a fresh run" in capsys.readouterr().err
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_resume_from_a_checkpoint_saved_at_a_validation_s_end(tmp_path):
+    """A step's checkpoint waits for the validation right after it (``val_check_interval`` ==
+    ``every_n_train_steps``): it must hold the training RNG stream, not what validation left of it."""
+    (tmp_path / "probe.yaml").write_text(PROBE)
+    full = tmp_path / "full"
+    args = ("--config", str(tmp_path / "probe.yaml"), "--checkpoint.save_top_k", "-1")
+    assert fit.main(fit_args(full, *args, steps=4)) == 0
+    at_2 = full / "checkpoints" / "best-step=2.ckpt"  # saved at the end of step 2's validation
+    assert torch.load(at_2, map_location="cpu", weights_only=True)["global_step"] == 2
+
+    run = tmp_path / "resumed"
+    assert fit.main(fit_args(run, *args, "--ckpt_path", str(at_2), steps=4)) == 0
+    a, b = read_metrics(full), read_metrics(run)
+    assert sorted(b["train/loss"]) == [2, 3]
+    for key in ("probe/rng", "train/loss", "val/loss"):
+        for step in b[key]:
+            assert abs(a[key][step] - b[key][step]) <= 1e-6 * max(1.0, abs(a[key][step])), (key, step)
+
+
+def test_sigterm_before_the_first_periodic_checkpoint_then_resume_keeps_one_last_ckpt(tmp_path):
+    """The signal's last.ckpt is the checkpoint callback's last checkpoint: the resumed run overwrites it
+    (it used to write last-v1.ckpt and leave a stale last.ckpt beside it)."""
+    (tmp_path / "kill.yaml").write_text("trainer:\n  callbacks:\n    - class_path: _training_kit.KillAt\n"
+                                        "      init_args: {step: 1}\n")
+    run = tmp_path / "run"
+    args = ("--checkpoint.every_n_train_steps", "100")
+    assert fit.main(fit_args(run, "--config", str(tmp_path / "kill.yaml"), *args, steps=3)) == 128 + 15
+    assert fit.main(fit_args(run, "--ckpt_path", "last", *args, steps=3)) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+class CrashOnBatch(pl.Callback):
+    """Raises (a crash, no checkpoint) at the start of this run's ``n``-th training batch."""
+
+    def __init__(self, n: int = 2):
+        self.n, self.seen = n, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.n:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_resumed_accumulating_run_saves_no_checkpoint_inside_an_accumulation_window(tmp_path):
+    """Resumed at a checkpointed step with gradient accumulation, the first micro-batch does not step the
+    optimizer: a checkpoint there would hold its data position but not its gradient."""
+    run = tmp_path / "run"
+    acc = ("--trainer.accumulate_grad_batches", "2", "--data.val", "null")
+    assert fit.main(fit_args(run, *acc, steps=2)) == 0
+    (tmp_path / "crash.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_resume.CrashOnBatch\n"
+                                         "      init_args: {n: 2}\n")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit.main(fit_args(run, *acc, "--config", str(tmp_path / "crash.yaml"), "--ckpt_path", "last", steps=4))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["VLMDataModule"]["ranks"]["0"]["batches"] == 4
+
+
+class SignalJobAt(pl.Callback):
+    """After global step ``step``, another process sends SIGTERM to this process and to its DataLoader
+    workers: what a cluster does when it stops a job (SLURM signals every process of the job step). (A
+    SIGTERM from the training process itself is one torch's workers take as a request to exit cleanly.)"""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import multiprocessing
+            import os
+            import subprocess
+            import sys
+
+            workers = [str(p.pid) for p in multiprocessing.active_children()]
+            assert workers, "the run has no DataLoader workers to signal"
+            subprocess.run([sys.executable, "-c", "import os, signal, sys\n"
+                            "for pid in sys.argv[1:]: os.kill(int(pid), signal.SIGTERM)", *workers, str(os.getpid())],
+                           check=True)
+
+
+def test_sigterm_to_every_process_of_the_job_saves_and_resumes(tmp_path):
+    """The workers ignore the signal and the training process saves last.ckpt and exits 143 (a worker killed
+    by it used to make the run fail with "DataLoader worker ... is killed by signal", with no checkpoint)."""
+    (tmp_path / "kill.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_resume.SignalJobAt\n"
+                                        "      init_args: {step: 2}\n")
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--config", str(tmp_path / "kill.yaml"), steps=4, workers=2)) == 128 + 15
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] in (2, 3)
+    assert fit.main(fit_args(run, "--ckpt_path", "last", steps=4, workers=2)) == 0

@@ -363,6 +363,25 @@ def test_preflight_fails_a_template_that_masks_every_label(tmp_path):
                         image_token_id=module.processor.image_token_id, num_image_tokens=4, max_length=160).errors)
 
 
+def test_preflight_blames_a_short_max_length_not_the_template(tmp_path):
+    """A max_length that cuts the probes' answers is no template fault; one that cannot hold an image fails
+    the run with that reason before any data is read."""
+    import dataclasses
+
+    from mmlm.training.preflight import check_max_length, check_template
+
+    module = built_module()
+    assert module.vlm.num_image_tokens == 4
+    short = dataclasses.replace(module.processor.config, max_length=8)
+    module.processor.config = short
+    assert check_template(module.processor) == [] and module.processor.config is short
+    assert check_max_length(module) == []  # 8 tokens hold the 4 image tokens
+    assert "cannot hold one image (4 image tokens)" in check_max_length(module, datamodule(max_length=4))[0]
+    with pytest.raises(PreflightError, match=r"max_length=4 cannot hold one image"):
+        trainer(tmp_path, steps=1, callbacks=[Preflight(num_batches=1)]).fit(
+            VLMModule(**tiny_model_args()), datamodule(max_length=4))
+
+
 def test_preflight_counts_packed_samples_not_the_rows_padding():
     from types import SimpleNamespace
 

@@ -9,7 +9,9 @@ Usage::
     mmlm fit --help                                                   # every option, documented
 
 Sections: ``trainer`` (lightning.Trainer), ``model`` (mmlm.training.VLMModule), ``data``
-(mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint), ``preflight``, ``monitor``
+(mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint; a step's save waits for the validation
+right after it, so ``best-step=N.ckpt`` is ranked by step N's ``val/loss``; ``last.ckpt`` does not wait
+for a first validation, nor need validation data), ``preflight``, ``monitor``
 (throughput/lr), ``signals`` (SIGTERM/SIGUSR1 checkpointing), ``export`` (final model), plus
 ``seed_everything`` (default 0; it also seeds the data stream unless ``data.seed`` is given) and ``ckpt_path``.
 ``--model.model_overrides`` and ``--model.lora`` flags merge into the config's mapping key by key (a
@@ -19,7 +21,8 @@ Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>
 
     RUN_DIR/config.yaml                    full resolved config of the latest start
     RUN_DIR/checkpoints/last.ckpt          resumable checkpoint: every checkpoint.every_n_train_steps
-                                           steps and on SIGTERM/SIGUSR1 (resume: --ckpt_path last)
+                                           steps, at the last step and on SIGTERM/SIGUSR1 (resume or
+                                           extend: --ckpt_path last)
     RUN_DIR/checkpoints/best-step=N.ckpt   best by checkpoint.monitor (val/loss)
     RUN_DIR/logs/version_K/metrics.csv     CSV logs, one version per start (plot: mmlm plot RUN_DIR)
     RUN_DIR/logs/version_K/config.yaml     config of that start (+ hparams.yaml)
@@ -34,7 +37,8 @@ inputs; 128+N stopped by signal N after saving ``last.ckpt``.
 Defaults that differ from Lightning's: ``check_val_every_n_epoch: null`` and
 ``val_check_interval: 500`` (the training stream is endless: validation counts batches),
 ``use_distributed_sampler: false`` (the data module shards by rank itself),
-``log_every_n_steps: 10``. ``trainer.max_steps`` is required (the schedule needs the run's length).
+``log_every_n_steps: 10``; without ``data.val``, ``limit_val_batches: 0``. ``trainer.max_steps`` is required
+(the schedule needs the run's length).
 Global batch = data.batch_size x trainer.accumulate_grad_batches x devices x num_nodes.
 """
 
@@ -65,10 +69,10 @@ CHECKPOINT_DEFAULTS = {
 
 
 def _cli_classes():
-    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    from mmlm.training.callbacks import ExportModel, SignalCheckpoint, TrainingMonitor
+    from mmlm.training.callbacks import ExportModel, SignalCheckpoint, StepCheckpoint, TrainingMonitor
     from mmlm.training.preflight import Preflight
 
     class SaveRunConfig(SaveConfigCallback):
@@ -88,7 +92,7 @@ def _cli_classes():
         parse_only = False
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
             parser.set_defaults(CHECKPOINT_DEFAULTS)
             parser.add_lightning_class_args(Preflight, "preflight")
             parser.add_lightning_class_args(TrainingMonitor, "monitor")
@@ -109,8 +113,28 @@ def _cli_classes():
             if (t.max_steps is None or t.max_steps < 0) and not t.fast_dev_run and t.limit_train_batches in (None, 1.0):
                 raise ValueError("set --trainer.max_steps: the training stream is endless, and the learning-rate "
                                  "schedule (warmup + cosine) needs the run's length")
+            if t.accumulate_grad_batches is not None and t.accumulate_grad_batches < 1:
+                raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {t.accumulate_grad_batches}")
+            vci = t.val_check_interval
+            if isinstance(vci, (int, float)) and not isinstance(vci, bool) and vci <= 0:
+                raise ValueError(f"trainer.val_check_interval must be > 0 (training batches between validations), "
+                                 f"got {vci}")
+            data = cfg.get("data")
+            if data is not None and "val" in data and data.val is None:
+                t.limit_val_batches = 0  # no validation loop: checkpoints must not wait for a val/loss
             if self.parse_only:
                 raise ParsedOnly(self.config)
+            check_shards(self.datamodule_class, data)  # before anything is written
+
+        def _parse_ckpt_path(self) -> None:
+            # a --ckpt_path that is no checkpoint file is a bad argument, reported before anything is
+            # written (Lightning's own reading of it raised a traceback, or failed after set-up)
+            sub = self.config.get("subcommand")
+            ckpt = self.config[sub].get("ckpt_path") if sub else None
+            if ckpt and str(ckpt) not in ("last", "best", "hpc") and "://" not in str(ckpt) \
+                    and not str(ckpt).startswith("registry"):
+                check_checkpoint_file(str(ckpt))
+            super()._parse_ckpt_path()
 
         def instantiate_trainer(self, **kwargs):
             tcfg = self._get(self.config_init, "trainer", default={})
@@ -176,6 +200,55 @@ def default_progress_bar(metrics_every: int = 10):
             super()._update_metrics(trainer, pl_module)
 
     return _RichBar(theme=RichProgressBarTheme(metrics_format=".3g"))
+
+
+def check_shards(datamodule_class, data) -> None:
+    """For the ``VLMDataModule``: expand ``data.train`` / ``data.val`` now, so that a missing path or a
+    directory with no shard stops the run (exit 2) before its run directory is written (the module
+    itself expands them when it builds a loader, after the model, the tokenizer and the pre-flight)."""
+    try:
+        from mmlm.data import VLMDataModule
+    except ImportError:
+        return
+    if data is None or not (isinstance(datamodule_class, type) and issubclass(datamodule_class, VLMDataModule)):
+        return
+    from jsonargparse import Namespace
+
+    from mmlm.data.sources import resolve_sources
+
+    def plain(value):
+        if isinstance(value, Namespace):
+            value = value.as_dict()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    for key in ("train", "val"):
+        spec = plain(data.get(key))
+        if spec is not None:
+            resolve_sources(spec, allow_pipes=bool(data.get("allow_pipes")),
+                            allow_remote=bool(data.get("allow_remote")))
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is a readable Lightning checkpoint file (the tensors are
+    memory-mapped, not read)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no such checkpoint file: {path} (--ckpt_path takes a .ckpt file, or `last`)")
+    import torch
+
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip file (mmap needs one)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad argument
+        raise ValueError(f"{path} is not a checkpoint mmlm can read (torch.load with weights_only=True: "
+                         f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
 
 
 def find_last_checkpoint(directory: str | os.PathLike | None) -> str | None:
@@ -311,6 +384,7 @@ def parse_config(argv: list[str], *, datamodule_class=None):
 
 def main(argv: list[str] | None = None, *, datamodule_class=None) -> int:
     """``mmlm fit ARGV``; returns the exit code."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from mmlm.data.errors import DataErrorBudgetExceeded
@@ -333,15 +407,30 @@ def main(argv: list[str] | None = None, *, datamodule_class=None) -> int:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except (NonFiniteLossError, PreflightError, DataErrorBudgetExceeded) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, MisconfigurationException) as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def error_message(exc: BaseException) -> str:
+    """``exc``'s message. An exception raised in a DataLoader worker (a data error budget, a bad shard)
+    reaches the main process re-raised by torch with the worker's traceback in its message ("Caught X in
+    DataLoader worker process N. Original Traceback ..."): that gives the original message alone."""
+    msg = str(exc)
+    if not (msg.startswith("Caught ") and "\nOriginal Traceback" in msg):
+        return msg
+    cls = type(exc)
+    for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        i = msg.rfind("\n" + name)
+        if i >= 0:
+            return msg[i + 1 + len(name):].strip()
+    return msg.strip().splitlines()[-1]
 
 
 def add_parser(sub) -> None:

@@ -30,6 +30,9 @@ Contract:
   ``load_state_dict`` continues exactly where the saved run stopped (same samples, same order),
   provided seed, ``num_workers`` and world size are unchanged (else a clear error, or with
   ``strict_resume=False`` a warning and a fresh stream at the next epoch).
+* DataLoader workers ignore SIGTERM and SIGUSR1 while the training process runs
+  (:func:`shield_stop_signals`): when a cluster signals every process of a job, the training
+  process saves its checkpoint and stops them.
 * ``skipped_counts(split="train")``: skipped samples by reason over the consumed batches
   (``"val"``: over the validation batches passed to ``record_consumed``; ``"all"``: both).
   ``no_target`` (records ``sample_mode`` cannot use) is counted there but is not an error: it does
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections import Counter
@@ -83,6 +87,46 @@ class StreamLoader(DataLoader):
             it = self._get_iterator()
             self._iterator = it
         return it
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+_SHIELD = None  # set while this (training) process runs; cleared when it exits
+
+
+def _stop_signal_shield():
+    """The event that tells the DataLoader workers to ignore :data:`STOP_SIGNALS` (created once, set;
+    cleared when this process exits, before ``multiprocessing`` terminates the workers left running)."""
+    global _SHIELD
+    if _SHIELD is None:
+        import atexit
+        import multiprocessing
+
+        _SHIELD = multiprocessing.get_context().Event()
+        _SHIELD.set()
+        atexit.register(_SHIELD.clear)  # runs before multiprocessing's exit handler (registered earlier)
+    return _SHIELD
+
+
+def shield_stop_signals(shield, worker_id: int = 0) -> None:
+    """``worker_init_fn`` of the DataLoader workers (``functools.partial(shield_stop_signals, shield)``):
+    while ``shield`` is set they ignore SIGTERM and SIGUSR1. A cluster stops a job by signalling every
+    process of it (SLURM: the whole job step), workers included; a worker killed by it made the training
+    process fail ("DataLoader worker ... is killed by signal") before it could save its checkpoint. The
+    training process handles the signal (``mmlm.training.callbacks.SignalCheckpoint``) and shuts its
+    workers down; a worker still running when it exits is terminated as usual (the shield is cleared
+    first), and a worker whose training process died exits by itself."""
+    import os
+    import signal
+
+    def handler(signum, frame):
+        if shield.is_set():
+            return  # the training process saves its checkpoint, then stops this worker
+        os._exit(0)  # terminated by an exiting training process: what torch's own worker handler does
+
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, handler)
 
 
 def data_seed(seed: Optional[int] = None) -> int:
@@ -294,6 +338,7 @@ class VLMDataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             kw["persistent_workers"] = self.persistent_workers
             kw["prefetch_factor"] = self.prefetch_factor
+            kw["worker_init_fn"] = functools.partial(shield_stop_signals, _stop_signal_shield())
         return kw
 
     # ------------------------------------------------------------------ loaders

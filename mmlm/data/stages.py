@@ -29,7 +29,8 @@ The stages, in pipeline order (``train:``/``eval:``: only in that split)::
     decode           image bytes -> RGB PIL images (``mmlm.data.decode``; ``max_pixels``)
     encode           conversation + images -> ``processor.encode`` sample: input_ids (L,), labels
                      (L,), pixel_values (n, 3, H, W) uint8|float or None; ``too_long`` checks
-    handle_errors    counts good and bad items against the ``ErrorBudget`` (raises past it)
+    handle_errors    counts good and bad items against the ``ErrorBudget`` (raises past it; train: also
+                     when nothing but filtered items come, see ``MAX_FILTERED_IN_A_ROW``)
     batch            good samples -> collated batches with ``loader_state`` and ``skipped``
 
 Helpers: :func:`iter_tar_groups` (a tar stream -> Items, used by ``expand_tar``) and
@@ -48,7 +49,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmlm.data.decode import decode_image
-from mmlm.data.errors import BAD_SHARD, SCHEMA_ERROR, TOO_LONG, BadSample, ErrorBudget, classify
+from mmlm.data.errors import (
+    BAD_SHARD, FILTERED, SCHEMA_ERROR, TOO_LONG, BadSample, DataErrorBudgetExceeded, ErrorBudget, classify,
+)
 from mmlm.data.schema import Record, SchemaError, group_tar_members, is_image_ext, record_from_members
 from mmlm.data.sources import Source, open_shard
 from mmlm.data.targets import present_kinds, record_to_conversation
@@ -285,8 +288,9 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
                 if enc is None:
                     item.error = BadSample(item.key, TOO_LONG, f"overflows max_length={max_len} inside an image span")
                 elif enc["input_ids"].numel() >= max_len and not bool((enc["labels"] != -100).any()):
-                    # truncation cut every answer token; (an unlabelled sample that was not cut is
-                    # passed on: a template that masks every label is the trainer's preflight error)
+                    # truncation cut every answer token (a template that masks every label makes the
+                    # processor raise: an encode_error naming the template; the trainer's preflight
+                    # stops such a run before any data is read)
                     item.error = BadSample(item.key, TOO_LONG, f"no answer token left within max_length={max_len}")
                 elif max_sample_length is not None and enc["input_ids"].numel() > max_sample_length:
                     item.error = BadSample(item.key, TOO_LONG, f"{enc['input_ids'].numel()} tokens > packed row "
@@ -299,12 +303,33 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
         yield item
 
 
-def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBudget) -> Iterator[Item]:
-    """Count (and log) every bad item, count good ones; stop past the budget. Items pass on."""
+MAX_FILTERED_IN_A_ROW = 100_000
+"""Train: this many filtered items (``no_target``) in a row, without a good one, stop the stream."""
+
+
+def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBudget,
+                  max_filtered_in_a_row: int | None = None) -> Iterator[Item]:
+    """Count (and log) every bad item, count good ones; stop past the budget. Items pass on.
+
+    Filtered items (``no_target``) are not bad data, but the training stream is endless: when
+    ``max_filtered_in_a_row`` (default :data:`MAX_FILTERED_IN_A_ROW`; 0: never) of them come in a row
+    with no good item, nothing in the data has what ``sample_mode`` / ``question_pattern`` select and
+    the stream would search forever: it raises ``DataErrorBudgetExceeded`` saying so."""
+    limit = MAX_FILTERED_IN_A_ROW if max_filtered_in_a_row is None else int(max_filtered_in_a_row)
+    in_a_row = 0
     for item in items:
         if item.error is not None:
             budget.skip(item.error, item.url)
+            if item.error.reason in FILTERED and ctx.split == "train" and limit:
+                in_a_row += 1
+                if in_a_row >= limit:
+                    where = f" in {budget.where}" if budget.where else ""
+                    raise DataErrorBudgetExceeded(
+                        f"no training sample{where} in {in_a_row} records in a row: every one was skipped as "
+                        f"{item.error.reason} (last: {item.error.key!r}: {item.error.detail}); the training data has "
+                        "nothing that data.sample_mode and data.question_pattern select: check them and the shards")
         else:
+            in_a_row = 0
             budget.ok()
         yield item
 

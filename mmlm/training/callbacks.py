@@ -13,6 +13,11 @@
   run stops before the next step or validation with
   :class:`TrainingInterrupted` (``mmlm fit`` exits with 128 + the signal number); resume with
   ``--ckpt_path last``. In multi-process runs one rank receiving the signal is enough.
+- :class:`StepCheckpoint`: Lightning's ``ModelCheckpoint`` (``mmlm fit``'s ``checkpoint`` section),
+  except that a step's save waits for the validation that runs right after that step (the best
+  checkpoint is ranked by that step's own ``val/loss``, not the previous validation's), and that
+  ``last.ckpt`` is written every ``every_n_train_steps`` even before the first validation or without
+  validation data.
 - :class:`ExportModel`: at the end of a successful fit, rank 0 writes ``RUN_DIR/model`` with
   :func:`mmlm.checkpoint.save_pretrained` (LoRA adapters merged), loadable by ``mmlm.load``.
 """
@@ -20,6 +25,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 # ---------------------------------------------------------------------------------- non-finite loss
@@ -265,6 +272,12 @@ class SignalCheckpoint(pl.Callback):
         if not stop:
             return
         path = self.checkpoint_path(trainer)
+        cb = trainer.checkpoint_callback
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath \
+                and self.filename == cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION:
+            # this is the checkpoint callback's last checkpoint now (set before saving: it is part of the
+            # callback's state): a resumed run overwrites it instead of writing last-v1.ckpt next to it
+            cb.last_model_path = path = os.path.join(cb.dirpath, self.filename)
         trainer.save_checkpoint(path)
         signum = self.received if self.received is not None else int(signal.SIGTERM)
         self.pending = TrainingInterrupted(signum, path)
@@ -287,6 +300,71 @@ class SignalCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose step-triggered saves (``every_n_train_steps``) rank checkpoints by the
+    right validation and never wait for one that does not come.
+
+    - A save at a step right before a validation (``trainer.val_check_interval``) waits for it and
+      ranks the checkpoint by that validation's ``monitor`` value. Lightning's own ``ModelCheckpoint``
+      saves before that validation and ranks by the previous one's value: with equal intervals
+      (``mmlm fit``'s defaults, every recipe) ``best-step=N.ckpt`` was one validation late, and the last
+      step's better model was never kept as the best.
+    - A save at a step with no ``monitor`` value yet (no validation so far, or none at all: ``data.val``
+      null, as in the LLaVA recipes) writes the last checkpoint now; only the ranked (top-k) one waits.
+      Lightning's waits with both for a validation, so a run without validation data wrote no
+      checkpoint before its end and a crash lost all of it.
+    - The end of training writes the last checkpoint unless the final step has one. Lightning's only
+      does when no last checkpoint was written during the run: a run of 400 steps saving every 350
+      left ``last.ckpt`` at step 350, and ``--ckpt_path last`` (to extend it) went back 50 steps.
+
+    The state is stored under ``ModelCheckpoint``'s key, so checkpoints of either class resume with the other."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (self.monitor is None or not hasattr(self, "_defer_save_until_validation")  # older Lightning: its own
+                or not pl_module.automatic_optimization or self._every_n_train_steps < 1
+                or trainer.global_step % self._every_n_train_steps != 0
+                or self._should_skip_saving_checkpoint(trainer)):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if _accumulates(trainer):
+            return None  # no optimizer step (a resumed run's first micro-batches at the saved step): no save
+        if _validates_after_this_batch(trainer):
+            self._defer_save_until_validation = True  # on_validation_end saves top-k and last
+            return None
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor not in candidates:
+            self._save_last_checkpoint(trainer, candidates)  # resumable now; nothing to rank by yet
+            return None
+        return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # the final step, resumable
+            return
+        super().on_train_end(trainer, pl_module)
+
+
+def _accumulates(trainer) -> bool:
+    """Whether the current training batch only accumulated gradients (no optimizer step)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop._should_accumulate())
+    except Exception:  # noqa: BLE001 - another Lightning version
+        return False
+
+
+def _validates_after_this_batch(trainer) -> bool:
+    """Whether the fit loop runs a validation right after the current training batch (its own test)."""
+    try:
+        loop = trainer.fit_loop
+        return bool(trainer.enable_validation and loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+    except Exception:  # noqa: BLE001 - another Lightning version: save as Lightning does
+        return False
 
 
 # ---------------------------------------------------------------------------------- export

@@ -405,8 +405,16 @@ class VLMModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.vlm is None:
             return
+        # A checkpoint written during a validation of the fit (ModelCheckpoint saves at validation end when
+        # the step's save waits for val/loss) must hold the training RNG stream as on_validation_end
+        # restores it, not the state validation left behind, or its resume would diverge.
+        trainer = self._trainer
+        rng = None
+        if trainer is not None and trainer.validating and not trainer.sanity_checking \
+                and trainer.state.fn == "fit":
+            rng = self._rng_before_validation
         checkpoint[CHECKPOINT_KEY] = make_payload(self.vlm.config.to_dict(), self._processor_files,
-                                                  self.guard.state_dict())
+                                                  self.guard.state_dict(), rng)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         payload = checkpoint.get(CHECKPOINT_KEY)

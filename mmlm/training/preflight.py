@@ -9,7 +9,8 @@ The report (printed on rank 0 and written to ``RUN_DIR/preflight.json``):
   masks every label (or every sample was cut before its answer), so the model would learn nothing;
 - **images**: images and image tokens per batch, checked against the model's tokens per image;
 - **truncation**: samples that reach ``max_length`` (probably cut), plus the data module's
-  skipped-sample counts;
+  skipped-sample counts. FAILS (before reading data) when ``max_length`` cannot hold one image's
+  tokens: every sample with an image would overflow inside its image span;
 - **padding**: the real-token fraction (non-padding share of the batch);
 - **parameters**: trained and frozen, per component;
 - **memory**: an estimate for the observed batch at the trainer's precision: weights + gradients +
@@ -206,11 +207,17 @@ def analyse_batches(batches: Iterable[dict], *, image_token_id: int, num_image_t
 
 def check_template(processor) -> list[str]:
     """Errors of the processor's chat template: it must leave the assistant's answer supervised.
-    (Probes a caption and a question/answer conversation; no data needed.)"""
+    (Probes a caption and a question/answer conversation; no data needed. The probes are encoded
+    without the processor's ``max_length``: a short ``max_length`` is not the template's fault.)"""
+    import copy
+    import dataclasses
+
     probes = [
         processor.caption_conversation("a small red star on the left"),
         [{"role": "user", "content": "what color is the star?"}, {"role": "assistant", "content": "red"}],
     ]
+    processor = copy.copy(processor)
+    processor.config = dataclasses.replace(processor.config, max_length=max(processor.config.max_length, 1 << 16))
     errors = []
     for conv in probes:
         try:
@@ -224,6 +231,19 @@ def check_template(processor) -> list[str]:
                           "{% generation %}...{% endgeneration %} in the template")
             break
     return errors
+
+
+def check_max_length(pl_module, datamodule=None) -> list[str]:
+    """Errors of the run's ``max_length`` (the data module's ``max_length``, else the processor's): it
+    must hold one image's tokens, or every sample with an image overflows inside its image span."""
+    vlm, processor = pl_module.vlm, pl_module.processor
+    max_length = getattr(datamodule, "max_length", None) or processor.config.max_length
+    need = int(vlm.num_image_tokens)
+    if max_length is not None and int(max_length) <= need:
+        return [f"max_length={max_length} cannot hold one image ({need} image tokens) and an answer: every sample "
+                "with an image would be cut inside its image span; raise max_length (--model.max_length, "
+                "--data.max_length)"]
+    return []
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -356,10 +376,10 @@ class Preflight(pl.Callback):
         if self.num_batches == 0 or trainer.ckpt_path or trainer.global_step > 0 \
                 or getattr(pl_module, "vlm", None) is None:
             return  # disabled, or resuming (checked when the run started)
-        errors = check_template(pl_module.processor)
+        dm = trainer.datamodule
+        errors = check_template(pl_module.processor) + check_max_length(pl_module, dm)
         if errors and self.strict:  # before reading data (a data module may drop such samples as bad)
             raise PreflightError("pre-flight check failed: " + "; ".join(errors))
-        dm = trainer.datamodule
         if dm is None:
             return  # only runs with a data module are checked
         loader = dm.train_dataloader()

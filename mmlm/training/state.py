@@ -18,14 +18,16 @@ CHECKPOINT_KEY = "mmlm"
 PAYLOAD_VERSION = 1
 
 
-def make_payload(model_config: dict, processor_files: dict[str, bytes] | None, nonfinite: dict) -> dict:
-    """``checkpoint["mmlm"]`` for a model config, its processor files and the guard's counters (+ RNG now)."""
+def make_payload(model_config: dict, processor_files: dict[str, bytes] | None, nonfinite: dict,
+                 rng: dict | None = None) -> dict:
+    """``checkpoint["mmlm"]`` for a model config, its processor files and the guard's counters, plus the
+    RNG states ``rng`` (default: the generators' states now)."""
     return {
         "version": PAYLOAD_VERSION,
         "model_config": model_config,
         "processor": processor_files,
         "nonfinite": nonfinite,
-        "rng": get_rng_state(),
+        "rng": get_rng_state() if rng is None else rng,
     }
 
 
