@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from mmlm.modeling.text import cache_kwargs
+
 
 @dataclass
 class GenerationConfig:
@@ -187,6 +189,7 @@ def generate(
         full_mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
     step = compiled_decode_step(vlm.lm) if cfg.compile else vlm.lm
+    cache_arg = cache_kwargs(vlm.lm, cache)  # the same cache object every step, under transformers' name for it
     graphs = cfg.compile and device.type == "cuda"
     for t in range(cfg.max_new_tokens):
         # a static cache attends over all its slots (the unwritten ones are causally masked): whole mask
@@ -195,7 +198,7 @@ def generate(
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: reuse the graph
         logits = (step if t > 0 else vlm.lm)(
             inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_pos,
-            past_key_values=cache, use_cache=cfg.use_cache, logits_to_keep=1,
+            use_cache=cfg.use_cache, logits_to_keep=1, **cache_arg,
         ).logits[:, -1].float()  # (B, V)
         nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)

@@ -5,9 +5,17 @@ that a saved model carries its whole architecture and rebuilds offline. ``build_
 makes the ``AutoModelForCausalLM``: pretrained weights from ``name`` when asked, random init
 from ``hf_config`` otherwise; in float32 either way, whatever dtype the config records (cast the
 VLM, or ``mmlm.load(dtype=...)``). Remote code is never run.
+
+The KV cache goes in and out under the name the installed transformers uses (``cache_kwargs``,
+``output_cache``): ``cache`` since 5.24, ``past_key_values`` before (now a deprecated alias that warns).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,3 +64,23 @@ def build_language_model(cfg: TextConfig) -> nn.Module:
     config = hf_config_object(cfg)
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=False,
                                             dtype=torch.float32)
+
+
+@functools.cache
+def _forward_takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def cache_kwargs(lm: nn.Module, cache: Any) -> dict:
+    """``{name: cache}`` for ``lm``'s forward: ``cache`` (transformers >= 5.24) or ``past_key_values``
+    (earlier). A peft-wrapped LM is asked about its base model."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return {"cache" if _forward_takes_cache(type(base)) else "past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a transformers model output: its ``cache`` field (transformers >= 5.24; reading
+    the old ``past_key_values`` name there warns), else ``past_key_values``, else None."""
+    if dataclasses.is_dataclass(out) and any(f.name == "cache" for f in dataclasses.fields(out)):
+        return out.cache
+    return getattr(out, "past_key_values", None)

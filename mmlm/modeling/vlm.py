@@ -44,7 +44,7 @@ from mmlm.modeling.fusion import (
     shifted_cross_entropy,
 )
 from mmlm.modeling.projector import build_projector
-from mmlm.modeling.text import build_language_model, resolve_text_config
+from mmlm.modeling.text import build_language_model, cache_kwargs, output_cache, resolve_text_config
 from mmlm.modeling.vision import build_vision_encoder
 from mmlm.pixels import normalize_pixels
 
@@ -256,14 +256,14 @@ class VLM(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(self.lm, past_key_values),
         )
         loss = None
         if labels is not None:
             loss = shifted_cross_entropy(out.logits, labels, self.config.ignore_index)
         logits = out.logits if return_logits else None
-        return VLMOutput(loss=loss, logits=logits, past_key_values=getattr(out, "past_key_values", None))
+        return VLMOutput(loss=loss, logits=logits, past_key_values=output_cache(out))
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, num_images=None, **kwargs):
