@@ -32,6 +32,24 @@ def test_kv_cache_equals_no_cache(pair):
     assert torch.equal(a, b)
 
 
+def test_decoding_warns_nothing_under_the_installed_transformers(pair, caplog):
+    """The KV cache goes in under the installed transformers' name for it (``cache`` since 5.24, where
+    ``past_key_values`` is a deprecated alias that warns: in ``mmlm chat`` the warning lands in the reply)."""
+    import warnings
+
+    vlm, proc = pair
+    for cache in ("dynamic", "static"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            out = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=4, cache=cache)
+        assert out.shape[0] == 3
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            assert vlm(**proc(images=IMAGES[:1], text=PROMPTS[:1]), use_cache=True).past_key_values is not None
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
 def test_left_padded_batch_equals_one_by_one(pair):
     vlm, proc = pair
     pad = proc.tokenizer.pad_token_id
