@@ -233,6 +233,41 @@ def test_fast_dev_run_smoke_exports_a_loadable_model(tmp_path):
     assert len(out) == 1 and isinstance(out[0], str)
 
 
+def test_a_validation_that_scores_nothing_is_reported_once(tmp_path):
+    """Validation batches without a labelled token log no val/loss (and so no best checkpoint): warned,
+    once per run; a validation that scores is not."""
+
+    class MaskLabels(pl.Callback):  # as if every validation sample's answer were masked
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            batch["labels"].fill_(-100)
+
+    for masked in (True, False):
+        module = VLMModule(**tiny_model_args())
+        t = trainer(tmp_path / str(masked), steps=4, limit_val_batches=1, val_check_interval=2,
+                    callbacks=[MaskLabels()] if masked else [])
+        with _no_warning("scored no") if not masked else pytest.warns(UserWarning, match="scored no") as rec:
+            t.fit(module, datamodule(val=str(shards() / "val")))
+        assert ("val/loss" in t.callback_metrics) is not masked
+        if masked:  # two validations (steps 2 and 4), one warning
+            assert len([w for w in rec if "validation scored no sample" in str(w.message)]) == 1
+
+
+class _no_warning:
+    def __init__(self, text: str):
+        self.text = text
+
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self.records = self._cm.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        assert not [w for w in self.records if self.text in str(w.message)]
+
+
 def test_monitor_hands_lightning_only_the_values_its_logger_writes(tmp_path):
     import csv
 

@@ -41,7 +41,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mmlm.processing import IMAGE_PLACEMENTS
 from mmlm.training.callbacks import NonFiniteGuard
@@ -165,6 +165,8 @@ class VLMModule(pl.LightningModule):
         self._frozen: list = []
         self._pending_rng: dict | None = None
         self._rng_before_validation: dict | None = None
+        self._val_scored = 0  # validation batches with a labelled token in the current validation
+        self._warned_empty_val = False
         self._window_finite: torch.Tensor | None = None  # all losses finite since the last optimizer step
         self.feature_cache = None  # an ImageFeatureCache when cache_image_features > 0 (from configure_model)
 
@@ -354,6 +356,25 @@ class VLMModule(pl.LightningModule):
             return None
         optimizer.step(closure=lambda: loss)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_scored = 0
+
+    def on_validation_epoch_end(self) -> None:
+        # a validation that scored nothing (no data.val shard with a usable sample) logs no val/loss, so no
+        # best checkpoint is ever kept: say so once instead of training on silently
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._warned_empty_val:
+            return
+        empty = self._val_scored == 0
+        if trainer.world_size > 1:
+            empty = trainer.strategy.reduce_boolean_decision(empty, all=True)
+        if empty:
+            self._warned_empty_val = True
+            rank_zero_warn("validation scored no sample: data.val gave no batch with an answer token (empty or "
+                           "unreadable shards, every sample skipped, or the template masks every label), so val/loss "
+                           "is not logged and no best checkpoint is kept; check data.val "
+                           "(python -m data_pipelines.inspect DIR)")
+
     def validation_step(self, batch: dict, batch_idx: int):
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "record_consumed") and isinstance(batch.get("loader_state"), dict) \
@@ -364,6 +385,7 @@ class VLMModule(pl.LightningModule):
         n = int((labels[:, 1:] != self.vlm.config.ignore_index).sum())
         if n == 0:
             return None
+        self._val_scored += 1
         self.log("val/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
         return out.loss
 
