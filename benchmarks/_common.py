@@ -128,10 +128,11 @@ def set_threads(n: int | None) -> None:
 
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
-    """A benchmark's parser: its docstring's first paragraph as the description and its ``Usage::``
-    section (when present) as the epilog, both printed as written."""
-    epilog = doc[doc.index("Usage::"):] if "Usage::" in doc else None
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=epilog,
+    """A benchmark's parser: its docstring up to ``Usage::`` (the method in full) as the description
+    and its ``Usage::`` section (when present) as the epilog, both printed as written."""
+    cut = doc.find("Usage::")
+    epilog = doc[cut:] if cut >= 0 else None
+    return argparse.ArgumentParser(description=(doc[:cut] if cut >= 0 else doc).strip(), epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

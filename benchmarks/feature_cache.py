@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
 
-from _common import add_common_args, print_table, script_parser, set_threads, synthetic_dataset, system_info, write_result  # noqa: E402
+from _common import (add_common_args, machine_load, print_table, script_parser, set_threads,  # noqa: E402
+                     synthetic_dataset, system_info, write_result)
 
 
 class StepTimer(pl.Callback):
@@ -88,7 +89,9 @@ def main(argv=None) -> int:
         p.error("--steps and --warmup must be >= 1")
     set_threads(args.threads)
     data = args.data or str(synthetic_dataset(args.cache_dir, train=args.images))
+    load_at_start = machine_load()
     runs = [run(args, data, 0), run(args, data, 1 << 20)]
+    load_at_end = machine_load()
     base, ours = runs
     loss_diff = max(abs(a - b) for a, b in zip(base["losses"], ours["losses"]))
     weight_diff = max(float((base["weights"][k] - v).abs().max()) for k, v in ours["weights"].items())
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     print(f"speed-up (cache / encoder): {ratio:.3f}x    max |loss difference|: {loss_diff:.3g}    "
           f"max |weight difference|: {weight_diff:.3g}")
     if not args.no_save:
-        info = system_info("cpu")
+        info = {**system_info("cpu"), "load_at_start": load_at_start, "load_at_end": load_at_end}
         payload = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": rows, "speedup": ratio,
                    "max_loss_difference": loss_diff, "max_weight_difference": weight_diff}
         write_result("feature_cache", payload, info, args.out)

@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     if not lengths_ok:
         raise SystemExit(f"error: expected {n_new} new tokens, got mmlm {tuple(ours.shape)}, "
                          f"transformers {tuple(ref.shape)}")
+    if not same:  # the decode ratio compares two loops only when they compute the same thing
+        print(f"warning: mmlm and transformers produced different tokens (first differing position "
+              f"{int((ours.cpu() != ref.cpu()).flatten().nonzero()[0])}): the decode target is not met", flush=True)
 
     def describe_batch(imgs):
         b = inputs(imgs)
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
     C.print_table([
         {"batch 1": "mmlm.generation.generate", "TTFT ms": 1000 * med["mmlm_ttft"], "decode tok/s": dec["mmlm"],
          "total ms": 1000 * med["mmlm_total"], "ratio": ratios["decode_mmlm_over_transformers"],
-         "target": f">= {TARGET_DECODE}", "verdict": C.verdict(ratios["decode_mmlm_over_transformers"], TARGET_DECODE)},
+         "target": f">= {TARGET_DECODE}, same tokens",
+         "verdict": C.verdict(ratios["decode_mmlm_over_transformers"], TARGET_DECODE) if same else "MISSED"},
         {"batch 1": "transformers generate", "TTFT ms": 1000 * med["hf_ttft"], "decode tok/s": dec["hf"],
          "total ms": 1000 * med["hf_total"], "ratio": 1.0},
     ], ["batch 1", "TTFT ms", "decode tok/s", "total ms", "ratio", "target", "verdict"],
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
         "results": {"seconds": res, "medians": med, "decode_tokens_per_s": dec,
                     "batched_images_per_s": batched_ips, "batch1_images_per_s": single_ips},
         "ratios": ratios,
-        "met": {"decode": ratios["decode_mmlm_over_transformers"] >= TARGET_DECODE,
+        "met": {"decode": same and ratios["decode_mmlm_over_transformers"] >= TARGET_DECODE,
                 "batched": ratios["batched_over_batch1_images_per_s"] >= TARGET_BATCHED},
     }
     if not args.no_save:

@@ -43,6 +43,7 @@ ORDER=(tests generate generate-compile mfu train train-lognormal train-flex load
 [ $# -gt 0 ] && ORDER=("$@")
 
 status=0
+started=$(mktemp)  # result files newer than this one are this run's
 for job in "${ORDER[@]}"; do
     cmd="${JOBS[$job]:-}"
     if [ -z "$cmd" ]; then
@@ -57,6 +58,7 @@ for job in "${ORDER[@]}"; do
     [ "$rc" -ne 0 ] && status=1
 done
 if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT/results" && find benchmarks/results -newer benchmarks/gpu.sh -type f -exec cp {} "$OUT/results/" \;
+    mkdir -p "$OUT/results" && find benchmarks/results -newer "$started" -type f -exec cp {} "$OUT/results/" \;
 fi
+rm -f "$started"
 exit $status

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import add_common_args, print_table, script_parser, set_threads, system_info, write_result  # noqa: E402
+from _common import (add_common_args, machine_load, print_table, script_parser, set_threads,  # noqa: E402
+                     system_info, write_result)
 
 CELLS = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # place word -> token index (3x3, raster order)
 PROBES = ("occupied", "color", "shape", "size", "cell")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = {"occupied": 2, "color": len(vocab["color"]), "shape": len(vocab["shape"]), "size": 2, "cell": len(CELLS)}
     train = read_scenes(args.data / "train", args.train_images)
     test = read_scenes(args.data / "test", args.test_images)
-    rows = []
+    rows, load_at_start = [], machine_load()
     for model in args.models:
         vlm = VLM.from_pretrained(model).eval()
         fit = probe_rows(image_tokens(vlm, train[0]), train[1], vocab)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 title=f"linear-probe accuracy (%) of image tokens, {len(test[0])} test images (chance: cell 20)")
     if not args.no_save:
         write_result("token_probe", {"train_images": len(train[0]), "test_images": len(test[0]), "rows": rows},
-                     system_info("cpu"), args.out)
+                     {**system_info("cpu"), "load_at_start": load_at_start, "load_at_end": machine_load()}, args.out)
     return 0
 
 
