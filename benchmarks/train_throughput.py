@@ -143,8 +143,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit("error: --warmup and --steps must be >= 1")
+    if args.warmup < 1 or args.steps < 1 or args.memory_steps < 1:
+        raise SystemExit("error: --warmup, --steps and --memory-steps must be >= 1")
     # what a memory subprocess gets: every option but the ones that drive this process
     args.passthrough = [a for a in argv if a not in ("--memory", "--no-memory", "--no-save")]
     C.set_threads(args.threads)
