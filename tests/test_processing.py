@@ -13,6 +13,18 @@ def _labelled_text(proc, enc):
     return proc.tokenizer.decode(enc["labels"][enc["labels"] != -100])
 
 
+
+def _labelled_runs(enc: dict) -> list[list[int]]:
+    """The token ids of each run of consecutive labelled positions of an encoded sample."""
+    runs, prev = [], False
+    for tok, flag in zip(enc["input_ids"].tolist(), (enc["labels"] != -100).tolist()):
+        if flag and not prev:
+            runs.append([])
+        if flag:
+            runs[-1].append(tok)
+        prev = flag
+    return runs
+
 def test_labels_cover_exactly_the_assistant_tokens_single_turn(pair):
     _, proc = pair
     enc = proc.encode([{"from": "human", "value": "<image>\nwhat color is the star?"},
@@ -38,14 +50,7 @@ def test_labels_multi_turn_with_system_prompt(pair):
     enc = proc.encode(conv, [image()])
     labelled = enc["labels"] != -100
     # two separate labelled runs: "red<|end|>" and "two<|end|>"
-    runs, prev = [], False
-    for i, flag in enumerate(labelled.tolist()):
-        if flag and not prev:
-            runs.append([])
-        if flag:
-            runs[-1].append(int(enc["input_ids"][i]))
-        prev = flag
-    assert [proc.tokenizer.decode(r) for r in runs] == ["red<|end|>", "two<|end|>"]
+    assert [proc.tokenizer.decode(r) for r in _labelled_runs(enc)] == ["red<|end|>", "two<|end|>"]
     text = proc.tokenizer.decode(enc["input_ids"][~labelled])
     assert "You are a helpful assistant." in text and "how many shapes" in text
 
@@ -80,14 +85,7 @@ def test_labels_of_answers_that_start_with_a_space_and_a_tokenizer_that_trims_of
             {"role": "user", "content": "<image>\nwhat color is the star?"}, {"role": "assistant", "content": "red"},
             {"role": "user", "content": "how many shapes are there?"}, {"role": "assistant", "content": "two"}]
     enc = proc.encode(conv, [image()])
-    runs, prev = [], False
-    for i, flag in enumerate((enc["labels"] != -100).tolist()):
-        if flag and not prev:
-            runs.append([])
-        if flag:
-            runs[-1].append(int(enc["input_ids"][i]))
-        prev = flag
-    assert [proc.tokenizer.decode(r) for r in runs] == [" red<|endoftext|>", " two<|endoftext|>"]
+    assert [proc.tokenizer.decode(r) for r in _labelled_runs(enc)] == [" red<|endoftext|>", " two<|endoftext|>"]
     assert torch.equal(enc["labels"][enc["labels"] != -100], enc["input_ids"][enc["labels"] != -100])
     # the generation prompt is the training text's prefix up to the answer
     gen = proc.encode(conv[:2], [image()], add_generation_prompt=True)["input_ids"]
