@@ -13,7 +13,7 @@ from mmlm.checkpoint import save_pretrained
 from mmlm.cli.main import main
 from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
 from mmlm.interop import ExportError, build_from_pretrained, check_exportable, export_hf, image_processor_for
-from mmlm.processing import ImageTransform
+from mmlm.image_transform import ImageTransform
 from test_interop_parts import picture, save_lm, save_vision
 
 PROMPT = "what color is the star?"

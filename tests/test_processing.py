@@ -6,7 +6,8 @@ from PIL import Image
 
 from _tiny import image, pair, tiny_pair  # noqa: F401
 from mmlm.config import ImageTransformConfig
-from mmlm.processing import ImageSpanTruncated, ImageTransform
+from mmlm.image_transform import ImageTransform
+from mmlm.processing import ImageSpanTruncated
 
 
 def _labelled_text(proc, enc):
@@ -344,7 +345,7 @@ def test_pil_resizes_vertically_first_as_installed_pillow_does():
     its resize equals one of the two one-axis sequences, the one the rule names."""
     import numpy as np
 
-    from mmlm.processing import pil_resizes_vertically_first
+    from mmlm.image_transform import pil_resizes_vertically_first
 
     rng, B = np.random.default_rng(1), Image.Resampling.BICUBIC
     decided = 0
@@ -362,7 +363,7 @@ def test_pil_resizes_vertically_first_as_installed_pillow_does():
 
 
 def test_resize_kernel_choice_and_bad_names():
-    from mmlm.processing import torch_resize_is_fast
+    from mmlm.image_transform import torch_resize_is_fast
 
     auto = ImageTransform(ImageTransformConfig(size=16))
     assert auto.cfg.resize_kernel == "auto" and auto.torch_kernel == torch_resize_is_fast()
@@ -391,7 +392,7 @@ def test_normalisation_is_exactly_torchvision_to_tensor_then_normalize(mean, std
     import numpy as np
     from torchvision.transforms import functional as TF
 
-    from mmlm.processing import normalize_pixels
+    from mmlm.pixels import normalize_pixels
 
     t = ImageTransform(ImageTransformConfig(size=32, resize_mode="crop", crop_pct=0.9, mean=mean, std=std))
     im = _noise()
@@ -410,7 +411,7 @@ def test_normalisation_is_exactly_torchvision_to_tensor_then_normalize(mean, std
 
 
 def test_normalize_pixels_ignores_the_default_dtype_and_refuses_floats():
-    from mmlm.processing import normalize_pixels
+    from mmlm.pixels import normalize_pixels
 
     u8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ref = normalize_pixels(u8, CLIP_MEAN, CLIP_STD)
@@ -428,7 +429,7 @@ def test_normalize_pixels_ignores_the_default_dtype_and_refuses_floats():
 
 
 def test_encode_uint8_pixels_same_tokens_and_normalise_to_the_float_path(pair):
-    from mmlm.processing import normalize_pixels
+    from mmlm.pixels import normalize_pixels
 
     _, proc = pair
     conv = proc.caption_conversation("a small red star")
