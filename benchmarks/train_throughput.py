@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.memory_steps < 1:
         raise SystemExit("error: --warmup, --steps and --memory-steps must be >= 1")
+    if args.attn_implementation == "flex_attention" and C.resolve_device(args.device) == "cpu":
+        raise SystemExit("error: --attn-implementation flex_attention trains on a GPU only (torch has no "
+                         "FlexAttention backward on a CPU)")
     # what a memory subprocess gets: every option but the ones that drive this process
     args.passthrough = [a for a in argv if a not in ("--memory", "--no-memory", "--no-save")]
     C.set_threads(args.threads)

@@ -178,6 +178,17 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
     assert not any((tmp_path / f"run{i}").exists() for i in range(6))  # checked before any file is written
 
 
+def test_flex_attention_on_a_cpu_is_refused_before_the_first_step(tmp_path, capsys):
+    """torch has no FlexAttention backward on a CPU: one line naming the fix, not a traceback from the
+    first step's backward."""
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--model.model_overrides.text.attn_implementation", "flex_attention", steps=1)) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "flex_attention trains on a GPU only" in line and "attn_implementation sdpa" in line
+    assert "Traceback" not in err and not (run / "checkpoints").exists()
+
+
 def test_an_error_in_a_loader_worker_is_reported_in_one_line(tmp_path, capsys):
     """The data error budget trips in a DataLoader worker (num_workers > 0, every recipe's setting): torch
     re-raises it with the worker's traceback in the message, which `error:` printed whole."""

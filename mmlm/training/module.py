@@ -243,6 +243,9 @@ class VLMModule(pl.LightningModule):
         if getattr(dm, "uint8_pixels", False):
             check_normalization(vlm, processor)
         configure_trainable(vlm, hp.stage, hp.lora)
+        trainer = self._trainer
+        if trainer is not None:
+            check_attention_trains_on(vlm, trainer.strategy.root_device)
         if hp.activation_checkpointing:
             enable_activation_checkpointing(vlm)
         if hp.get("compile"):
@@ -258,7 +261,6 @@ class VLMModule(pl.LightningModule):
 
             if vlm.vision not in self._frozen:
                 raise ValueError("cache_image_features needs a frozen vision encoder (stage 'align' or 'instruct')")
-            trainer = self._trainer
             if trainer is not None and trainer.strategy.root_device.type != "cpu":
                 raise ValueError("cache_image_features keys images by their bytes on the host: it serves CPU "
                                  "training (where a frozen encoder's forward is a large part of a step); set it "
@@ -463,6 +465,16 @@ def check_normalization(vlm, processor) -> None:
         raise ValueError(f"the processor normalises images with mean={theirs.mean} std={theirs.std} but the model "
                          f"with mean={mine.mean} std={mine.std}: fix image_transform in processor_config.json or in "
                          "the vision config so that they agree")
+
+
+def check_attention_trains_on(vlm, device: torch.device) -> None:
+    """FlexAttention has no backward pass on a CPU in torch, and every training stage backpropagates
+    through the LM's attention (the align stage too, to reach the projector): refuse up front rather
+    than fail in the first step's backward."""
+    attn = getattr(vlm.lm.config, "_attn_implementation", None)
+    if attn == "flex_attention" and torch.device(device).type == "cpu":
+        raise ValueError("flex_attention trains on a GPU only (torch has no FlexAttention backward on a CPU): set "
+                         "--model.model_overrides.text.attn_implementation sdpa (or eager)")
 
 
 def _get_attr_or_hparam(obj, name: str):
