@@ -69,6 +69,8 @@ def test_export_matches_transformers(tmp_path, vision_family, lm_family, templat
     assert cfg["vision_config"]["num_hidden_layers"] == 2  # feature layer -2 of 3: the layers kept
     assert cfg["vision_feature_select_strategy"] == ("default" if vision_family == "clip" else "full")
     assert cfg["image_token_index"] == vlm.config.image_token_id
+    tok = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids (transformers 4.x)
     assert_same_as_transformers(vlm, proc, tmp_path / "hf", picture(seed=3))
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from _tiny import image, pair, tiny_pair  # noqa: F401
-from mmlm.api import describe, generate_texts
+from _tiny import image, pair, tiny_pair, tiny_tokenizer  # noqa: F401
+from mmlm.api import TextStream, describe, generate_texts
 from mmlm.generation import GenerationConfig, generate
 
 PROMPTS = ["what color is the star?", "how many shapes are there?", "Describe the image briefly."]
@@ -107,6 +107,26 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy(pair):
     nucleus = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=1)
     greedy = _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=8)
     assert torch.equal(nucleus, greedy)
+
+
+def test_text_stream_sends_each_complete_piece_once():
+    """Token by token: a delta per whole word, a multi-byte character held back until its last byte,
+    nothing after a stop token; rows independent."""
+    from types import SimpleNamespace
+
+    tok = tiny_tokenizer()
+    proc = SimpleNamespace(tokenizer=tok, stop_token_ids=[tok.eos_token_id])
+    got: list[tuple[int, str]] = []
+    stream = TextStream(proc, 2, lambda row, delta: got.append((row, delta)))
+    words, char = tok("a red star")["input_ids"], tok("日")["input_ids"]
+    assert len(words) == 3 and len(char) == 3  # three word tokens; one character in three byte tokens
+    for step in range(3):
+        stream(torch.tensor([words[step], char[step]]))
+    stream(torch.tensor([tok.eos_token_id, words[0]]))
+    stream(torch.tensor([words[0], tok.eos_token_id]))  # row 0 has stopped: nothing more from it
+    stream(torch.tensor([words[1], words[1]]))
+    assert [d for r, d in got if r == 0] == ["a", " red", " star"]
+    assert [d for r, d in got if r == 1] == ["日", "a"]
 
 
 def test_stop_strings_streaming_and_describe(pair):

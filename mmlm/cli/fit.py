@@ -189,15 +189,16 @@ def default_progress_bar(metrics_every: int = 10):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     try:
+        import rich  # noqa: F401 - Lightning's RichProgressBar needs it (a dependency of mmlm)
         from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
-    except (ImportError, ModuleNotFoundError):
+    except ImportError:
         return TQDMProgressBar(refresh_rate=metrics_every)
 
     class _RichBar(RichProgressBar):
-        def _update_metrics(self, trainer, pl_module) -> None:
+        def _update_metrics(self, trainer, pl_module, *args, **kwargs) -> None:  # Lightning 2.6.0 adds arguments
             if trainer.training and not trainer.sanity_checking and trainer.global_step % metrics_every:
                 return  # the step count still advances; the numbers next to it wait for the next read
-            super()._update_metrics(trainer, pl_module)
+            super()._update_metrics(trainer, pl_module, *args, **kwargs)
 
     return _RichBar(theme=RichProgressBarTheme(metrics_format=".3g"))
 

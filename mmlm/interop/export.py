@@ -450,6 +450,10 @@ def _system_prelude(system_prompt: str) -> str:
     )
 
 
+MODEL_TEXT_INPUTS = ("input_ids", "attention_mask")
+"""What the exported tokenizer returns (``model_input_names``)."""
+
+
 def to_llava_processor(vlm, processor, plan: dict):
     """A ``LlavaProcessor`` that makes the inputs ``processor`` makes, for transformers."""
     from transformers import LlavaProcessor
@@ -459,6 +463,10 @@ def to_llava_processor(vlm, processor, plan: dict):
     template = export_chat_template(processor.chat_template, processor.config.system_prompt)
     tokenizer = copy.deepcopy(processor.tokenizer)
     tokenizer.chat_template = template
+    # ids and mask only: transformers 4.x tokenizers also return token_type_ids by default, which LLaVA
+    # hands to the LM (GPT-2 adds their embeddings: other logits than mmlm's)
+    tokenizer.model_input_names = list(MODEL_TEXT_INPUTS)
+    tokenizer.init_kwargs["model_input_names"] = list(MODEL_TEXT_INPUTS)
     lp = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=int(vhf["patch_size"]),
         vision_feature_select_strategy=plan["strategy"], chat_template=template,

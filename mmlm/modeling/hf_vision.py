@@ -208,7 +208,7 @@ class HFVisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, D): the feature layer's hidden states (prefix tokens dropped
         when configured). With the final norm pruned, the last state is that hidden state."""
-        out = self.tower(pixel_values=pixel_values, return_dict=True)
+        out = self.tower(pixel_values=pixel_values)  # a ModelOutput (transformers 4.x takes no return_dict here)
         feats = out.last_hidden_state  # (N, prefix + P, D)
         if self.cfg.drop_prefix_tokens and self.num_prefix_tokens:
             feats = feats[:, self.num_prefix_tokens:]

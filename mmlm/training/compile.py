@@ -28,12 +28,13 @@ _LAYER_LISTS = ("layers", "h", "blocks")  # Llama/Qwen/Mistral/Gemma..., GPT-2 s
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     """The ``ModuleList`` of a transformers causal LM's decoder layers (through a peft wrapper)."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
-    for name in _LAYER_LISTS:
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            return layers
-    raise ValueError(f"compile: no decoder layers found in {type(decoder).__name__} "
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None  # None for GPT-2 in transformers 4.x
+    for candidate in (decoder, getattr(base, "model", None), getattr(base, "transformer", None), base):
+        for name in _LAYER_LISTS:
+            layers = getattr(candidate, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                return layers
+    raise ValueError(f"compile: no decoder layers found in {type(base).__name__} "
                      f"(looked for a ModuleList named one of {list(_LAYER_LISTS)})")
 
 
