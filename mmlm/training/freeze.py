@@ -38,7 +38,7 @@ def apply_lora(vlm: nn.Module, lora: dict, stage: str) -> None:
         raise ValueError("LoRA adapts the LM, which stage 'align' keeps frozen: use stage 'instruct' or 'full'")
     try:
         import peft
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError as e:
         raise ImportError("LoRA needs the optional peft package: pip install 'mmlm[peft]' (or pip install peft)") from e
     if isinstance(vlm.lm, peft.PeftModel):
         return
