@@ -482,6 +482,20 @@ def test_wrong_shapes_and_mismatched_files_are_one_line_errors(tmp_path, capsys)
     fails("vqa", "--benchmark", "pope", "--predictions", str(preds), "--questions", str(bad), match="bad.json")
 
 
+def test_caption_eval_without_pycocoevalcap_says_how_to_install(tmp_path, patch_model, capsys, monkeypatch):
+    """Checked before the model describes anything: the scorers are only needed at the end."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # as if not installed
+    ann, images = karpathy(tmp_path)
+    out = tmp_path / "out"
+    assert cli("caption", "--benchmark", "coco-karpathy", "--model", str(model_dir(tmp_path)),
+               "--annotations", str(ann), "--images", str(images), "--out", str(out), *FAST) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: caption metrics are pycocoevalcap's") and "pip install pycocoevalcap" in line
+    assert not out.exists()
+
+
 def test_bad_compare_fails_before_any_work(tmp_path, capsys):
     q, a, images, gold = vqav2_files(tmp_path, n=3)
     bench = load_benchmark("vqa", "vqav2", questions=q, annotations=a, images=images)

@@ -266,6 +266,13 @@ def run(args) -> int:
         shards = args.annotations
     skip = [s.strip() for s in (getattr(args, "skip_metrics", "") or "").split(",") if s.strip()]
     try:
+        if task == "caption":  # before any model runs: the scorers are needed at the end
+            from mmlm.evaluation.caption_metrics import require_pycocoevalcap
+
+            try:
+                require_pycocoevalcap()
+            except ImportError as e:
+                raise BenchmarkError(str(e)) from None
         bench = load_benchmark(
             task, args.benchmark, annotations=args.annotations, questions=args.questions, images=args.images,
             shards=shards, split=args.split, limit=args.limit, caption_prompt=getattr(args, "prompt", None),

@@ -100,6 +100,13 @@ def _pycocoevalcap_dir() -> str | None:
     return os.path.abspath(paths[0]) if paths else None
 
 
+def require_pycocoevalcap() -> None:
+    """Raise a one-line ``ImportError`` naming the install command when pycocoevalcap is missing."""
+    if _pycocoevalcap_dir() is None:
+        raise ImportError("caption metrics are pycocoevalcap's official scorers, which are not installed: "
+                          "pip install pycocoevalcap (or pip install -e '.[dev]')")
+
+
 def spice_available() -> bool:
     """True when SPICE can run offline: Java plus Stanford CoreNLP 3.6.0 (jar and models) in
     ``pycocoevalcap/spice/lib`` (what ``get_stanford_models`` would otherwise download)."""
@@ -317,6 +324,7 @@ def score_captions(
     compute (``"METEOR"``, ``"SPICE"``, ...); ``groups[key]``: ``{breakdown: value}`` for
     per-subset scores. Raises ``ValueError`` for a key without prediction or references.
     """
+    require_pycocoevalcap()
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
