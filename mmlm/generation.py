@@ -54,8 +54,8 @@ class GenerationConfig:
     """Compile the one-token decode step: ``torch.compile`` through transformers' ``get_compiled_call``
     (CUDA graphs on a GPU, inductor on a CPU); the prompt's prefill stays eager. Decodes with a static
     cache (sets ``cache`` to ``static``) whose length is rounded up to a multiple of 64, so batches of
-    similar prompt lengths reuse one compiled step. Shapes are static: each (batch size, cache length)
-    pair compiles once (seconds to a minute), then is reused; greedy outputs equal eager decoding
+    similar prompt lengths reuse one compiled step. The first call compiles (seconds to a minute; on a
+    CPU each new batch size and cache length compiles once); greedy outputs equal eager decoding
     (tested). Greedy and sampling only, not beam search."""
 
     def __post_init__(self) -> None:
@@ -108,13 +108,16 @@ def static_cache_length(prompt_len: int, max_new_tokens: int, compiled: bool) ->
 
 
 def decode_compile_config(device: torch.device):
-    """transformers' ``CompileConfig`` for the decode step: mode ``reduce-overhead`` (CUDA graphs) on a
-    GPU, ``default`` elsewhere; static shapes (``dynamic=False``): the bucketed static cache keeps the
-    shapes few, each gets kernels specialised to it, and torch 2.11's CPU inductor miscompiles the
-    symbolic-shape step that automatic dynamic shapes would build after a second shape (C++ error)."""
+    """transformers' ``CompileConfig`` for the decode step. On a GPU: mode ``reduce-overhead`` (CUDA
+    graphs, one per shape) with torch's automatic dynamic shapes (one symbolic-shape compile serves
+    every later batch size and cache length). Elsewhere: mode ``default`` with static shapes
+    (``dynamic=False``, one compile per batch size and cache length; the bucketed static cache keeps
+    them few): torch 2.11's CPU inductor miscompiles the symbolic-shape step (a C++ error)."""
     from transformers import CompileConfig
 
-    return CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
+    if device.type == "cuda":
+        return CompileConfig(mode="reduce-overhead")
+    return CompileConfig(mode="default", dynamic=False)
 
 
 def compiled_decode_step(lm):

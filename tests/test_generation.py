@@ -171,7 +171,7 @@ def test_compiled_decode_step_equals_eager(pair):
                for c in (False, True)}
     assert torch.equal(sampled[False], sampled[True])
     assert vlm.lm._compiled_call is not None  # transformers' cached compiled call: later calls reuse it
-    assert vlm.lm._last_compile_config.dynamic is False  # static shapes (torch 2.11's CPU inductor fails on symbolic)
+    assert vlm.lm._last_compile_config.dynamic is False  # static shapes on a CPU (torch 2.11's inductor fails on symbolic)
     assert GenerationConfig(compile=True).cache == "static"
     with pytest.raises(ValueError, match="not beam search"):
         GenerationConfig(compile=True, num_beams=2)
