@@ -22,6 +22,8 @@ def test_help_documents_every_section(capsys):
                  "--checkpoint.every_n_train_steps", "--preflight.num_batches", "--signals.signals", "--ckpt_path"):
         assert flag in out, flag
     assert "RUN_DIR/model" in out and "what trains: align (projector)" in out
+    # the module docstring's tables keep their lines (argparse reflowed them into one paragraph)
+    assert "\n    RUN_DIR/checkpoints/last.ckpt " in out and "Exit codes: 0 done" in out
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):

@@ -43,6 +43,32 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
 
 
+def test_resume_from_a_file_or_last_keeps_the_options_given_and_names_the_changed_ones(tmp_path):
+    """Lightning replaced the --model options with the checkpoint's hyperparameters for a checkpoint
+    file but not for `last`: both now run with the options given, and a warning names each one that
+    differs from the checkpoint's run (none when they agree)."""
+    from mmlm.training.module import hparam_changes
+
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, steps=2)) == 0
+    ckpt = run / "checkpoints" / "last.ckpt"
+    for where, old, new, steps in ((str(ckpt), 10, 3, 3), ("last", 3, 5, 4)):
+        with pytest.warns(UserWarning, match=rf"max_nonfinite: {new} \(checkpoint: {old}\)") as caught:
+            assert fit.main(fit_args(run, "--ckpt_path", where, "--model.max_nonfinite", str(new), steps=steps)) == 0
+        assert sum("other than the checkpoint's run" in str(w.message) for w in caught) == 1
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert saved["global_step"] == steps and saved["hyper_parameters"]["max_nonfinite"] == new  # as given
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fit.main(fit_args(run, "--ckpt_path", "last", "--model.max_nonfinite", "5", steps=5)) == 0
+    assert not [w for w in caught if "other than the checkpoint's run" in str(w.message)]  # the same: silent
+    assert hparam_changes({"lr": 1e-3, "betas": [0.9, 0.98], "_instantiator": "x"},
+                          {"lr": 1e-3, "betas": (0.9, 0.98)}) == []
+    assert hparam_changes({"lr": 1e-3}, {"lr": 1e-4}) == ["lr: 0.0001 (checkpoint: 0.001)"]
+
+
 def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path, capsys):
     run = tmp_path / "fresh"
     assert fit.main(fit_args(run, "--ckpt_path", "last", steps=1)) == 0

@@ -31,6 +31,9 @@ Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>
     RUN_DIR/model/                         final model + processor: mmlm.load(), mmlm describe --model
 
 ``--ckpt_path last`` with no checkpoint yet starts a fresh run (so job scripts can always pass it).
+A resumed run (``--ckpt_path FILE`` or ``last``) takes its options from the command line and configs as
+given, not from the checkpoint, and warns about each ``--model`` option that differs from the checkpoint's
+run; the weights, optimizer, learning-rate schedule, loader position and RNG continue from the checkpoint.
 Exit codes: 0 done; 1 training failed (non-finite losses, pre-flight); 2 bad arguments or
 inputs; 128+N stopped by signal N after saving ``last.ckpt``.
 
@@ -51,6 +54,21 @@ import warnings
 from pathlib import Path
 
 FIT_DESCRIPTION = (__doc__ or "").split("Usage::")[0].strip()
+FIT_HELP = (__doc__ or "").replace("::\n", ":\n").replace("``", "`").strip()
+"""``mmlm fit --help``'s text above the options: this module's docstring (usage, sections, run directory,
+exit codes), its line breaks kept."""
+
+
+def _help_formatter():
+    """jsonargparse's help formatter that keeps the description's line breaks (tables, usage lines)."""
+    import argparse
+
+    from jsonargparse import DefaultHelpFormatter
+
+    class KeepDescriptionLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+        pass
+
+    return KeepDescriptionLines
 
 TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,
@@ -128,13 +146,15 @@ def _cli_classes():
 
         def _parse_ckpt_path(self) -> None:
             # a --ckpt_path that is no checkpoint file is a bad argument, reported before anything is
-            # written (Lightning's own reading of it raised a traceback, or failed after set-up)
+            # written (Lightning's own reading of it raised a traceback, or failed after set-up).
+            # Lightning would also replace the --model options with the checkpoint's hyperparameters here,
+            # for a file but not for `last`: not done, so both resume the same way (the options given;
+            # VLMModule.on_load_checkpoint names any that differ from the checkpoint's run)
             sub = self.config.get("subcommand")
             ckpt = self.config[sub].get("ckpt_path") if sub else None
             if ckpt and str(ckpt) not in ("last", "best", "hpc") and "://" not in str(ckpt) \
                     and not str(ckpt).startswith("registry"):
                 check_checkpoint_file(str(ckpt))
-            super()._parse_ckpt_path()
 
         def instantiate_trainer(self, **kwargs):
             tcfg = self._get(self.config_init, "trainer", default={})
@@ -370,7 +390,7 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults=dict(TRAINER_DEFAULTS),
                 seed_everything_default=0,
-                parser_kwargs={"prog": "mmlm", "fit": {"description": FIT_DESCRIPTION}},
+                parser_kwargs={"prog": "mmlm", "formatter_class": _help_formatter(), "fit": {"description": FIT_HELP}},
                 auto_configure_optimizers=False,
                 args=["fit", *argv],
             )

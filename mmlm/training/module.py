@@ -453,6 +453,11 @@ class VLMModule(pl.LightningModule):
             self._build_from_payload(payload)
         self.guard.load_state_dict(payload.get("nonfinite", {}))
         self._pending_rng = payload.get("rng")
+        changed = hparam_changes(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        if changed:
+            rank_zero_warn("resuming with model settings other than the checkpoint's run: " + "; ".join(changed)
+                           + ". The weights, the optimizer and its learning-rate schedule continue from the "
+                           "checkpoint; to train with new settings, start a run with --model.init_from RUN/model")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -465,6 +470,21 @@ def check_normalization(vlm, processor) -> None:
         raise ValueError(f"the processor normalises images with mean={theirs.mean} std={theirs.std} but the model "
                          f"with mean={mine.mean} std={mine.std}: fix image_transform in processor_config.json or in "
                          "the vision config so that they agree")
+
+
+def hparam_changes(saved: dict, current: dict) -> list[str]:
+    """``"name: current (checkpoint: saved)"`` for each ``VLMModule`` argument that differs between a
+    checkpoint's run and this one (Lightning's bookkeeping keys, ``_...``, left out)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key.startswith("_"):
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, tuple | list) and isinstance(new, tuple | list):
+            old, new = list(old), list(new)
+        if old != new:
+            out.append(f"{key}: {new!r} (checkpoint: {old!r})")
+    return out
 
 
 def check_attention_trains_on(vlm, device: torch.device) -> None:
