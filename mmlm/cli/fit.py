@@ -390,7 +390,8 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults=dict(TRAINER_DEFAULTS),
                 seed_everything_default=0,
-                parser_kwargs={"prog": "mmlm", "formatter_class": _help_formatter(), "fit": {"description": FIT_HELP}},
+                parser_kwargs={"prog": "mmlm", "formatter_class": _help_formatter(),  # the subcommand's: newer
+                               "fit": {"description": FIT_HELP, "formatter_class": _help_formatter()}},  # older
                 auto_configure_optimizers=False,
                 args=["fit", *argv],
             )
