@@ -47,7 +47,7 @@ def test_resume_from_a_file_or_last_keeps_the_options_given_and_names_the_change
     """Lightning replaced the --model options with the checkpoint's hyperparameters for a checkpoint
     file but not for `last`: both now run with the options given, and a warning names each one that
     differs from the checkpoint's run (none when they agree)."""
-    from mmlm.training.module import hparam_changes
+    from mmlm.training.checks import hparam_changes
 
     run = tmp_path / "run"
     assert fit.main(fit_args(run, steps=2)) == 0

@@ -458,7 +458,7 @@ def test_uint8_training_needs_the_processor_s_normalisation_to_be_the_model_s():
     the processor's: a mismatch would train and infer on differently normalised images."""
     import dataclasses
 
-    from mmlm.training.module import check_normalization
+    from mmlm.training.checks import check_normalization
 
     vlm, proc = tiny_pair()
     check_normalization(vlm, proc)  # built together: they agree

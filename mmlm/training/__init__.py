@@ -22,6 +22,7 @@ _EXPORTS = {
     "mmlm.training.preflight": ["Preflight", "PreflightError", "PreflightReport", "run_preflight",
                                 "analyse_batches", "check_template", "check_max_length", "estimate_memory"],
     "mmlm.training.compile": ["compile_blocks"],
+    "mmlm.training.checks": ["check_normalization", "check_attention_trains_on", "hparam_changes"],
     "mmlm.training.build": ["build_model_and_processor", "build_from_checkpoint", "train_tokenizer",
                             "tokenizer_from_shards", "corpus_from_shards", "processor_files", "processor_from_files"],
 }

@@ -45,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mmlm.processing import IMAGE_PLACEMENTS
 from mmlm.training.callbacks import NonFiniteGuard
+from mmlm.training.checks import check_attention_trains_on, check_normalization, hparam_changes
 from mmlm.training.freeze import STAGES, configure_trainable, enable_activation_checkpointing, frozen_modules
 from mmlm.training.state import CHECKPOINT_KEY, get_rng_state, make_payload, read_checkpoint_payload, set_rng_state
 
@@ -461,42 +462,6 @@ class VLMModule(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def check_normalization(vlm, processor) -> None:
-    """The model normalises uint8 batches with its own ``image_transform()`` mean/std, the processor
-    normalises float pixel values (``describe``, ``eval``) with its config's: they must agree, or
-    training and inference would feed the encoder differently normalised images."""
-    mine, theirs = vlm.image_transform(), processor.config.image_transform
-    if (tuple(mine.mean), tuple(mine.std)) != (tuple(theirs.mean), tuple(theirs.std)):
-        raise ValueError(f"the processor normalises images with mean={theirs.mean} std={theirs.std} but the model "
-                         f"with mean={mine.mean} std={mine.std}: fix image_transform in processor_config.json or in "
-                         "the vision config so that they agree")
-
-
-def hparam_changes(saved: dict, current: dict) -> list[str]:
-    """``"name: current (checkpoint: saved)"`` for each ``VLMModule`` argument that differs between a
-    checkpoint's run and this one (Lightning's bookkeeping keys, ``_...``, left out)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if key.startswith("_"):
-            continue
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, tuple | list) and isinstance(new, tuple | list):
-            old, new = list(old), list(new)
-        if old != new:
-            out.append(f"{key}: {new!r} (checkpoint: {old!r})")
-    return out
-
-
-def check_attention_trains_on(vlm, device: torch.device) -> None:
-    """FlexAttention has no backward pass on a CPU in torch, and every training stage backpropagates
-    through the LM's attention (the align stage too, to reach the projector): refuse up front rather
-    than fail in the first step's backward."""
-    attn = getattr(vlm.lm.config, "_attn_implementation", None)
-    if attn == "flex_attention" and torch.device(device).type == "cpu":
-        raise ValueError("flex_attention trains on a GPU only (torch has no FlexAttention backward on a CPU): set "
-                         "--model.model_overrides.text.attn_implementation sdpa (or eager)")
-
-
 def _get_attr_or_hparam(obj, name: str):
     if obj is None:
         return None
