@@ -382,6 +382,7 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
     cli_class = type("FitCLI", (FitCLI,), {"parse_only": parse_only})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        formatter = _help_formatter()
         try:
             return cli_class(
                 VLMModule,
@@ -390,8 +391,8 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults=dict(TRAINER_DEFAULTS),
                 seed_everything_default=0,
-                parser_kwargs={"prog": "mmlm", "formatter_class": _help_formatter(),  # the subcommand's: newer
-                               "fit": {"description": FIT_HELP, "formatter_class": _help_formatter()}},  # older
+                parser_kwargs={"prog": "mmlm", "formatter_class": formatter,  # the subcommand's: newer jsonargparse
+                               "fit": {"description": FIT_HELP, "formatter_class": formatter}},  # older
                 auto_configure_optimizers=False,
                 args=["fit", *argv],
             )
