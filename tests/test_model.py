@@ -266,3 +266,13 @@ def test_pixel_dtypes_other_than_uint8_or_float_are_refused(pair):
             with pytest.raises(ValueError, match=r"pixel_values must be uint8 RGB \(normalised by the model\) or "
                                                  rf"floating point \(normalised already\), got {bad}$"):
                 vlm(ids, enc["pixel_values"].to(bad))
+
+
+def test_an_attention_kernel_the_lm_lacks_names_mmlm_s_option():
+    """transformers' own message (e.g. Gemma-2 without SDPA in 5.x, or an unknown name) plus the option
+    that sets it, in one ValueError."""
+    cfg = tiny_config(tiny_tokenizer())
+    cfg.text.attn_implementation = "flashy"
+    with pytest.raises(ValueError, match=r"^text\.attn_implementation='flashy': .*flashy.*"
+                                         r"--model\.model_overrides\.text\.attn_implementation eager\)$"):
+        VLM(cfg)

@@ -54,16 +54,22 @@ def build_language_model(cfg: TextConfig) -> nn.Module:
     """An ``AutoModelForCausalLM``; pretrained from ``cfg.name`` or randomly initialised."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.pretrained:
-        if not cfg.name:
-            raise ValueError("text.pretrained=True needs text.name (a hub name or local path)")
-        return AutoModelForCausalLM.from_pretrained(
-            cfg.name, config=hf_config_object(cfg) if cfg.hf_config else None,
-            attn_implementation=cfg.attn_implementation, trust_remote_code=False, dtype=torch.float32,
-        )
-    config = hf_config_object(cfg)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, trust_remote_code=False,
-                                            dtype=torch.float32)
+    if cfg.pretrained and not cfg.name:
+        raise ValueError("text.pretrained=True needs text.name (a hub name or local path)")
+    try:
+        if cfg.pretrained:
+            return AutoModelForCausalLM.from_pretrained(
+                cfg.name, config=hf_config_object(cfg) if cfg.hf_config else None,
+                attn_implementation=cfg.attn_implementation, trust_remote_code=False, dtype=torch.float32,
+            )
+        return AutoModelForCausalLM.from_config(hf_config_object(cfg), attn_implementation=cfg.attn_implementation,
+                                                trust_remote_code=False, dtype=torch.float32)
+    except ValueError as e:  # e.g. Gemma-2 has no SDPA attention in transformers: name mmlm's option
+        if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
+            raise
+        raise ValueError(f"text.attn_implementation={cfg.attn_implementation!r}: {str(e).splitlines()[0]} (set "
+                         "text.attn_implementation, e.g. --model.model_overrides.text.attn_implementation eager)"
+                         ) from e
 
 
 @functools.cache
