@@ -8,9 +8,10 @@
   directory with its ``LlavaProcessor`` that ``AutoModelForImageTextToText``/``AutoProcessor``
   load; what LLaVA cannot represent raises ``ExportError`` saying what would be needed. Its steps:
   ``check_exportable``, ``to_llava``, ``to_llava_processor``, ``image_processor_for``,
-  ``export_chat_template``, ``timm_to_hf_vision``. See :mod:`mmlm.interop.export`, with the
-  decisions worth knowing (pruned vision layers, feature selection, projectors, timm towers, tied
-  weights, generation stops, image processors, chat templates).
+  ``export_chat_template``, ``timm_to_hf_vision`` (:mod:`mmlm.interop.timm_towers`). See
+  :mod:`mmlm.interop.export`, with the decisions worth knowing (pruned vision layers, feature
+  selection, projectors, timm towers, tied weights, generation stops, image processors, chat
+  templates).
 - ``import_hf(source, out)``: a LLaVA checkpoint (directory or hub name) -> ``(VLM, Processor)``,
   and with ``out`` an mmlm checkpoint. See :mod:`mmlm.interop.import_`.
 """
@@ -21,12 +22,12 @@ from mmlm.interop.export import (
     export_chat_template,
     export_hf,
     image_processor_for,
-    timm_to_hf_vision,
     to_llava,
     to_llava_processor,
 )
 from mmlm.interop.import_ import import_hf
 from mmlm.interop.pretrained import build_from_pretrained, vision_config_for
+from mmlm.interop.timm_towers import timm_to_hf_vision
 
 __all__ = [
     "ExportError", "build_from_pretrained", "export_hf", "import_hf", "check_exportable",

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
-from mmlm.interop._common import _RESAMPLE_NAMES, _resolve_dtype, _write_dir
-from mmlm.interop.export import _adopt, _no_meta
+from mmlm.interop._common import _RESAMPLE_NAMES, _adopt, _no_meta, _resolve_dtype, _write_dir
 from mmlm.processing import IMAGE_TOKEN, Processor, ProcessorConfig
 from mmlm.templates import ChatTemplate, choose_chat_template, missing_special_tokens
 
