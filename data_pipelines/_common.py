@@ -16,8 +16,9 @@ re-exported here (see ``__all__``) so ``from data_pipelines._common import X`` k
   (``FORMAT_EXT``, ``PIL_DEFAULT_MAX_PIXELS``, :func:`decode_check`, :func:`prepare_image_bytes`,
   :func:`load_image`), with the image contract in its docstring.
 * ``data_pipelines._jobs``: the parallel build loop (:class:`Job`, :class:`Skip`,
-  :class:`BuildStats`, :func:`parallel_map`, :func:`run_job`, :func:`run_jobs`), with the
-  work / resume / skip contract in its docstring.
+  :class:`BuildStats`, :func:`parallel_map`, :func:`run_job`, :func:`run_jobs`) and the output's
+  manifest (:func:`build_manifest`, :func:`manifest_path`), with the work / resume / manifest /
+  skip contract in its docstring.
 """
 
 from __future__ import annotations
@@ -33,7 +34,19 @@ from typing import Any
 
 from ._errors import BuildError, SkipSample
 from ._images import FORMAT_EXT, PIL_DEFAULT_MAX_PIXELS, _encode, decode_check, load_image, prepare_image_bytes
-from ._jobs import BuildStats, Job, Skip, _JobRunner, _run_batch, _validated, parallel_map, run_job, run_jobs
+from ._jobs import (
+    BuildStats,
+    Job,
+    Skip,
+    _JobRunner,
+    _run_batch,
+    _validated,
+    build_manifest,
+    manifest_path,
+    parallel_map,
+    run_job,
+    run_jobs,
+)
 from ._progress import progress
 
 __all__ = [
@@ -67,6 +80,8 @@ __all__ = [
     "run_job",
     "_validated",
     "_JobRunner",
+    "build_manifest",
+    "manifest_path",
     "run_jobs",
 ]
 
@@ -75,8 +90,14 @@ __all__ = [
 
 
 def add_output_args(p: argparse.ArgumentParser, *, shard_size: int = 1000) -> None:
-    """``--out --shard-size --max-shard-bytes --prefix --workers --no-progress --max-skip-fraction``."""
+    """``--out --overwrite --shard-size --max-shard-bytes --prefix --workers --no-progress --max-skip-fraction``."""
     p.add_argument("--out", required=True, type=Path, help="output directory for the tar shards (created)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the shards (PREFIX-NNNNNN.tar) already in --out and build afresh instead of resuming "
+        "them; needed when --out was built from other input or options (see PREFIX.manifest.json there)",
+    )
     p.add_argument("--shard-size", type=int, default=shard_size, help=f"samples per shard (default {shard_size})")
     p.add_argument(
         "--max-shard-bytes", type=int, default=1 << 30, help="start a new shard past this many bytes (default 1 GiB)"

@@ -1,14 +1,18 @@
 """Image checking, re-encoding and loading for the shard builders in ``data_pipelines``.
 
 Contract: every image that goes into a shard is first fully decoded once by PIL to prove it is
-intact (:func:`decode_check`); an input that cannot be used raises
+intact (:func:`decode_check`: open, pixel-count check and full load, the checks training's
+``mmlm.data.decode.decode_image`` makes, so a builder keeps what training decodes: a PNG missing
+only its ``IEND`` chunk is kept); an input that cannot be used raises
 :class:`~data_pipelines._errors.SkipSample` with a short reason (``empty image``, ``not an image``,
 ``image too large``, ``undecodable image``, ``missing image``, ``unreadable image``) instead of
 failing the run. jpg/png/webp bytes are stored as they are (no re-encode); other formats (gif,
 bmp, tiff, ...) are re-encoded to PNG (32-bit integer and float images, which PNG cannot hold,
 scaled to 8 bits as training's ``mmlm.data.decode.to_rgb`` scales them: a plain RGB conversion
 turns a 0..1 float image black); ``--resize-max PX`` re-encodes images whose longer side exceeds
-PX (EXIF orientation applied, JPEG/WEBP quality 95, PNG lossless, same format as the input).
+PX (EXIF orientation applied first, so the longer side is measured as displayed; JPEG/WEBP
+quality 95, PNG lossless, same format as the input). A path that cannot be read (including one
+with a NUL byte) is ``unreadable image``.
 :func:`prepare_image_bytes` and :func:`load_image` return ``(bytes, ext)``. PIL is imported when
 first used.
 """
@@ -39,11 +43,11 @@ def decode_check(data: bytes, max_pixels: int = PIL_DEFAULT_MAX_PIXELS):
     try:
         with warnings.catch_warnings():  # max_pixels decides, not PIL's warning at its own default
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.size[0] * im.size[1] > max_pixels:
-                    raise SkipSample("image too large", f"{im.size[0]}x{im.size[1]}")
-                im.verify()
+            # no ``im.verify()``: it rejects images training decodes (a PNG without IEND, a bad
+            # chunk CRC); a full load is the check training's decode_image makes
             im = Image.open(io.BytesIO(data))
+            if im.size[0] * im.size[1] > max_pixels:
+                raise SkipSample("image too large", f"{im.size[0]}x{im.size[1]}")
             im.load()
             return im
     except SkipSample:
@@ -92,12 +96,15 @@ def prepare_image_bytes(
     # its bytes are a JPEG that every decoder reads, so it is stored as one, not re-encoded to PNG
     fmt = "JPEG" if im.format == "MPO" else im.format or ""
     ext = FORMAT_EXT.get(fmt)
-    w, h = im.size
-    too_big = resize_max is not None and max(w, h) > resize_max
+    too_big = resize_max is not None and max(im.size) > resize_max
     if ext is not None and not too_big:
         return data, ext
     try:
         im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: training's decode_image ignores it too
+        pass
+    try:
+        w, h = im.size  # as displayed: a 90-degree EXIF rotation swaps the sides
         if too_big:
             scale = resize_max / max(w, h)
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -120,4 +127,6 @@ def load_image(
         raise SkipSample("missing image", str(path)) from None
     except OSError as e:
         raise SkipSample("unreadable image", f"{path}: {e.strerror or e}") from None
+    except ValueError as e:  # "embedded null byte": a path the OS cannot even be asked about
+        raise SkipSample("unreadable image", f"{str(path)!r}: {e}"[:160]) from None
     return prepare_image_bytes(data, resize_max=resize_max, max_pixels=max_pixels)

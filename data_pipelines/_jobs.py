@@ -10,6 +10,15 @@ Contract of :func:`run_jobs`:
 * Resume: keys already present in complete shards of ``--out`` are not redone, leftover temporary
   shards are removed and new shards are numbered after the existing ones, so re-running over a
   half-done output neither duplicates nor loses samples.
+* Manifest: what the output is built from (:func:`build_manifest`: the builder, its inputs'
+  resolved paths and file sizes, the options that change the samples) is written atomically to
+  ``OUT/PREFIX.manifest.json`` before any shard. Resuming over shards whose manifest differs is a
+  :class:`~data_pipelines._errors.BuildError` naming what differs (keys such as line numbers
+  would match samples of another input and silently drop new ones): use another ``--out``, or
+  ``--overwrite``, which deletes the existing ``PREFIX-NNNNNN.tar`` shards and builds afresh.
+  Shards without a manifest (built by an older version) are resumed as before.
+* Empty input: no job at all is a :class:`~data_pipelines._errors.BuildError`, raised before
+  anything is created or deleted.
 * Skips: an input that cannot become a valid sample (missing or undecodable image, schema error)
   is skipped with a reason (:class:`Skip`, or :class:`~data_pipelines._errors.SkipSample` raised
   by the job function); counts per reason are printed at the end (:class:`BuildStats`) and every
@@ -26,9 +35,9 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +47,7 @@ from mmlm.data.writer import ResumeState, ShardWriter, resume_state
 from ._errors import BuildError, SkipSample
 from ._progress import progress
 
-__all__ = ["Skip", "Job", "BuildStats", "parallel_map", "run_job", "run_jobs"]
+__all__ = ["Skip", "Job", "BuildStats", "parallel_map", "run_job", "build_manifest", "manifest_path", "run_jobs"]
 
 
 @dataclass
@@ -92,6 +101,90 @@ def parallel_map(
             results = pending.popleft().get()
             submit()
             yield from results
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+
+def build_manifest(
+    builder: str, args: argparse.Namespace, inputs: Sequence[str], options: Sequence[str]
+) -> dict[str, Any]:
+    """What an output is built from: ``{"builder", "inputs": {"--flag": {"path", "size"} | None},
+    "options": {"--flag": value}}`` for the ``args`` attributes named in ``inputs`` (files and
+    directories: resolved path, plus the size of a file) and ``options`` (plain values)."""
+
+    def describe(p: Any) -> dict[str, Any] | None:
+        if p is None:
+            return None
+        p = Path(p).resolve()
+        return {"path": str(p), "size": p.stat().st_size} if p.is_file() else {"path": str(p)}
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    return {
+        "builder": builder,
+        "inputs": {flag(n): describe(getattr(args, n)) for n in inputs},
+        "options": {flag(n): getattr(args, n) for n in options},
+    }
+
+
+def manifest_path(out: Path, prefix: str) -> Path:
+    return Path(out) / f"{prefix}.manifest.json"
+
+
+def _described(v: Any) -> str:
+    if v is None:
+        return "not given"
+    if isinstance(v, dict) and "path" in v:
+        return v["path"] + (f" ({v['size']} bytes)" if "size" in v else "")
+    return json.dumps(v, ensure_ascii=False)
+
+
+def _manifest_difference(old: Any, new: dict[str, Any]) -> str | None:
+    """``None`` when ``old`` (as read from disk) equals ``new``, else what differs, in a few words."""
+    new = json.loads(json.dumps(new))  # tuples -> lists, as read back
+    if old == new:
+        return None
+    if not isinstance(old, dict):
+        return "its manifest is not a JSON object"
+    if old.get("builder") != new["builder"]:
+        return f"built by {old.get('builder')}, now {new['builder']}"
+    for part in ("inputs", "options"):
+        was_all = old.get(part) if isinstance(old.get(part), dict) else {}
+        for name, now in new[part].items():
+            was = was_all.get(name, "<unrecorded>")
+            if was != now:
+                return f"{name} was {_described(was)}, now {_described(now)}"
+    return "its manifest records other inputs or options"
+
+
+def _check_manifest(out: Path, prefix: str, manifest: dict[str, Any], state: ResumeState) -> bool:
+    """Raise :class:`BuildError` if ``out`` holds shards built from something else; return
+    whether the manifest must be (re)written."""
+    path = manifest_path(out, prefix)
+    if not path.is_file():
+        return True  # a new output, or one built before manifests existed: resumed as before
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    diff = _manifest_difference(old, manifest)
+    if diff is None:
+        return False
+    if not state.shards:  # nothing to resume: the manifest of an earlier run that wrote no shard
+        return True
+    raise BuildError(
+        f"--out {out} holds shards built from other input ({diff}); "
+        "use another --out, or --overwrite to delete them and build afresh"
+    )
+
+
+def _write_manifest(out: Path, prefix: str, manifest: dict[str, Any]) -> None:
+    path = manifest_path(out, prefix)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the build loop
@@ -163,15 +256,29 @@ def run_jobs(
     total: int | None = None,
     desc: str = "build",
     out: Path | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> BuildStats:
     """The shared build loop (see the module docstring). ``fn(payload) -> list[Record | Skip]``
-    runs in the workers; it may raise :class:`SkipSample` to skip the whole job."""
+    runs in the workers; it may raise :class:`SkipSample` to skip the whole job. ``manifest``
+    (:func:`build_manifest`) is checked against and recorded in ``out``; ``args.overwrite``
+    (when present and true) deletes the shards already there instead of resuming them."""
     out = Path(out or args.out)
     t0 = time.perf_counter()
-    state = resume_state(out, args.prefix)
+    jobs = iter(jobs)
+    first = next(jobs, None)  # before anything is created, deleted or checked
+    if first is None:
+        raise BuildError(f"{desc}: the input holds no samples; nothing to build")
+    jobs = chain([first], jobs)
+    overwrite = bool(getattr(args, "overwrite", False))
+    state = resume_state(out, args.prefix, read_keys=not overwrite)
+    if overwrite:
+        for p in state.shards:  # only PREFIX-NNNNNN.tar: nothing else in --out is touched
+            p.unlink()
+        state = ResumeState(removed_tmp=state.removed_tmp)
     if state.broken:
         names = ", ".join(p.name for p in state.broken)
         raise BuildError(f"unreadable shard(s) in {out}: {names}; delete them and re-run to redo their samples")
+    write_manifest = manifest is not None and _check_manifest(out, args.prefix, manifest, state)
     stats = BuildStats(resumed=state)
     skips_path = out / "skipped.jsonl"
     skips_tmp = out / ".skipped.jsonl.tmp"
@@ -189,6 +296,8 @@ def run_jobs(
 
     processed = 0
     out.mkdir(parents=True, exist_ok=True)
+    if write_manifest:
+        _write_manifest(out, args.prefix, manifest)
     skips = open(skips_tmp, "w", encoding="utf-8")
     try:
         with ShardWriter(

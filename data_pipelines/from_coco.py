@@ -12,15 +12,19 @@ Inputs (the format is detected from the file):
 
 Output samples:
 
-* default, one sample per image: ``KEY.jpg`` + ``KEY.txt`` (the first caption) + ``KEY.json``
-  ``{"captions": [all captions], "image_id": int, "file_name": str}`` -- what caption evaluation
-  and most trainers want. Key: ``%012d`` of the image id.
+* default, one sample per image: ``KEY.jpg`` + ``KEY.json`` ``{"captions": [all captions],
+  "image_id": int, "file_name": str}`` -- each reference once (no ``KEY.txt`` repeating the first
+  one, which training would then draw twice as often): training draws one of them per sample,
+  caption evaluation reads them all as references. Key: ``%012d`` of the image id.
 * ``--per-caption``: one sample per (image, caption) pair as in LLaVA/BLIP pre-training:
   ``KEY.txt`` = that caption, json ``{"image_id", "id": caption id}``. Key: ``IMAGEID-CAPTIONID``.
 
 Empty captions are dropped (counted as skipped, keyed ``IMAGEID-CAPTIONID`` in ``skipped.jsonl``
 in both modes); an image with no captions left, missing or undecodable is skipped with its
-reason. Usage::
+reason. An image id listed twice in ``images`` is an error, and so is a re-run with other
+annotations (or other ``--images``, ``--split``, ``--per-caption``, ``--resize-max``,
+``--max-pixels``) into the same ``--out`` (``OUT/PREFIX.manifest.json`` records what it was built
+from; ``--overwrite`` starts afresh). Usage::
 
     python -m data_pipelines.from_coco --annotations annotations/captions_val2017.json \\
         --images val2017/ --out shards/coco-val2017
@@ -44,6 +48,7 @@ from ._common import (
     Skip,
     add_image_args,
     add_output_args,
+    build_manifest,
     check_output_args,
     cli,
     load_image,
@@ -71,9 +76,12 @@ def _entries_coco(data: dict) -> list[dict]:
         try:
             if not isinstance(im["file_name"], str):
                 raise TypeError("file_name is not a string")
-            by_id[int(im["id"])] = {"image_id": int(im["id"]), "file_names": [im["file_name"]], "captions": []}
+            image_id = int(im["id"])
         except (KeyError, TypeError, ValueError):
             raise BuildError(f'COCO image entry without "id"/"file_name": {str(im)[:80]}') from None
+        if image_id in by_id:  # which entry wins would be a guess: one image, one key
+            raise BuildError(f'image id {image_id} appears twice in "images"')
+        by_id[image_id] = {"image_id": image_id, "file_names": [im["file_name"]], "captions": []}
     for ann in data["annotations"]:
         try:
             entry = by_id[int(ann["image_id"])]
@@ -85,6 +93,7 @@ def _entries_coco(data: dict) -> list[dict]:
 
 def _entries_karpathy(data: dict, splits: Sequence[str]) -> list[dict]:
     out = []
+    seen: set[int] = set()
     for im in data["images"]:
         if not isinstance(im, dict):
             raise BuildError(f"Karpathy image entry is not an object: {str(im)[:80]}")
@@ -97,6 +106,9 @@ def _entries_karpathy(data: dict, splits: Sequence[str]) -> list[dict]:
         except (KeyError, TypeError, ValueError, AttributeError):
             entry = str(im)[:80]
             raise BuildError(f'Karpathy image entry needs "cocoid", "filename", "sentences": [{{"raw"}}]: {entry}') from None
+        if image_id in seen:
+            raise BuildError(f'image id (cocoid) {image_id} appears twice in "images"')
+        seen.add(image_id)
         out.append({"image_id": image_id, "file_names": names, "captions": caps, "split": im["split"]})
     return out
 
@@ -151,7 +163,7 @@ def build_records(
             m = dict(meta, id=cid)
             out.append(Record(caption_key(image_id, cid), [data], [ext], caption=text, meta=m))
     else:
-        rec = Record(image_key(image_id), [data], [ext], caption=caps[0][1], captions=[c for _, c in caps], meta=meta)
+        rec = Record(image_key(image_id), [data], [ext], captions=[c for _, c in caps], meta=meta)  # each once
         out.append(rec)
     return out
 
@@ -204,7 +216,10 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
     )
     print(f"{fmt} annotations: {len(entries)} images, {sum(len(e['captions']) for e in entries)} captions")
-    stats = run_jobs(args, iter_jobs(entries, args.per_caption), fn, total=total, desc="from_coco")
+    manifest = build_manifest(
+        "from_coco", args, ["annotations", "images"], ["split", "per_caption", "resize_max", "max_pixels"]
+    )
+    stats = run_jobs(args, iter_jobs(entries, args.per_caption), fn, total=total, desc="from_coco", manifest=manifest)
     print(stats.summary(args.out))
     return 0
 

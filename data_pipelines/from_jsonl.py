@@ -9,7 +9,10 @@ absolute path, or a list of paths for several images) and one of:
   (LLaVA style; ``<image>`` placeholders, one per image; text-only conversations are allowed).
 
 Every other field (``id``, ``image_id``, ...) is kept in the sample's json. The sample key is the
-1-based line number, zero-padded (``000000042``), so a re-run over the same file resumes exactly.
+1-based line number, zero-padded (``000000042``), so a re-run over the same file resumes exactly;
+a re-run with another file (or other ``--image-root``, ``--resize-max``, ``--max-pixels``) into
+the same ``--out`` is an error (``OUT/PREFIX.manifest.json`` records what it was built from;
+``--overwrite`` starts afresh). A file with no non-blank line is an error.
 The file is UTF-8 (a byte-order mark is allowed); blank lines are ignored. A bad line (not JSON,
 or not UTF-8: never decoded with replacement characters), a missing or undecodable image, or a
 sample that breaks the schema is skipped and reported (``OUT/skipped.jsonl``). Usage::
@@ -34,6 +37,7 @@ from ._common import (
     SkipSample,
     add_image_args,
     add_output_args,
+    build_manifest,
     check_output_args,
     cli,
     load_image,
@@ -126,10 +130,14 @@ def run(args: argparse.Namespace) -> int:
         raise BuildError(f"--jsonl {args.jsonl} does not exist")
     if not args.image_root.is_dir():
         raise BuildError(f"--image-root {args.image_root} is not a directory")
+    total = count_lines(args.jsonl)
+    if total == 0:
+        raise BuildError(f"--jsonl {args.jsonl} has no samples (no non-blank line)")
     fn = functools.partial(
         build_record, image_root=args.image_root, resize_max=args.resize_max, max_pixels=args.max_pixels
     )
-    stats = run_jobs(args, iter_jobs(args.jsonl), fn, total=count_lines(args.jsonl), desc="from_jsonl")
+    manifest = build_manifest("from_jsonl", args, ["jsonl", "image_root"], ["resize_max", "max_pixels"])
+    stats = run_jobs(args, iter_jobs(args.jsonl), fn, total=total, desc="from_jsonl", manifest=manifest)
     print(stats.summary(args.out))
     return 0
 

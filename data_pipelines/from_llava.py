@@ -10,7 +10,10 @@ Output: ``KEY.jpg`` (or ``KEY.0.jpg``, ``KEY.1.jpg``... for several images) + ``
 entry. ``<image>`` placeholders are kept as they are; the key is the 0-based position in the
 array, zero-padded (``000000042``), because LLaVA ids are neither unique nor dot-free.
 A missing or undecodable image, or an entry that breaks the schema (e.g. a role other than
-human/gpt, placeholder count != image count), is skipped with its reason. Usage::
+human/gpt, placeholder count != image count), is skipped with its reason. An empty array is an
+error, and so is a re-run with another json (or other ``--images``, ``--resize-max``,
+``--max-pixels``) into the same ``--out`` (``OUT/PREFIX.manifest.json`` records what it was built
+from; ``--overwrite`` starts afresh). Usage::
 
     python -m data_pipelines.from_llava --json llava_v1_5_mix665k.json --images data/ --out shards/llava665k
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from ._common import (
     SkipSample,
     add_image_args,
     add_output_args,
+    build_manifest,
     check_output_args,
     cli,
     iter_json_array,
@@ -98,8 +103,13 @@ def run(args: argparse.Namespace) -> int:
         raise BuildError(f"--json {args.json} does not exist")
     if not args.images.is_dir():
         raise BuildError(f"--images {args.images} is not a directory")
+    jobs = iter_jobs(args.json)
+    first = next(jobs, None)
+    if first is None:
+        raise BuildError(f"--json {args.json} is an empty array: no samples")
     fn = functools.partial(build_record, images=args.images, resize_max=args.resize_max, max_pixels=args.max_pixels)
-    stats = run_jobs(args, iter_jobs(args.json), fn, total=None, desc="from_llava")
+    manifest = build_manifest("from_llava", args, ["json", "images"], ["resize_max", "max_pixels"])
+    stats = run_jobs(args, chain([first], jobs), fn, total=None, desc="from_llava", manifest=manifest)
     print(stats.summary(args.out))
     return 0
 

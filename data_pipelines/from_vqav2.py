@@ -10,7 +10,10 @@ annotations, and their samples carry the question only. Images are
 Output, one sample per question (the image bytes are repeated per question; each image is read
 and checked once): ``KEY.jpg`` + ``KEY.json`` ``{"question", "answers": [10 answer strings],
 "question_id", "image_id", "question_type", "answer_type", "multiple_choice_answer",
-"answer_confidences": [...]}``. Key: the question id. Usage::
+"answer_confidences": [...]}``. Key: the question id. A re-run with other inputs or options
+(``--questions``, ``--annotations``, ``--images``, ``--split``, ``--image-pattern``,
+``--resize-max``, ``--max-pixels``) into the same ``--out`` is an error (``OUT/PREFIX.manifest.json``
+records what it was built from; ``--overwrite`` starts afresh). Usage::
 
     python -m data_pipelines.from_vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json \\
         --annotations v2_mscoco_val2014_annotations.json --images val2014/ --split val2014 --out shards/vqav2-val
@@ -31,6 +34,7 @@ from ._common import (
     Skip,
     add_image_args,
     add_output_args,
+    build_manifest,
     check_output_args,
     cli,
     load_image,
@@ -156,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         need_answers=annotations is not None,
     )
-    stats = run_jobs(args, jobs(), fn, total=n_questions, desc="from_vqav2")
+    manifest = build_manifest(
+        "from_vqav2",
+        args,
+        ["questions", "annotations", "images"],
+        ["split", "image_pattern", "resize_max", "max_pixels"],
+    )
+    stats = run_jobs(args, jobs(), fn, total=n_questions, desc="from_vqav2", manifest=manifest)
     print(stats.summary(args.out))
     return 0
 

@@ -2,11 +2,13 @@
 
 ``SHARDS`` are files, directories (their ``*.tar``) or brace patterns
 (``out/shard-{000000..000009}.tar``). Every sample is parsed with the shard schema
-(``mmlm.data.schema``) and every image member is fully decoded with PIL. Reports:
+(``mmlm.data.schema``) and every image member is decoded as training decodes it
+(``mmlm.data.decode.decode_image``: JPEG, PNG or WEBP only, whatever the member's extension). Reports:
 
 * samples per kind (caption / vqa / conversation), images per sample, duplicate keys (a warning
   only: separately built datasets inspected together may share keys);
-* schema errors and corrupt/undecodable images (first few listed with their keys);
+* schema errors and corrupt/undecodable images (those training would skip: GIF, BMP or TIFF
+  bytes under a ``.jpg`` name count; first few listed with their keys);
 * caption length stats in characters and words (and in tokens with ``--processor DIR``,
   using ``mmlm.Processor.from_pretrained(DIR).tokenizer``), question/answer and conversation
   lengths;
@@ -32,9 +34,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmlm.data.decode import decode_image
+from mmlm.data.errors import BadSample
 from mmlm.data.schema import Record, SchemaError, check_record, expand_shards, iter_tar_samples, record_from_members
 
-from ._common import PIL_DEFAULT_MAX_PIXELS, SkipSample, decode_check, progress
+from ._common import PIL_DEFAULT_MAX_PIXELS, progress
 
 MAX_LISTED_ERRORS = 20
 
@@ -170,11 +174,12 @@ def inspect_shards(
                     if not decode_images:
                         sizes.append((0, 0))
                         continue
-                    try:
-                        im = decode_check(data, PIL_DEFAULT_MAX_PIXELS)
+                    try:  # the training decoder, so "OK" means training will not skip it
+                        im = decode_image(data, key=key, max_pixels=PIL_DEFAULT_MAX_PIXELS)
                         sizes.append(im.size)
-                    except SkipSample as e:
-                        rep.error("image", key, f"image {i}: {e}", path)
+                    except BadSample as e:
+                        detail = f"{e.reason}: {e.detail}" if e.detail else e.reason
+                        rep.error("image", key, f"image {i}: {detail}", path)
                         sizes.append((0, 0))
                 for name, texts in _texts(rec, kind).items():
                     for t in texts:

@@ -276,9 +276,8 @@ def test_from_coco_captions_format(tmp_path, images):
     recs = _read(out)
     assert sorted(recs) == ["000000000001", "000000000002"]
     r1 = recs["000000000001"]
-    assert (
-        r1.caption == "A red square." and r1.captions == ["A red square.", "something red"] and r1.meta["image_id"] == 1
-    )
+    assert r1.captions == ["A red square.", "something red"] and r1.meta["image_id"] == 1
+    assert r1.caption is None  # no KEY.txt repeating the first reference: training draws each once
     assert r1.images == [(d / "val2014" / f"COCO_val2014_{1:012d}.jpg").read_bytes()]
     assert recs["000000000002"].captions == ["green one"]
     # the blank reference caption of image 2 is dropped, and counted (never silently)
@@ -600,3 +599,172 @@ def test_inspect_token_lengths_with_a_real_processor(tmp_path, capsys):
     assert inspect_cli.main([str(d), "--processor", str(tmp_path / "proc"), "--json", "--no-progress"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert 1 <= rep["lengths"]["caption_tokens"]["max"] <= 10
+
+
+# ----------------------------------------------------------------------------- fixed bugs
+
+
+def test_resize_max_measures_exif_rotated_photos_as_displayed(tmp_path):
+    """A JPEG stored 80x20 with EXIF Orientation=6 displays 20x80: resized to 4x16, not squashed to 16x4."""
+    from mmlm.data.decode import decode_image
+
+    d = tmp_path / "img"
+    d.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    Image.new("RGB", (80, 20), "blue").save(d / "tall.jpg", exif=exif)
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"image": "tall.jpg", "caption": "a tall photo"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["--jsonl", str(src), "--image-root", str(d), "--out", str(out), "--resize-max", "16", *OPTS]
+    assert from_jsonl.main(argv) == 0
+    assert decode_image((d / "tall.jpg").read_bytes()).size == (20, 80)
+    assert decode_image(_read(out)["000000001"].images[0]).size == (4, 16)
+
+
+def _lines(path: Path, captions: list[str], image: str = "red.png") -> Path:
+    path.write_text("".join(json.dumps({"image": image, "caption": c}) + "\n" for c in captions))
+    return path
+
+
+def test_resume_refuses_an_output_built_from_other_input(tmp_path, images, capsys):
+    p1 = _lines(tmp_path / "p1.jsonl", ["one", "two"])
+    p2 = _lines(tmp_path / "p2.jsonl", ["three", "four", "five"])
+    out = tmp_path / "outp"
+
+    def build(src, *extra):
+        return from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(out), *OPTS, *extra])
+
+    assert build(p1) == 0
+    manifest = json.loads((out / "shard.manifest.json").read_text())
+    assert manifest["builder"] == "from_jsonl"
+    assert manifest["inputs"]["--jsonl"] == {"path": str(p1.resolve()), "size": p1.stat().st_size}
+    capsys.readouterr()
+    # another input into the same --out: refused (keys are line numbers: 2 of 3 would be dropped)
+    assert build(p2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "p1.jsonl" in err and "p2.jsonl" in err and "--overwrite" in err
+    assert sorted(r.caption for r in _read(out).values()) == ["one", "two"]  # left as it was
+    # so are options that change the samples
+    assert build(p1, "--resize-max", "8") == 2 and "--resize-max" in capsys.readouterr().err
+    # --overwrite builds afresh; the same input then resumes as before
+    assert build(p2, "--overwrite") == 0
+    assert sorted(r.caption for r in _read(out).values()) == ["five", "four", "three"]
+    capsys.readouterr()
+    assert build(p2, "--shard-size", "1") == 0  # the shard size does not change the samples
+    assert "resumed: 3 samples were already present" in capsys.readouterr().out
+    # an output built before manifests existed resumes as before (and is recorded from then on)
+    (out / "shard.manifest.json").unlink()
+    assert build(p2) == 0 and "resumed: 3 samples" in capsys.readouterr().out
+    assert (out / "shard.manifest.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+    # from_llava keys by array position: the same check holds
+    j1, j2 = tmp_path / "a.json", tmp_path / "b.json"
+    conv = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    j1.write_text(json.dumps([{"id": "a", "conversations": conv}]))
+    j2.write_text(json.dumps([{"id": "b", "conversations": conv}, {"id": "c", "conversations": conv}]))
+    lout = tmp_path / "llava"
+    assert from_llava.main(["--json", str(j1), "--images", str(images), "--out", str(lout), *OPTS]) == 0
+    assert from_llava.main(["--json", str(j2), "--images", str(images), "--out", str(lout), *OPTS]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [r.meta["id"] for r in _read(lout).values()] == ["a"]
+
+
+def test_nul_byte_in_an_image_path_is_an_unreadable_image(tmp_path, images):
+    src = tmp_path / "d.jsonl"
+    src.write_text(
+        json.dumps({"image": "a\u0000b.jpg", "caption": "x"}) + "\n" + json.dumps({"image": "red.png", "caption": "r"})
+    )
+    out = tmp_path / "out"
+    assert from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(out), "--workers", "2",
+                            "--no-progress"]) == 0
+    assert sorted(_read(out)) == ["000000002"] and _skips(out) == {"unreadable image": 1}
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}]
+    lj = tmp_path / "l.json"
+    lj.write_text(json.dumps([{"image": "a\u0000b.jpg", "conversations": conv},
+                              {"image": "red.png", "conversations": conv}]))
+    lout = tmp_path / "lout"
+    assert from_llava.main(["--json", str(lj), "--images", str(images), "--out", str(lout), *OPTS]) == 0
+    assert sorted(_read(lout)) == ["000000001"] and _skips(lout) == {"unreadable image": 1}
+
+
+def test_inspect_counts_images_training_cannot_decode(tmp_path, capsys):
+    """GIF/BMP/TIFF bytes under a .jpg name: PIL opens them, training's decoder (JPEG/PNG/WEBP) does not."""
+    d = tmp_path / "shards"
+    with ShardWriter(d) as w:
+        w.write(Record("ok", [_encode((5, 5, 5), "JPEG")], ["jpg"], caption="fine"))
+        for fmt in ("GIF", "BMP", "TIFF"):
+            w.write(Record(fmt.lower(), [_encode((5, 5, 5), fmt)], ["jpg"], caption="not a jpeg"))
+    assert inspect_cli.main([str(d), "--no-progress", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["image_errors"] == 3
+    assert sorted(e["key"] for e in report["errors"]) == ["bmp", "gif", "tiff"]
+
+
+def test_empty_input_is_a_one_line_error_and_leaves_nothing(tmp_path, images, capsys):
+    cases = {
+        "jsonl": (from_jsonl, ["--jsonl"], "\n\n", ["--image-root", str(images)]),
+        "llava": (from_llava, ["--json"], " [ ] ", ["--images", str(images)]),
+    }
+    for name, (mod, flag, text, extra) in cases.items():
+        src = tmp_path / f"empty.{name}"
+        src.write_text(text)
+        out = tmp_path / f"out_{name}"
+        assert mod.main([*flag, str(src), *extra, "--out", str(out), *OPTS]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "empty." in err, (name, err)
+        assert not out.exists(), name
+
+
+def test_from_coco_duplicate_image_id_is_an_error(tmp_path, images, capsys):
+    d = _coco_images(images)
+    ann = {
+        "images": [{"id": 1, "file_name": f"COCO_val2014_{1:012d}.jpg"}, {"id": 1, "file_name": "other.jpg"}],
+        "annotations": [{"image_id": 1, "id": 10, "caption": "red"}],
+    }
+    src = tmp_path / "dup.json"
+    src.write_text(json.dumps(ann))
+    out = tmp_path / "out"
+    assert from_coco.main(["--annotations", str(src), "--images", str(d / "val2014"), "--out", str(out), *OPTS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "image id 1 " in err
+    assert not out.exists()
+
+
+def test_from_coco_writes_each_reference_once_and_evaluation_reads_them(tmp_path, images):
+    from mmlm.evaluation.benchmarks import load_benchmark
+
+    d = _coco_images(images)
+    ann = {
+        "images": [{"id": 1, "file_name": f"COCO_val2014_{1:012d}.jpg"}],
+        "annotations": [{"image_id": 1, "id": i, "caption": f"c{i}"} for i in range(3)],
+    }
+    src = tmp_path / "c.json"
+    src.write_text(json.dumps(ann))
+    out = tmp_path / "out"
+    assert from_coco.main(["--annotations", str(src), "--images", str(d / "val2014"), "--out", str(out), *OPTS]) == 0
+    import tarfile
+
+    with tarfile.open(out / "shard-000000.tar") as t:
+        assert sorted(m.name for m in t.getmembers()) == ["000000000001.jpg", "000000000001.json"]
+    rec = _read(out)["000000000001"]
+    assert rec.caption is None and rec.captions == ["c0", "c1", "c2"]
+    bench = load_benchmark("caption", "shards", shards=str(out))
+    assert [tuple(it.references) for it in bench.items] == [("c0", "c1", "c2")]
+
+
+def test_png_without_iend_is_kept_as_training_decodes_it(tmp_path):
+    from mmlm.data.decode import decode_image
+
+    full = _encode((1, 2, 3), "PNG")
+    no_iend = full[: full.rfind(b"IEND") - 4]  # drop the IEND chunk (length, type, crc) only
+    assert decode_image(no_iend).size == (24, 16)
+    assert _common.prepare_image_bytes(no_iend) == (no_iend, "png")
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "a.png").write_bytes(no_iend)
+    src = _lines(tmp_path / "d.jsonl", ["kept"], image="a.png")
+    out = tmp_path / "out"
+    assert from_jsonl.main(["--jsonl", str(src), "--image-root", str(d), "--out", str(out), *OPTS]) == 0
+    assert _read(out)["000000001"].images == [no_iend]
