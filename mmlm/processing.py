@@ -116,7 +116,8 @@ IMAGE_PLACEMENTS = ("as_written", "after_text")
 
 def place_images(messages: list[dict], num_images: int, key: str | None = None,
                  placement: str = "as_written") -> list[dict]:
-    """Check the ``<image>`` count against ``num_images`` and place the images.
+    """Check the ``<image>`` count against ``num_images`` and place the images (placeholders in
+    another role's turn than the user's raise ``ValueError``).
 
     ``as_written`` (LLaVA's layout): where the text puts them; with no placeholder at all, before
     the first user turn's text (``"<image>\\n"`` each). ``after_text``: the same images, but each
@@ -126,6 +127,10 @@ def place_images(messages: list[dict], num_images: int, key: str | None = None,
     """
     if placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"unknown image placement {placement!r}; known: {list(IMAGE_PLACEMENTS)}")
+    for m in messages:  # a caption or an answer that quotes "<image>" is text, not an image slot
+        if m["role"] != "user" and IMAGE_TOKEN in m["content"]:
+            raise ValueError(f"{_name(key)}{IMAGE_TOKEN} in a {m['role']} turn: images go in user turns "
+                             f"(text that contains {IMAGE_TOKEN!r} cannot be trained as it is)")
     count = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if count == 0 and num_images:
         messages = [dict(m) for m in messages]

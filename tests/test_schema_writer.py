@@ -211,7 +211,7 @@ def test_iter_tar_records_reports_bad_samples_and_truncated_shards(tmp_path):
     # a member with no extension is reported, the rest of the shard still read
     odd = tmp_path / "odd.tar"
     with tarfile.open(odd, "w") as tar:
-        for name, data in [("a.txt", b"x"), ("b", b"?"), ("c.txt", b"y")]:
+        for name, data in [("a.png", b"i"), ("a.txt", b"x"), ("b", b"?"), ("c.png", b"i"), ("c.txt", b"y")]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -195,7 +195,8 @@ class VLMDataModule(pl.LightningDataModule):
                 ``conversation``, ``vqa`` or ``mixed`` (a seeded random pick among what the record has).
             mixed_weights: With ``sample_mode: mixed``, the relative weight of each kind a record has
                 (``caption``, ``conversation``, ``vqa``; missing kinds weigh 1), e.g.
-                ``{caption: 1, conversation: 3}`` trains conversations three times as often.
+                ``{caption: 1, conversation: 3}`` trains conversations three times as often; a kind
+                weighing 0 is never trained (a record with nothing else is skipped as ``no_target``).
             caption_first_samples: Curriculum: the first N training samples (all ranks and workers
                 together) train their caption whatever ``sample_mode`` says. Captions name every object,
                 so a model trained from scratch grounds its image tokens on them before questions ask

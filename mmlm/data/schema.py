@@ -44,6 +44,7 @@ from typing import Any, Union
 
 __all__ = [
     "IMAGE_EXTS",
+    "UNREAD_IMAGE_EXTS",
     "IMAGE_PLACEHOLDER",
     "KINDS",
     "ROLES",
@@ -61,6 +62,10 @@ __all__ = [
 ]
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+UNREAD_IMAGE_EXTS: tuple[str, ...] = ("bmp", "gif", "tif", "tiff", "jfif", "jpe", "heic", "heif", "avif",
+                                       "ppm", "pgm", "pbm", "ico", "jp2")
+"""Image formats a shard may carry but mmlm does not decode: such a member makes its sample a schema
+error (never a caption trained without its image); the builders in ``data_pipelines`` convert them."""
 IMAGE_PLACEHOLDER = "<image>"
 KINDS: tuple[str, ...] = ("conversation", "vqa", "caption")
 ROLES: tuple[str, ...] = ("human", "gpt")
@@ -89,6 +94,12 @@ def split_member(name: str) -> tuple[str, str]:
     head, sep, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     return head + sep + stem, ext.lower() if dot else ""
+
+
+def _unread_image_ext(ext: str) -> bool:
+    ext = ext.lower()
+    m = _INDEXED_IMAGE.match(ext)
+    return (m.group(2) if m else ext) in UNREAD_IMAGE_EXTS
 
 
 def is_image_ext(ext: str) -> bool:
@@ -180,7 +191,7 @@ def _text(key: str, member: str, data: Any) -> str:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SchemaError(key, f"{member} member is {type(data).__name__}, expected bytes")
     try:
-        return bytes(data).decode("utf-8")
+        return bytes(data).decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
         raise SchemaError(key, f"{member} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
@@ -315,13 +326,16 @@ def record_to_members(rec: Record) -> dict[str, bytes]:
 def check_record(rec: Record) -> str:
     """Validate a record beyond field types; return its kind or raise :class:`SchemaError`.
 
-    Checks: it has a kind; caption text is not empty when the sample is a caption sample;
+    Checks: it has a kind; a caption or VQA sample has an image (a conversation may be text only);
+    caption text is not empty when the sample is a caption sample;
     a VQA question is not empty (answers may be missing: test splits); a conversation has a
     human and a gpt turn, non-empty gpt values, and either no ``<image>`` placeholder (images,
     if any, go before the first human turn) or exactly one per image.
     """
     kind = rec.kind()
     key = rec.key
+    if kind != "conversation" and not rec.images:
+        raise SchemaError(key, f"a {kind} sample without an image")
     if kind == "caption":
         texts = ([rec.caption] if rec.caption is not None else []) + list(rec.captions)
         if not any(t.strip() for t in texts):
@@ -371,9 +385,10 @@ def group_tar_members(
 ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     """Yield ``(key, {ext: bytes}, problem)`` for each run of consecutive file members of an open
     (stream-mode) ``tar`` sharing a key; non-file members are skipped. ``problem`` is a one-line
-    reason when a member of the sample has no extension, is duplicated, or is larger than
-    ``max_member_size`` (such a member is not read; the rest of the sample is skipped), else
-    ``None``. Members whose extension ``wanted`` rejects are skipped unread."""
+    reason when a member of the sample has no extension, is duplicated, is larger than
+    ``max_member_size`` or is an image mmlm does not decode (:data:`UNREAD_IMAGE_EXTS`; such a
+    member is not read; the rest of the sample is skipped), else ``None``. Members whose extension
+    ``wanted`` rejects are skipped unread."""
     key: str | None = None
     members: dict[str, bytes] = {}
     problem: str | None = None
@@ -389,6 +404,9 @@ def group_tar_members(
             continue
         if not ext:
             problem = f"member {info.name!r} has no extension"
+        elif _unread_image_ext(ext):
+            problem = (f"image member {info.name!r} is in a format mmlm does not read; convert it to one of "
+                       f"{'/'.join(IMAGE_EXTS)} (the data_pipelines builders do)")
         elif wanted is not None and not wanted(ext):
             continue  # never read
         elif max_member_size is not None and info.size > max_member_size:
@@ -414,21 +432,36 @@ def iter_tar_samples(
     from the iteration (a tar cut at a member boundary is detected by its missing end-of-archive
     block; the last sample is then not yielded).
     """
-    last = None
     with tarfile.open(os.fspath(path), mode="r|*") as tar:
-        for group in group_tar_members(tar, max_member_size=max_member_size):
+        for group in complete_tar_groups(tar, os.fspath(path), max_member_size=max_member_size):
+            yield _with_schema_error(*group)
+
+
+def complete_tar_groups(
+    tar: tarfile.TarFile, name: str, *, wanted: Callable[[str], bool] | None = None,
+    max_member_size: int | None = None,
+) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """:func:`group_tar_members` of a stream-mode ``tar``, with the last group held back until the
+    end-of-archive check: ``tarfile`` ends quietly when a file stops exactly at a header boundary
+    (what an interrupted copy or download leaves), so a tar without its end-of-archive zero block
+    raises ``tarfile.ReadError`` naming ``name`` instead of passing for whole (its last group may lack
+    members). A tar error inside a later sample propagates after the groups before it."""
+    last = None
+    try:
+        for group in group_tar_members(tar, wanted=wanted, max_member_size=max_member_size):
             if last is not None:
-                yield _with_schema_error(*last)
-            last = group  # held back until the end-of-archive check
-        end = tar.offset
-        # bytes of the (decompressed) tar stream read so far: compressed shards (.tar.gz) too
-        read = tar.fileobj.tell()
-    # tarfile ends quietly when a file stops exactly at a header boundary: require the
-    # end-of-archive zero block so that a shard cut at a 512-byte boundary is not taken as whole
+                yield last
+            last = group
+    except (tarfile.TarError, OSError, EOFError):
+        if last is not None:  # complete: the next sample's key was read before the error
+            yield last
+        raise
+    end = tar.offset
+    read = tar.fileobj.tell()  # bytes of the (decompressed) tar stream read so far: .tar.gz too
     if read < end + tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"{os.fspath(path)} is truncated (no end-of-archive marker)")
+        raise tarfile.ReadError(f"{name} is truncated (no end-of-archive marker)")
     if last is not None:
-        yield _with_schema_error(*last)
+        yield last
 
 
 def _with_schema_error(key: str, members: dict[str, bytes], problem: str | None):

@@ -20,7 +20,8 @@ The stages, in pipeline order (``train:``/``eval:``: only in that split)::
     resample_shards  train: shard URLs drawn forever with replacement (source by weight, then a shard)
     list_shards      eval: every shard URL of every source, in order
     split_shards     eval, at least ``units`` shards: this unit's shards (``shards[unit::units]``)
-    expand_tar       shard URLs -> one Item of image/txt/json members per key; bad shard -> one error
+    expand_tar       shard URLs -> one Item of image/txt/json members per key; bad shard -> one error;
+                     train: raises when every shard is an empty tar (no sample to train, nothing to count)
     split_samples    eval, fewer shards than units: the samples whose index % units is this unit
     to_records       members -> ``Record`` (``mmlm.data.schema``); schema errors become item errors
     shuffle          train: a shuffle buffer of records (not of decoded images)
@@ -52,7 +53,7 @@ from mmlm.data.decode import decode_image
 from mmlm.data.errors import (
     BAD_SHARD, FILTERED, SCHEMA_ERROR, TOO_LONG, BadSample, DataErrorBudgetExceeded, ErrorBudget, classify,
 )
-from mmlm.data.schema import Record, SchemaError, group_tar_members, is_image_ext, record_from_members
+from mmlm.data.schema import Record, SchemaError, complete_tar_groups, is_image_ext, record_from_members
 from mmlm.data.sources import Source, open_shard
 from mmlm.data.targets import present_kinds, record_to_conversation
 
@@ -117,9 +118,10 @@ def _wanted(ext: str) -> bool:
 def iter_tar_groups(stream, url: str, *, max_member_size: int | None = None) -> Iterator[Item]:
     """Items (``members`` or ``error``) for each run of consecutive members sharing a key, read from
     a binary ``stream`` of a tar (:func:`mmlm.data.schema.group_tar_members`). Only image/txt/json
-    members are read; others are skipped unread. A tar error propagates (the caller reports the shard)."""
+    members are read; others are skipped unread. A tar error, a truncated tar included (its last
+    sample is held back until the end-of-archive check), propagates: the caller reports the shard."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for key, members, problem in group_tar_members(tar, wanted=_wanted, max_member_size=max_member_size):
+        for key, members, problem in complete_tar_groups(tar, url, wanted=_wanted, max_member_size=max_member_size):
             if problem is None:
                 yield Item(key=key, url=url, members=members)
             else:
@@ -162,14 +164,32 @@ def split_shards(urls: Iterable[str], ctx: StreamContext) -> Iterator[str]:
 
 
 def expand_tar(urls: Iterable[str], ctx: StreamContext, *, allow_pipes: bool, allow_remote: bool,
-               max_member_size: int | None) -> Iterator[Item]:
-    """Shard URLs -> grouped members; an unreadable shard becomes one ``bad_shard`` item."""
+               max_member_size: int | None, num_shards: int = 0) -> Iterator[Item]:
+    """Shard URLs -> grouped members; an unreadable shard becomes one ``bad_shard`` item.
+
+    ``num_shards`` (train: the number of distinct shards the endless draw picks from; 0: no check):
+    when every one of them, drawn in a row, held no sample at all (empty tars, which img2dataset
+    writes when all of a shard's downloads failed), the stream would spin forever without a batch
+    or a skip to count: it raises ``DataErrorBudgetExceeded`` saying so."""
+    empty: set[str] = set()
     for url in urls:
+        got = False
         try:
             with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
-                yield from iter_tar_groups(stream, url, max_member_size=max_member_size)
+                for item in iter_tar_groups(stream, url, max_member_size=max_member_size):
+                    got = True
+                    yield item
         except (tarfile.TarError, OSError, EOFError) as e:
+            got = True
             yield Item(key=url, url=url, error=BadSample(url, BAD_SHARD, f"{type(e).__name__}: {e}; rest of shard skipped"))
+        if got:
+            empty.clear()
+        elif num_shards:
+            empty.add(url)
+            if len(empty) >= num_shards:
+                raise DataErrorBudgetExceeded(
+                    f"the training shards hold no sample: all {num_shards} shard(s) of rank {ctx.rank} "
+                    f"(e.g. {url}) are empty tars; check data.train")
 
 
 def split_samples(items: Iterable[Item], ctx: StreamContext) -> Iterator[Item]:

@@ -72,7 +72,7 @@ from mmlm.data.errors import ErrorBudget
 from mmlm.data.sources import Source
 from mmlm.data.stages import (  # StreamContext, Item, iter_tar_groups: re-exported
     Item, StreamContext, batch, decode, encode, expand_tar, handle_errors, iter_tar_groups, list_shards, number,
-    resample_shards, select_target, shuffle, split_samples, split_shards, to_records,
+    rank_shards, resample_shards, select_target, shuffle, split_samples, split_shards, to_records,
 )
 from mmlm.data.targets import (  # record_to_conversation, vqa_answer, SAMPLE_MODES: re-exported
     SAMPLE_MODES, check_mixed_weights, check_sample_mode, compile_question_pattern, record_to_conversation,
@@ -226,8 +226,9 @@ class VLMStream(IterableDataset):
             out.append(("list_shards", P(list_shards, ctx=ctx, sources=self.sources)))
             if shard_level:
                 out.append(("split_shards", P(split_shards, ctx=ctx)))
+        drawn = len({u for src in self.sources for u in rank_shards(src.shards, ctx)}) if train else 0
         out.append(("expand_tar", P(expand_tar, ctx=ctx, allow_pipes=cfg.allow_pipes, allow_remote=cfg.allow_remote,
-                                    max_member_size=cfg.max_member_size)))
+                                    max_member_size=cfg.max_member_size, num_shards=drawn)))
         if not train and not shard_level:
             out.append(("split_samples", P(split_samples, ctx=ctx)))
         out.append(("to_records", P(to_records, ctx=ctx)))

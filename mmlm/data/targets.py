@@ -11,7 +11,7 @@ Sample modes (:data:`SAMPLE_MODES`, see :func:`record_to_conversation`):
   else VQA, else its caption.
 * ``caption`` / ``conversation`` / ``vqa`` -- that kind (``no_target`` when the record lacks it).
 * ``mixed`` -- one of the kinds the record has, drawn with ``rng`` by relative weight
-  (``mixed_weights``, default 1 each).
+  (``mixed_weights``, default 1 each; a kind weighing 0 is never trained).
 
 With ``question_pattern`` (a compiled regular expression), a conversation or VQA target keeps only
 the question-answer turns whose question matches it (:func:`filter_turns`): a curriculum stage
@@ -49,10 +49,13 @@ def check_sample_mode(mode: str) -> None:
 
 
 def check_mixed_weights(weights: dict[str, float] | None) -> None:
-    """``ValueError`` unless ``weights`` (None allowed) maps kinds of :data:`KINDS` to weights >= 0."""
+    """``ValueError`` unless ``weights`` (None allowed) maps kinds of :data:`KINDS` to weights >= 0
+    (0: never trained; a kind not named weighs 1), not all of them 0."""
     bad = {k: w for k, w in (weights or {}).items() if k not in KINDS or not w >= 0}
     if bad:
         raise ValueError(f"mixed_weights must map {list(KINDS)} to weights >= 0, got {bad}")
+    if weights and all(float(weights.get(k, 1.0)) == 0 for k in KINDS):
+        raise ValueError(f"mixed_weights give every kind weight 0 ({weights}): nothing would train")
 
 
 def compile_question_pattern(pattern: str | None) -> re.Pattern | None:
@@ -148,6 +151,11 @@ def _conversation_target(rec: Record) -> list[dict]:
     return [dict(t) for t in rec.conversations]
 
 
+def _need_image(rec: Record, kind: str) -> None:
+    if not rec.images:  # "describe the image" -> a caption, with no image, teaches hallucination
+        raise BadSample(rec.key, SCHEMA_ERROR, f"a {kind} sample without an image")
+
+
 def _vqa_target(rec: Record, suffix: str) -> list[dict]:
     if rec.question is None:
         raise BadSample(rec.key, NO_TARGET, "no question")
@@ -156,6 +164,7 @@ def _vqa_target(rec: Record, suffix: str) -> list[dict]:
     answer = vqa_answer(rec)
     if answer is None:
         raise BadSample(rec.key, NO_ANSWER, "a question without answers")
+    _need_image(rec, "vqa")
     return [{"role": "user", "content": rec.question + suffix}, {"role": "assistant", "content": answer}]
 
 
@@ -166,6 +175,9 @@ def _caption_target(rec: Record, rng: random.Random, caption_conversation: Calla
         if rec.caption is not None or rec.captions:
             raise BadSample(rec.key, EMPTY_CAPTION, "empty caption")
         raise BadSample(rec.key, NO_TARGET, "no caption")
+    _need_image(rec, "caption")
+    if rec.caption is not None and rec.captions and rec.caption.strip() in texts[1:]:
+        texts = texts[1:]  # ``txt`` repeats one of the json ``captions``: draw each reference once
     return caption_conversation(texts[0] if len(texts) == 1 else rng.choice(texts))
 
 
@@ -197,12 +209,17 @@ def record_to_conversation(rec: Record, mode: str, rng: random.Random, *,
     elif mode == "mixed":
         if not present:
             raise BadSample(rec.key, SCHEMA_ERROR, "no caption, captions, question or conversations")
-        weights = [float(mixed_weights.get(k, 1.0)) for k in present] if mixed_weights else []
+        if mixed_weights:  # a kind weighing 0 is never trained
+            weights = {k: float(mixed_weights.get(k, 1.0)) for k in present}
+            present = [k for k in present if weights[k] > 0]
+            if not present:
+                raise BadSample(rec.key, NO_TARGET, f"mixed_weights give every kind this record has ("
+                                                    f"{', '.join(weights)}) weight 0")
         if len(present) == 1:
             kind = present[0]
-        elif sum(weights) > 0:
-            kind = rng.choices(present, weights=weights)[0]
-        else:  # no weights (or all present kinds weigh 0): uniform
+        elif mixed_weights:
+            kind = rng.choices(present, weights=[weights[k] for k in present])[0]
+        else:
             kind = rng.choice(present)
     else:
         kind = mode

@@ -4,7 +4,7 @@ Three ways in:
 
 1. a from-scratch preset (its LM has no hub ``name``, e.g. ``tiny``): a byte-level BPE tokenizer
    is trained (:func:`mmlm.train_bpe_tokenizer`) on the texts of the training shards (a bounded
-   number of records read with :func:`mmlm.data.schema.iter_tar_records`: captions, questions,
+   number of records read as the training stream reads them, any shard spec: captions, questions,
    answers, conversation turns) plus the caption prompt, the system prompt and the chat
    template's role tokens; then ``VLM.from_preset(name, image_token_id=..., text={"hf_config":
    {"vocab_size": len(tokenizer)}})`` and ``Processor.for_model``;
@@ -37,22 +37,18 @@ DEFAULT_MAX_LENGTH_PRETRAINED = 2048
 
 
 # ---------------------------------------------------------------------------------- shards -> texts
-def shard_specs(train: Any) -> list[str]:
-    """Shard specs of a data module's ``train`` argument: a spec, a list of specs, or a list of
-    ``{"shards": spec, "weight": w}`` mixtures."""
-    if train is None:
+def train_sources(train: Any, *, allow_pipes: bool = False, allow_remote: bool = False) -> list:
+    """The :class:`mmlm.data.sources.Source` s of a data module's ``train`` argument: any shard spec
+    ``VLMDataModule`` takes (a path, directory, brace pattern, ``file:``/``pipe:``/remote URL, a
+    list of them, a ``{shards, weight}`` mapping or a list of mappings), or already resolved
+    sources (returned as they are). ``None`` or empty: ``[]``."""
+    from mmlm.data.sources import Source, resolve_sources
+
+    if train is None or (isinstance(train, (list, tuple)) and not train):
         return []
-    if isinstance(train, (str, os.PathLike)):
-        return [os.fspath(train)]
-    out: list[str] = []
-    for item in train:
-        if isinstance(item, dict):
-            out += shard_specs(item.get("shards"))
-        elif hasattr(item, "shards"):
-            out += shard_specs(item.shards)
-        else:
-            out.append(os.fspath(item))
-    return out
+    if isinstance(train, (list, tuple)) and all(isinstance(s, Source) for s in train):
+        return list(train)
+    return resolve_sources(train, allow_pipes=allow_pipes, allow_remote=allow_remote)
 
 
 def record_texts(record) -> list[str]:
@@ -72,12 +68,38 @@ def record_texts(record) -> list[str]:
     return texts
 
 
-def corpus_from_shards(specs: Sequence[str], max_records: int = 20000) -> tuple[list[str], int]:
-    """Texts of at most ``max_records`` records, taken round-robin over ``specs`` so that every
-    source of a mixture is seen; bad samples are skipped. Returns ``(texts, records_read)``."""
-    from mmlm.data.schema import iter_tar_records
+def _source_records(source, *, allow_pipes: bool, allow_remote: bool):
+    """The good records of a source's shards, in order, read as the training stream reads them
+    (``open_shard``: local, ``pipe:`` and remote shards); bad samples and shards are skipped."""
+    import tarfile
 
-    iters = [iter(iter_tar_records(s, on_error=lambda key, exc: None)) for s in specs]
+    from mmlm.data.schema import SchemaError, check_record, record_from_members
+    from mmlm.data.sources import open_shard
+    from mmlm.data.stages import iter_tar_groups
+
+    for url in source.shards:
+        try:
+            with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
+                for item in iter_tar_groups(stream, url):
+                    if item.error is not None:
+                        continue
+                    try:
+                        rec = record_from_members(item.key, item.members)
+                        check_record(rec)
+                    except SchemaError:
+                        continue
+                    yield rec
+        except (tarfile.TarError, OSError, EOFError):
+            continue
+
+
+def corpus_from_shards(train: Any, max_records: int = 20000, *, allow_pipes: bool = False,
+                       allow_remote: bool = False) -> tuple[list[str], int]:
+    """Texts of at most ``max_records`` records, taken round-robin over the sources of ``train``
+    (:func:`train_sources`) so that every source of a mixture is seen; bad samples are skipped.
+    Returns ``(texts, records_read)``."""
+    iters = [_source_records(src, allow_pipes=allow_pipes, allow_remote=allow_remote)
+             for src in train_sources(train, allow_pipes=allow_pipes, allow_remote=allow_remote)]
     texts: list[str] = []
     n = 0
     while iters and n < max_records:
@@ -208,14 +230,15 @@ def trains_tokenizer(*, preset: str = "tiny", init_from=None, model_overrides: d
     return not get_preset(preset).updated(**(model_overrides or {})).text.name
 
 
-def tokenizer_from_shards(train_shards: Sequence[str], vocab_size: int, *, max_records: int = 20000,
+def tokenizer_from_shards(train_shards: Any, vocab_size: int, *, max_records: int = 20000,
                           prompts: Iterable[str] = (), log=print):
-    """The BPE tokenizer of a from-scratch model, trained on the texts of ``train_shards``."""
-    specs = list(train_shards)
-    if not specs:
+    """The BPE tokenizer of a from-scratch model, trained on the texts of ``train_shards`` (a shard
+    spec or resolved sources: :func:`train_sources`)."""
+    sources = train_sources(train_shards)
+    if not sources:
         raise ValueError("a from-scratch model trains its tokenizer on the training texts: it needs the training "
                          "shards (data.train)")
-    texts, n = corpus_from_shards(specs, max_records)
+    texts, n = corpus_from_shards(sources, max_records)
     log(f"training a {vocab_size}-token BPE tokenizer on {len(texts)} texts from {n} records")
     return train_tokenizer(texts, vocab_size, prompts=prompts, records=n)
 
@@ -225,7 +248,7 @@ def build_model_and_processor(
     preset: str = "tiny",
     init_from: str | os.PathLike | None = None,
     model_overrides: dict | None = None,
-    train_shards: Sequence[str] = (),
+    train_shards: Any = (),
     tokenizer: str | None = None,
     tokenizer_vocab_size: int = 512,
     tokenizer_max_records: int = 20000,

@@ -196,17 +196,18 @@ class VLMModule(pl.LightningModule):
         from mmlm.training.build import (
             build_model_and_processor,
             processor_files,
-            shard_specs,
             tokenizer_files,
             tokenizer_from_files,
             tokenizer_from_shards,
+            train_sources,
             trains_tokenizer,
         )
 
         hp = self.hparams
         dm = self._datamodule()
         if train_shards is None:
-            train_shards = shard_specs(_datamodule_train(dm))
+            train_shards = train_sources(_datamodule_train(dm), allow_pipes=bool(getattr(dm, "allow_pipes", False)),
+                                         allow_remote=bool(getattr(dm, "allow_remote", False)))
         if extra_texts is None:
             extra_texts = [t for t in (_get_attr_or_hparam(dm, "vqa_suffix"),) if isinstance(t, str) and t]
         tokenizer = None
