@@ -56,6 +56,9 @@ def test_resume_from_a_file_or_last_keeps_the_options_given_and_names_the_change
         with pytest.warns(UserWarning, match=rf"max_nonfinite: {new} \(checkpoint: {old}\)") as caught:
             assert fit.main(fit_args(run, "--ckpt_path", where, "--model.max_nonfinite", str(new), steps=steps)) == 0
         assert sum("other than the checkpoint's run" in str(w.message) for w in caught) == 1
+        # a longer run redraws the schedule: said, with the jump it makes
+        assert sum(f"schedule now spans {steps} steps where the checkpoint's run had {steps - 1}" in str(w.message)
+                   for w in caught) == 1
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert saved["global_step"] == steps and saved["hyper_parameters"]["max_nonfinite"] == new  # as given
     import warnings
@@ -67,6 +70,14 @@ def test_resume_from_a_file_or_last_keeps_the_options_given_and_names_the_change
     assert hparam_changes({"lr": 1e-3, "betas": [0.9, 0.98], "_instantiator": "x"},
                           {"lr": 1e-3, "betas": (0.9, 0.98)}) == []
     assert hparam_changes({"lr": 1e-3}, {"lr": 1e-4}) == ["lr: 0.0001 (checkpoint: 0.001)"]
+
+
+def test_schedule_change_says_what_a_longer_run_does_to_the_learning_rate():
+    from mmlm.training.module import schedule_change
+
+    assert schedule_change(6, 6, 6, 2, 0.1) is None
+    msg = schedule_change(6, 6, 12, 2, 0.1)  # the end of a 6-step cosine (0.1x) -> 40% into the cosine of a 12-step one
+    assert "spans 12 steps where the checkpoint's run had 6" in msg and "from 0.1x to 0.689x of its peak" in msg
 
 
 def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path, capsys):

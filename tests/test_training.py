@@ -219,6 +219,45 @@ def test_build_with_a_local_pretrained_lm_grows_the_vocabulary(tmp_path):
     assert torch.isfinite(vlm(**batch).loss)
 
 
+def test_a_pretrained_lm_trains_with_its_dropout_on(tmp_path):
+    """transformers' from_pretrained returns an eval-mode model: the module puts the parts that train in
+    train mode (dropout on, as when the same LM is built from its config on resume) and the frozen ones in eval."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mmlm.processing import train_bpe_tokenizer
+    from _tiny import CORPUS
+
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=300, special_tokens=["<pad>", "</s>", "<image>"], min_frequency=1)
+    tok.chat_template = None
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256)).save_pretrained(
+        tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    overrides = {**TINY_OVERRIDES, "text": {"name": str(tmp_path / "lm"), "pretrained": True}}
+    for stage, lm_trains in (("full", True), ("align", False)):
+        module = VLMModule(preset="tiny", model_overrides=overrides, chat_template="vicuna_v1", stage=stage, max_length=96)
+        module.build()
+        module.on_train_start()  # what Lightning calls; it no longer calls train() itself
+        dropouts = [m for m in module.vlm.lm.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.training == lm_trains for m in dropouts), stage
+        assert module.vlm.projector.training
+
+
+def test_models_that_cannot_be_built_are_one_line_value_errors(tmp_path):
+    from mmlm.checkpoint import save_pretrained
+    from mmlm.training.build import build_from_checkpoint
+
+    vlm, proc = tiny_pair()
+    save_pretrained(tmp_path / "ckpt", vlm, proc)
+    with pytest.raises(ValueError, match=r"must not change shapes\): size mismatch for lm\.") as e:
+        build_from_checkpoint(tmp_path / "ckpt", model_overrides={"text": {"hf_config": {"intermediate_size": 96}}})
+    assert "\n" not in str(e.value)
+    # an LM name transformers cannot resolve (a typo, a hub name offline): its OSError, on one line
+    module = VLMModule(preset="tiny", model_overrides={**TINY_OVERRIDES, "text": {"name": "/no/such/lm", "pretrained": True}})
+    with pytest.raises(ValueError, match=r"^cannot build the model: ") as e:
+        module.build()
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------- the module in a Trainer
 def test_fast_dev_run_smoke_exports_a_loadable_model(tmp_path):
     from mmlm import describe, load
@@ -287,6 +326,24 @@ def test_monitor_hands_lightning_only_the_values_its_logger_writes(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
     written = sorted(int(r["step"]) for r in rows if r.get("perf/samples_per_s"))
     assert written == [2, 5] and all(float(r["lr/lm"]) > 0 for r in rows if r.get("lr/lm"))
+
+
+def test_logged_learning_rates_are_those_of_the_step_they_are_logged_with(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mmlm.training.optim import warmup_cosine
+
+    module = VLMModule(**tiny_model_args(warmup=3))
+    t = trainer(tmp_path, steps=6, callbacks=[TrainingMonitor()], logger=CSVLogger(tmp_path, name="logs"),
+                log_every_n_steps=1)
+    t.fit(module, datamodule())
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    logged = {int(r["step"]): float(r["lr/lm"]) for r in rows if r.get("lr/lm")}
+    fn = warmup_cosine(6, 3)
+    assert logged == pytest.approx({step: 3e-3 * fn(step) for step in range(6)})
+    assert logged[0] == 0.0  # the first step's update runs at the warmup's zero rate
 
 
 class _Snapshot(pl.Callback):

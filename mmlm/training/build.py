@@ -209,7 +209,12 @@ def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | No
     cfg = read_config(path).updated(**(model_overrides or {}))
     cfg = cfg.updated(vision={"pretrained": False, "checkpoint_path": None}, text={"pretrained": False})
     vlm = VLM(cfg)
-    missing, unexpected = load_model(vlm, str(weights_file(path)), strict=False)
+    try:
+        missing, unexpected = load_model(vlm, str(weights_file(path)), strict=False)
+    except RuntimeError as e:  # a size mismatch (torch's message spans lines: its first one names the tensor)
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"{path}: weights do not match the config (model_overrides must not change shapes): "
+                         f"{detail}") from e
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config (model_overrides must not change shapes): "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")

@@ -103,6 +103,7 @@ class TrainingMonitor(pl.Callback):
         self.bar_every = bar_every
         self._hist: collections.deque = collections.deque(maxlen=window + 1)
         self._t_start: float | None = None
+        self._lrs: dict[str, float] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._hist.clear()
@@ -111,6 +112,9 @@ class TrainingMonitor(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t_start is None:
             self._t_start = time.perf_counter()
+        # the rates this batch's optimizer step uses: Lightning steps the scheduler before
+        # on_train_batch_end, where the groups already hold the next step's rates
+        self._lrs = self.learning_rates(trainer)
 
     @staticmethod
     def _counts(batch: Any) -> tuple[int, int, int]:
@@ -151,7 +155,7 @@ class TrainingMonitor(pl.Callback):
                 metrics["perf/real_tokens_per_s"] = world * r / dt
         if total:
             metrics["perf/real_token_frac"] = real / total
-        lrs = self.learning_rates(trainer)
+        lrs = self._lrs
         for comp, lr in lrs.items():
             metrics[f"lr/{comp}"] = lr
         dm = getattr(trainer, "datamodule", None)

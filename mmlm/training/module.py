@@ -170,6 +170,8 @@ class VLMModule(pl.LightningModule):
         self._warned_empty_val = False
         self._window_finite: torch.Tensor | None = None  # all losses finite since the last optimizer step
         self.feature_cache = None  # an ImageFeatureCache when cache_image_features > 0 (from configure_model)
+        self._schedule_steps: int | None = None  # the learning-rate schedule's length (configure_optimizers)
+        self._resumed_schedule: tuple[int, int] | None = None  # (its length, step) in a checkpoint resumed from
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -222,14 +224,17 @@ class VLMModule(pl.LightningModule):
                                             prompts=prompts, log=rank_zero_info)
                 files = tokenizer_files(tok)
             tokenizer = tokenizer_from_files(trainer.strategy.broadcast(files, src=0))
-        vlm, processor = build_model_and_processor(
-            preset=hp.preset, init_from=hp.init_from, model_overrides=hp.model_overrides or {},
-            train_shards=train_shards, tokenizer=hp.tokenizer, tokenizer_vocab_size=hp.tokenizer_vocab_size,
-            tokenizer_max_records=hp.tokenizer_max_records, extra_texts=extra_texts, max_length=hp.max_length,
-            caption_prompt=hp.caption_prompt, system_prompt=hp.system_prompt,
-            image_placement=hp.image_placement, prebuilt_tokenizer=tokenizer,
-            chat_template=hp.chat_template, log=rank_zero_info,
-        )
+        try:
+            vlm, processor = build_model_and_processor(
+                preset=hp.preset, init_from=hp.init_from, model_overrides=hp.model_overrides or {},
+                train_shards=train_shards, tokenizer=hp.tokenizer, tokenizer_vocab_size=hp.tokenizer_vocab_size,
+                tokenizer_max_records=hp.tokenizer_max_records, extra_texts=extra_texts, max_length=hp.max_length,
+                caption_prompt=hp.caption_prompt, system_prompt=hp.system_prompt,
+                image_placement=hp.image_placement, prebuilt_tokenizer=tokenizer,
+                chat_template=hp.chat_template, log=rank_zero_info,
+            )
+        except OSError as e:  # a hub name that cannot be reached or a missing file (transformers' message spans lines)
+            raise ValueError(f"cannot build the model: {' '.join(str(e).split())}") from e
         self._install(vlm, processor, processor_files(processor))
 
     def _build_from_payload(self, payload: dict) -> None:
@@ -244,6 +249,9 @@ class VLMModule(pl.LightningModule):
         dm = self._datamodule()
         if getattr(dm, "uint8_pixels", False):
             check_normalization(vlm, processor)
+        # transformers' from_pretrained returns its model in eval mode (dropout off) and Lightning no
+        # longer calls train(): every part trains in train mode, the frozen ones are put back in eval
+        vlm.train()
         configure_trainable(vlm, hp.stage, hp.lora)
         trainer = self._trainer
         if trainer is not None:
@@ -410,6 +418,11 @@ class VLMModule(pl.LightningModule):
                                     lm_lr=hp.lm_lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps,
                                     fused=fused)
         scheduler = build_scheduler(optimizer, int(total), hp.warmup, hp.min_lr_ratio)
+        self._schedule_steps = int(total)
+        if self._resumed_schedule is not None:
+            warning = schedule_change(*self._resumed_schedule, int(total), hp.warmup, hp.min_lr_ratio)
+            if warning:
+                rank_zero_warn(warning)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -441,6 +454,8 @@ class VLMModule(pl.LightningModule):
             rng = self._rng_before_validation
         checkpoint[CHECKPOINT_KEY] = make_payload(self.vlm.config.to_dict(), self._processor_files,
                                                   self.guard.state_dict(), rng)
+        if self._schedule_steps is not None:
+            checkpoint[CHECKPOINT_KEY]["schedule_steps"] = self._schedule_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         payload = checkpoint.get(CHECKPOINT_KEY)
@@ -455,6 +470,8 @@ class VLMModule(pl.LightningModule):
             self._build_from_payload(payload)
         self.guard.load_state_dict(payload.get("nonfinite", {}))
         self._pending_rng = payload.get("rng")
+        if payload.get("schedule_steps"):
+            self._resumed_schedule = (int(payload["schedule_steps"]), int(checkpoint.get("global_step", 0)))
         changed = hparam_changes(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
         if changed:
             rank_zero_warn("resuming with model settings other than the checkpoint's run: " + "; ".join(changed)
@@ -463,6 +480,20 @@ class VLMModule(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------------------- helpers
+def schedule_change(old_total: int, step: int, new_total: int, warmup: float, min_lr_ratio: float) -> str | None:
+    """What resuming at optimizer ``step`` with a schedule of ``new_total`` steps (a changed
+    ``trainer.max_steps``) does to a run scheduled over ``old_total``; None when nothing changes."""
+    from mmlm.training.optim import resolve_warmup, warmup_cosine
+
+    if old_total == new_total:
+        return None
+    before = warmup_cosine(old_total, resolve_warmup(warmup, old_total), min_lr_ratio)(step)
+    after = warmup_cosine(new_total, resolve_warmup(warmup, new_total), min_lr_ratio)(step)
+    return (f"the learning-rate schedule now spans {new_total} steps where the checkpoint's run had {old_total} "
+            f"(trainer.max_steps changed): warmup + cosine are redrawn over {new_total} steps and continue from "
+            f"step {step}, so the learning rate goes from {before:.3g}x to {after:.3g}x of its peak")
+
+
 def _get_attr_or_hparam(obj, name: str):
     if obj is None:
         return None
