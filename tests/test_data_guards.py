@@ -130,3 +130,10 @@ def test_the_tokenizer_corpus_reads_every_shard_spec_the_stream_takes(tmp_path, 
     parsed = yaml.safe_load(text) if text.startswith(("{", "[")) else text
     texts, n = corpus_from_shards(parsed, allow_pipes=True)
     assert n == 3 and all(t.startswith("a small red star") for t in texts)
+
+
+def test_bad_mixed_weights_are_refused_when_the_data_module_is_made():
+    from mmlm.data import VLMDataModule
+
+    with pytest.raises(ValueError, match="mixed_weights must map"):
+        VLMDataModule(train="data/train", sample_mode="mixed", mixed_weights={"captions": 1})

@@ -58,7 +58,7 @@ from mmlm.data.decode import DEFAULT_MAX_PIXELS
 from mmlm.data.errors import LOGGER_NAME, DataErrorBudgetExceeded, bad_count, budget_message, budget_violation
 from mmlm.data.sources import parse_sources, resolve_sources
 from mmlm.data.stream import StreamConfig, VLMStream, detect_rank_world
-from mmlm.data.targets import check_sample_mode, compile_question_pattern
+from mmlm.data.targets import check_mixed_weights, check_sample_mode, compile_question_pattern
 
 __all__ = ["VLMDataModule", "StreamLoader"]
 
@@ -245,6 +245,7 @@ class VLMDataModule(pl.LightningDataModule):
             raise ValueError("group_by_length applies to padded batches; packing already leaves no padding: "
                              "use one or the other")
         check_sample_mode(sample_mode)
+        check_mixed_weights(mixed_weights)
         compile_question_pattern(question_pattern)
         if not 0.0 <= prompt_loss_fraction <= 1.0:
             raise ValueError(f"prompt_loss_fraction must be in [0, 1], got {prompt_loss_fraction}")
@@ -445,11 +446,14 @@ class VLMDataModule(pl.LightningDataModule):
         now = (self.seed, self._logical_workers, world)
         part = state["ranks"].get(str(rank))
         if saved != now or part is None:
-            msg = (f"the checkpoint's data loader state was saved with seed={saved[0]}, num_workers={saved[1]}, "
-                   f"world_size={saved[2]} but this run has seed={now[0]}, num_workers={now[1]}, world_size={now[2]}")
+            def workers(n: int) -> str:  # one data stream per loader worker; num_workers=0: one, in the main process
+                return "num_workers=0 or 1" if n == 1 else f"num_workers={n}"
+
+            msg = (f"the checkpoint's data loader state was saved with seed={saved[0]}, {workers(saved[1])}, "
+                   f"world_size={saved[2]} but this run has seed={now[0]}, {workers(now[1])}, world_size={now[2]}")
             if self.strict_resume:
-                raise ValueError(msg + "; exact resume needs the same (or pass strict_resume=False to start a "
-                                       "fresh stream at the next epoch)")
+                raise ValueError(msg + "; exact resume needs the same (or pass --data.strict_resume false, in "
+                                       "Python strict_resume=False, to start a fresh stream at the next epoch)")
             log.warning("%s: starting a fresh training stream at epoch %d (not an exact resume)", msg, state["epoch"] + 1)
             self.epoch = int(state["epoch"]) + 1
             self._samples = part["samples"] if part else 0
