@@ -346,6 +346,16 @@ def test_logged_learning_rates_are_those_of_the_step_they_are_logged_with(tmp_pa
     assert logged[0] == 0.0  # the first step's update runs at the warmup's zero rate
 
 
+def test_packing_a_model_with_shared_image_positions_is_refused_before_any_step(tmp_path):
+    shared = {**TINY_OVERRIDES, "image_positions": "shared",
+              "projector": {**TINY_OVERRIDES["projector"], "position_embedding": True}}
+    module = VLMModule(**tiny_model_args(model_overrides=shared))
+    t = trainer(tmp_path, steps=2, callbacks=[Preflight()])
+    with pytest.raises(ValueError, match="data.packing true cannot train a model with shared image positions"):
+        t.fit(module, datamodule(packing=True))
+    assert not (tmp_path / "preflight.json").exists()
+
+
 class _Snapshot(pl.Callback):
     def __init__(self):
         self.before, self.after, self.modes = {}, {}, []

@@ -3,6 +3,7 @@ the first step, where a mismatch would otherwise train silently wrong or die mid
 
 - ``check_normalization``: the model's on-device normalisation of uint8 batches = the processor's;
 - ``check_attention_trains_on``: the LM's attention kernel has a backward pass on the device;
+- ``check_packing``: packed rows and the model's image positions can go together;
 - ``hparam_changes``: the ``VLMModule`` arguments a resumed run changes from its checkpoint's run.
 """
 
@@ -20,6 +21,16 @@ def check_normalization(vlm, processor) -> None:
         raise ValueError(f"the processor normalises images with mean={theirs.mean} std={theirs.std} but the model "
                          f"with mean={mine.mean} std={mine.std}: fix image_transform in processor_config.json or in "
                          "the vision config so that they agree")
+
+
+def check_packing(vlm, packing: bool) -> None:
+    """Packed rows mark their samples' boundaries with restarting position ids, which a model with
+    ``image_positions: shared`` (every token of an image at one position) cannot share: refused before
+    any data is read rather than in the first forward."""
+    if packing and vlm.config.image_positions == "shared":
+        raise ValueError("data.packing true cannot train a model with shared image positions (image_positions: "
+                         "shared): transformers reads the packed samples' boundaries from the positions; train "
+                         "with --data.packing false")
 
 
 def hparam_changes(saved: dict, current: dict) -> list[str]:

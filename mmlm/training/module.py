@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mmlm.processing import IMAGE_PLACEMENTS
 from mmlm.training.callbacks import NonFiniteGuard
-from mmlm.training.checks import check_attention_trains_on, check_normalization, hparam_changes
+from mmlm.training.checks import check_attention_trains_on, check_normalization, check_packing, hparam_changes
 from mmlm.training.freeze import STAGES, configure_trainable, enable_activation_checkpointing, frozen_modules
 from mmlm.training.state import CHECKPOINT_KEY, get_rng_state, make_payload, read_checkpoint_payload, set_rng_state
 
@@ -249,6 +249,7 @@ class VLMModule(pl.LightningModule):
         dm = self._datamodule()
         if getattr(dm, "uint8_pixels", False):
             check_normalization(vlm, processor)
+        check_packing(vlm, bool(getattr(dm, "packing", False)))
         # transformers' from_pretrained returns its model in eval mode (dropout off) and Lightning no
         # longer calls train(): every part trains in train mode, the frozen ones are put back in eval
         vlm.train()
