@@ -169,6 +169,7 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
         (("--trainer.val_check_interval", "0"), "trainer.val_check_interval must be > 0"),
         (("--ckpt_path", str(tmp_path / "missing.ckpt")), "no such checkpoint file"),
         (("--ckpt_path", str(bad_ckpt)), "is not a checkpoint mmlm can read"),
+        (("--ckpt_path", "best"), "--ckpt_path best: a new run has no best checkpoint to resume; pass `last`"),
         (("--checkpoint.every_n_train_steps", "-1"), "every_n_train_steps=-1"),
     ]
     for i, (args, message) in enumerate(cases):
@@ -177,7 +178,7 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
         err = capsys.readouterr().err
         (line,) = [x for x in err.splitlines() if x.startswith("error:")]
         assert message in line and "Traceback" not in err, (args, err[-500:])
-    assert not any((tmp_path / f"run{i}").exists() for i in range(6))  # checked before any file is written
+    assert not any((tmp_path / f"run{i}").exists() for i in range(len(cases)))  # checked before any file is written
 
 
 def test_flex_attention_on_a_cpu_is_refused_before_the_first_step(tmp_path, capsys):

@@ -152,8 +152,10 @@ def _cli_classes():
             # VLMModule.on_load_checkpoint names any that differ from the checkpoint's run)
             sub = self.config.get("subcommand")
             ckpt = self.config[sub].get("ckpt_path") if sub else None
-            if ckpt and str(ckpt) not in ("last", "best", "hpc") and "://" not in str(ckpt) \
-                    and not str(ckpt).startswith("registry"):
+            if str(ckpt) in ("best", "hpc"):  # Lightning's in-process names: a new process has no "best" yet
+                raise ValueError(f"--ckpt_path {ckpt}: a new run has no {ckpt} checkpoint to resume; pass `last` or "
+                                 "a .ckpt file (the best ones are RUN_DIR/checkpoints/best-step=N.ckpt)")
+            if ckpt and str(ckpt) != "last" and "://" not in str(ckpt) and not str(ckpt).startswith("registry"):
                 check_checkpoint_file(str(ckpt))
 
         def instantiate_trainer(self, **kwargs):
