@@ -373,7 +373,12 @@ def _validates_after_this_batch(trainer) -> bool:
 
 # ---------------------------------------------------------------------------------- export
 class ExportModel(pl.Callback):
-    """At the end of a successful fit, write the model + processor to ``RUN_DIR/<dirname>``."""
+    """At the end of a successful fit, write the model + processor to ``RUN_DIR/<dirname>``.
+
+    LoRA adapters are merged into the LM first, in place (a copy would double the LM's memory): after
+    the fit, rank 0's ``module.vlm`` is the plain merged model that was written; the run's checkpoints
+    keep the adapters, so resuming (``--ckpt_path``) trains them on.
+    """
 
     def __init__(self, dirname: str = "model", enabled: bool = True):
         """
