@@ -130,6 +130,37 @@ def test_python_tokenizer_matches_ptb_conventions():
     assert cm.python_ptb_tokenize("line\nbreak") == "line break"
 
 
+# pycocoevalcap's PTBTokenizer (Java) output for each caption, recorded once; the test needs no Java
+JAVA_PTB = {
+    "a man's.": "a man 's",
+    "its owner's.": "its owner 's",
+    "An old red bus driving down the street, near St. Paul's.": "an old red bus driving down the street near st. paul 's",
+    "James's.": "james 's",
+    "It's a cat's.": "it 's a cat 's",
+    "a cat's'.": "a cat 's",
+    "the player's-jersey": "the player 's jersey",
+    "a man's!": "a man 's",
+    "a man's...": "a man 's",
+    "The dog's bed.": "the dog 's bed",
+    "the dogs'.": "the dogs",
+    "a 'sup sign.": "a sup sign",
+    "don't.": "do n't",
+    "we'll see.": "we 'll see",
+    "rock 'n' roll": "rock 'n' roll",
+}
+
+
+@pytest.mark.parametrize("caption", list(JAVA_PTB))
+def test_python_tokenizer_keeps_clitics_before_punctuation_like_java(caption):
+    assert cm.python_ptb_tokenize(caption) == JAVA_PTB[caption]
+
+
+@pytest.mark.skipif(not cm.java_available(), reason="needs Java (pycocoevalcap PTBTokenizer)")
+def test_recorded_java_outputs_are_still_javas():
+    captions = list(JAVA_PTB)
+    assert cm.tokenize({0: captions}, "ptb")[0] == [JAVA_PTB[c] for c in captions]
+
+
 def test_bleu_from_totals_and_groups():
     res = cm.score_captions(REFS, PREDS, tokenizer="python", skip=["METEOR"],
                             groups={i: {"perDomain": "a" if i < 3 else "b"} for i in REFS})

@@ -282,10 +282,12 @@ def test_vizwiz_textvqa_gqa_pope_and_vqa_shards(tmp_path, patch_model):
     m = load(out / "metrics.json")
     assert m["overall"] == 100.0 and m["accuracy_rule"].startswith("TextVQA")
 
-    # GQA: {qid: {imageId, question, answer, types}} -> [{questionId, prediction}]
+    # GQA: {qid: {imageId, question, answer, types}} -> [{questionId, prediction}]; scored as LLaVA does
+    # (reply lower-cased, trailing "." dropped, then compared exactly: "Dog." matches "dog")
+    patch_model["what animal is it?"] = "Dog."
     gqa = tmp_path / "gqa.json"
     gqa.write_text(json.dumps({
-        "201": {"imageId": "im0", "question": "what is it?", "answer": "dog",
+        "201": {"imageId": "im0", "question": "what animal is it?", "answer": "dog",
                 "types": {"structural": "query", "semantic": "obj"}},
         "202": {"imageId": "im1", "question": "which color?", "answer": "red",
                 "types": {"structural": "choose", "semantic": "attr"}},
@@ -295,7 +297,7 @@ def test_vizwiz_textvqa_gqa_pope_and_vqa_shards(tmp_path, patch_model):
                "--images", str(images), "--out", str(out)) == 0
     m = load(out / "metrics.json")
     assert m["overall"] == 50.0 and m["perAnswerType"] == {"open": 100.0, "binary": 0.0}
-    assert load(out / "predictions.json") == [{"questionId": "201", "prediction": "a dog"},
+    assert load(out / "predictions.json") == [{"questionId": "201", "prediction": "Dog."},
                                              {"questionId": "202", "prediction": "Blue"}]
 
     # POPE: jsonl {question_id, image, text, label} -> jsonl {question_id, prompt, text}

@@ -1,7 +1,12 @@
 """``mmlm eval caption|vqa``: score a model (or a predictions file) on standard benchmarks.
 
 Thin layer: parse arguments, call :mod:`mmlm.evaluation` (``load_benchmark`` -> ``evaluate``),
-print a small results table. Bad input prints one ``error: ...`` line to stderr and returns 2.
+print a small results table. Bad input prints one ``error: ...`` line to stderr and returns 2,
+before any model is loaded: ``--skip-metrics`` and ``--tokenizer ptb`` (Java) are checked with the
+arguments, ``--device``/``--dtype`` as ``mmlm describe`` checks them (``check_model_args``: CUDA
+asked for but absent is an error, not a traceback). The resume fingerprint holds the resolved
+device type and dtype (``auto`` -> e.g. ``cuda``/``bfloat16``), so a cached run is never continued
+with other numerics. A run in which no item could be predicted fails (exit 2).
 Outputs (all written atomically) in ``--out``: ``predictions.json`` (``.jsonl`` for POPE) in the
 benchmark's submission format, ``metrics.json`` (official metric names and scales, 95% bootstrap
 intervals under ``ci95``), ``per_item.jsonl`` (per-item scores, read by ``--compare``),
@@ -50,7 +55,8 @@ benchmarks and files:
 metrics: VQA accuracy as the official vqaEval.py (answer normalization; mean over the 10 leave-one-out
   subsets of min(#matches/3, 1)) in percent: overall, perAnswerType, perQuestionType; TextVQA and VizWiz
   with their own official answer processing (TextVQA: EvalAI's, on the answers too; VizWiz: answers as
-  written); GQA: exact match;
+  written); GQA: exact match as LLaVA scores it (reply stripped, trailing "." removed, lower-cased,
+  compared with the gold answer as written; no VQA normalization), perAnswerType open/binary;
   POPE: accuracy, precision, recall, f1, yes_ratio (fractions) and overall (accuracy, percent).
   Submission files: VQAv2/OK-VQA/TextVQA/shards [{question_id, answer}], VizWiz [{image, answer}],
   GQA [{questionId, prediction}], POPE jsonl {question_id, prompt, text}.
@@ -102,8 +108,11 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                    help="output folder: metrics.json, per_item.jsonl, predictions file, resume cache")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N items (a quick look)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per generation batch")
-    p.add_argument("--device", default="auto", help="torch device for the model: auto (GPU if any), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16")
+    p.add_argument("--device", default="auto",
+                   help="torch device for the model: auto (the GPU when there is one), cpu, mps, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16; a cached "
+                        "run resumes only with the same resolved device type and dtype")
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help=f"generation length limit (default {48 if task == 'caption' else 16})")
     p.add_argument("--num-beams", type=_positive_int, default=1, help="beam width (1 = greedy decoding, the default)")
@@ -151,12 +160,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _common(c, "caption")
     c.add_argument("--prompt", default=None, help="caption prompt (default: the one stored with the checkpoint)")
     c.add_argument("--tokenizer", choices=("auto", "ptb", "python"), default="auto",
-                   help="auto: Java PTBTokenizer when Java is installed, else the pure-Python approximation")
+                   help="auto: Java PTBTokenizer when Java is installed, else the pure-Python approximation; "
+                        "ptb: Java's (an error without Java)")
     c.add_argument("--skip-metrics", default="", metavar="LIST",
-                   help="comma-separated metrics not to compute, e.g. METEOR,SPICE (saves the Java start-ups)")
+                   help="metrics not to compute: METEOR, SPICE or METEOR,SPICE (saves the Java start-ups; "
+                        "the other metrics are always computed)")
     c.set_defaults(run=run, eval_task="caption")
     v = sub.add_parser(
-        "vqa", help="visual question answering: VQA accuracy, GQA exact match, POPE",
+        "vqa", help="visual question answering: VQA accuracy, GQA exact match (as LLaVA), POPE",
         description=(
             "Answer every question with the model (greedy decoding; prompt = question, a newline and "
             "--prompt-suffix; the checkpoint's chat template is applied by mmlm.describe) or read "
@@ -239,12 +250,32 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
     print(f"wrote {out / 'metrics.json'}")
 
 
-def _fingerprint(args, model_dir: Path) -> dict[str, Any]:
+def _numerics(args):
+    """``(torch.device, torch.dtype)`` the model will run with, or a one-line error: ``--device`` is
+    checked as ``mmlm describe`` checks it (CUDA asked for but absent), ``--dtype`` by name."""
+    from mmlm.api import resolve_device, resolve_dtype
+    from mmlm.cli.describe import check_model_args
+    from mmlm.evaluation.benchmarks import BenchmarkError
+
+    try:
+        check_model_args(args)
+    except (ValueError, OSError) as e:
+        raise BenchmarkError(str(e)) from None
+    device = resolve_device(args.device)
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as e:
+        raise BenchmarkError(f"--dtype: {e}") from None
+    return device, dtype
+
+
+def _fingerprint(args, model_dir: Path, device, dtype) -> dict[str, Any]:
     weights = model_dir / "model.safetensors"
     return {
         "model": str(model_dir.resolve()),
         "weights_mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
-        "dtype": args.dtype,
+        "device": device.type,  # resolved: "auto" on a GPU machine and on a CPU one are different runs
+        "dtype": str(dtype).removeprefix("torch."),
         "max_new_tokens": args.max_new_tokens,
         "num_beams": args.num_beams,
         "prompt": getattr(args, "prompt", None),
@@ -264,15 +295,28 @@ def run(args) -> int:
     shards = args.shards
     if args.benchmark == "shards" and shards is None:
         shards = args.annotations
-    skip = [s.strip() for s in (getattr(args, "skip_metrics", "") or "").split(",") if s.strip()]
+    skip: tuple[str, ...] = ()
     try:
         if task == "caption":  # before any model runs: the scorers are needed at the end
-            from mmlm.evaluation.caption_metrics import require_pycocoevalcap
+            from mmlm.evaluation.caption_metrics import check_skip_metrics, require_pycocoevalcap, resolve_tokenizer
 
             try:
                 require_pycocoevalcap()
             except ImportError as e:
                 raise BenchmarkError(str(e)) from None
+            try:
+                skip = check_skip_metrics(args.skip_metrics or "")
+            except ValueError as e:
+                raise BenchmarkError(f"--skip-metrics: {e}") from None
+            try:
+                resolve_tokenizer(args.tokenizer)  # --tokenizer ptb without Java
+            except (RuntimeError, ValueError) as e:
+                raise BenchmarkError(str(e)) from None
+        if args.model is not None:
+            model_dir = Path(args.model)
+            if not model_dir.is_dir():
+                raise BenchmarkError(f"--model: no such checkpoint directory: {model_dir}")
+            device, dtype = _numerics(args)
         bench = load_benchmark(
             task, args.benchmark, annotations=args.annotations, questions=args.questions, images=args.images,
             shards=shards, split=args.split, limit=args.limit, caption_prompt=getattr(args, "prompt", None),
@@ -284,13 +328,12 @@ def run(args) -> int:
         if args.benchmark in ("coco-karpathy", "flickr30k"):
             provenance["split"] = args.split or "test"
         if args.model is not None:
-            model_dir = Path(args.model)
-            if not model_dir.is_dir():
-                raise BenchmarkError(f"--model: no such checkpoint directory: {model_dir}")
             if args.images is None and args.benchmark != "shards":
                 raise BenchmarkError(f"--images DIR is needed to run a model on {args.benchmark}")
-            fingerprint = _fingerprint(args, model_dir)
+            fingerprint = _fingerprint(args, model_dir, device, dtype)
             provenance["model"] = fingerprint["model"]
+            provenance["device"] = str(device)
+            provenance["dtype"] = fingerprint["dtype"]
             try:  # the decoding options' own checks (e.g. --compile with --num-beams), before any work
                 GenerationConfig(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, compile=args.compile)
             except ValueError as e:
@@ -301,7 +344,7 @@ def run(args) -> int:
                 provenance["prompt_suffix"] = args.prompt_suffix
             runner.check_run(bench, model=True, compare=args.compare)  # before the (slow) model load
             predict_fn = runner.model_predict_fn(
-                model_dir, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                model_dir, device=device, dtype=dtype, max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams, compile=args.compile,
             )
         report = runner.evaluate(

@@ -26,12 +26,12 @@ from .benchmarks import (
 from .bootstrap import StatSpec, bootstrap_ci, paired_bootstrap
 from .caption_metrics import CaptionScores, python_ptb_tokenize, score_captions
 from .runner import EvalError, compare_runs, evaluate, model_predict_fn, predict, score
-from .vqa_metrics import exact_match, normalize_answer, pope_answer, pope_report, vqa_accuracy, vqa_report
+from .vqa_metrics import exact_match, gqa_accuracy, normalize_answer, pope_answer, pope_report, vqa_accuracy, vqa_report
 
 __all__ = [
     "CAPTION_BENCHMARKS", "VQA_BENCHMARKS", "DEFAULT_VQA_SUFFIX", "Benchmark", "BenchmarkError", "Item",
     "load_benchmark", "read_predictions", "write_predictions", "StatSpec", "bootstrap_ci", "paired_bootstrap",
     "CaptionScores", "python_ptb_tokenize", "score_captions", "EvalError", "compare_runs", "evaluate",
-    "model_predict_fn", "predict", "score", "exact_match", "normalize_answer", "pope_answer", "pope_report",
+    "model_predict_fn", "predict", "score", "exact_match", "gqa_accuracy", "normalize_answer", "pope_answer", "pope_report",
     "vqa_accuracy", "vqa_report",
 ]

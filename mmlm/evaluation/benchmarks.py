@@ -31,7 +31,9 @@ nocaps           ``--annotations nocaps_val_4500_captions.json`` (coco-like;  ``
 shards (caption) our tar shards with ``captions``/``caption``; id = ``image_id`` ``[{image_id, caption}]``
                  or the sample key; records of one image_id are merged
 vqav2, okvqa     ``--questions`` OpenEnded questions json, ``--annotations``  ``[{question_id, answer}]``
-                 (optional: without them predictions are written, not scored)
+                 (optional: without them predictions are written, not scored);
+                 images ``COCO_<data_subtype>_<id:012d>.jpg`` in ``--images`` or
+                 its ``<data_subtype>/`` folder (test-dev2015: test2015's)
 vizwiz           ``--annotations val.json`` (list of {image, question, answers}) ``[{image, answer}]``
 textvqa          ``--annotations TextVQA_0.5.1_val.json`` ({"data": [...]})    ``[{question_id, answer}]``
 gqa              ``--questions testdev_balanced_questions.json`` ({qid: {...}}) ``[{questionId, prediction}]``
@@ -44,7 +46,8 @@ shards (vqa)     our tar shards with ``question``/``answers``; id =             
 Scoring rules: captions -> :mod:`.caption_metrics`; vqav2/okvqa/shards -> official VQA accuracy;
 textvqa, vizwiz -> their own official variants of it (``vqa_metrics.textvqa_accuracy``,
 ``vizwiz_accuracy``: the same leave-one-out rule, other answer processing); gqa -> exact match
-(+ ``perAnswerType`` open/binary as GQA's eval, structural and semantic types); pope -> POPE's
+as LLaVA scores GQA (``vqa_metrics.gqa_accuracy``; + ``perAnswerType`` open/binary as GQA's eval,
+structural and semantic types); pope -> POPE's
 yes/no metrics (+ ``perCategory`` when the file has ``category``).
 
 Bad input raises :class:`BenchmarkError` (a ``ValueError``) with a one-line reason naming the file.
@@ -215,14 +218,12 @@ def vqa_prompt(question: str, suffix: str | None) -> str:
 
 
 def load_image(image: str | bytes | os.PathLike):
-    """Open an item image (path or encoded bytes) as an RGB ``PIL.Image.Image`` with its EXIF
-    orientation applied (as ``mmlm.describe`` does for image paths)."""
-    from PIL import Image, ImageOps
+    """Open an item image (path or encoded bytes) as an RGB ``PIL.Image.Image`` exactly as
+    training, ``mmlm describe`` and ``mmlm chat`` decode one (:func:`mmlm.api.open_image`: EXIF
+    orientation applied, alpha composited on white, 16-bit images scaled to 8 bits)."""
+    from mmlm.api import open_image
 
-    src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-    with Image.open(src) as im:
-        im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
+    return open_image(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image)
 
 
 def _take(it: Iterable[Item], limit: int | None) -> list[Item]:
@@ -267,8 +268,9 @@ def load_benchmark(
     notices: list[str] = []
     sources = {k: os.fspath(v) for k, v in (("annotations", annotations), ("questions", questions),
                                             ("images", images)) if v is not None}
-    if shards is not None:
-        sources["shards"] = " ".join(map(os.fspath, shards)) if isinstance(shards, list) else os.fspath(shards)
+    if shards is not None:  # a list (Python API) is recorded as its absolute paths: one string, cwd-independent
+        sources["shards"] = (" ".join(os.path.abspath(os.fspath(s)) for s in shards) if isinstance(shards, list)
+                             else os.fspath(shards))
     if task == "caption":
         if name not in CAPTION_BENCHMARKS:
             raise BenchmarkError(f"unknown caption benchmark {name!r}; choose from {', '.join(CAPTION_BENCHMARKS)}")

@@ -13,13 +13,16 @@ Java and its absence
     ``"python"`` is :func:`python_ptb_tokenize`, a documented pure-Python approximation of it
     (lower-case; PTB-style splitting of punctuation, brackets (-> ``-lrb-`` etc., kept, as the
     Java path keeps them after lower-casing), clitics (``don't`` -> ``do n't``, ``dog's`` ->
-    ``dog 's``); then the same ``PUNCTUATIONS`` list is removed). ``"auto"`` uses PTB when
+    ``dog 's``, also before punctuation: ``man's.`` -> ``man 's``); then the same ``PUNCTUATIONS`` list is removed). ``"auto"`` uses PTB when
     ``java`` is on PATH, else the Python one, and says so in ``notices``. Numbers from the two
     tokenizers agree on ordinary captions but are not guaranteed identical: metrics.json records
     which one was used (``tokenizer``).
   * METEOR needs Java (Meteor 1.5 jar); without it METEOR is skipped and listed in ``skipped``.
   * SPICE needs Java and Stanford CoreNLP 3.6.0 in ``pycocoevalcap/spice/lib``
     (:func:`spice_available`); otherwise it is skipped with a notice. It never downloads.
+  * Only those two can be skipped on request (:data:`SKIPPABLE_METRICS`, the ones that start a
+    JVM); :func:`check_skip_metrics` rejects any other name, and ``mmlm eval`` calls it (and
+    :func:`resolve_tokenizer`) on its arguments before any model is loaded.
 
 Per-item statistics (for confidence intervals and paired tests, see :mod:`.bootstrap`)
   * ``Bleu_n``: per item we keep BLEU's sufficient statistics (hypothesis length, closest
@@ -57,6 +60,7 @@ from .bootstrap import MetricKey, StatSpec
 
 __all__ = [
     "CAPTION_METRICS",
+    "SKIPPABLE_METRICS",
     "PTB_PUNCTUATIONS",
     "BLEU_STAT_COLUMNS",
     "CaptionScores",
@@ -65,12 +69,15 @@ __all__ = [
     "python_ptb_tokenize",
     "tokenize",
     "resolve_tokenizer",
+    "check_skip_metrics",
     "score_captions",
     "bleu_from_totals",
     "caption_stat_spec",
 ]
 
 CAPTION_METRICS: tuple[str, ...] = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+# the metrics a run may leave out: each starts a JVM; BLEU, ROUGE_L and CIDEr cost next to nothing
+SKIPPABLE_METRICS: tuple[str, ...] = ("METEOR", "SPICE")
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS (compared after lower-casing, so the
 # upper-case bracket names never match and "-lrb-" etc. survive, as in the Java path).
 PTB_PUNCTUATIONS: tuple[str, ...] = (
@@ -124,6 +131,7 @@ def spice_available() -> bool:
 
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CLITICS = ("n't", "'s", "'re", "'ve", "'ll", "'d", "'m")
+_QUOTED_WORDS = frozenset({"'n'"})  # "rock 'n' roll": one token in PTB
 # abbreviations PTBTokenizer keeps with their period (a small, caption-relevant subset)
 _ABBREVIATIONS = frozenset(
     "mr mrs ms dr st mt jr sr vs etc prof inc co ltd ave blvd rd gen col capt lt sgt rev hon fig approx".split()
@@ -155,11 +163,18 @@ def _keeps_period(stem: str, last: bool) -> bool:
 
 
 def _split_token(tok: str, last: bool) -> list[str]:
-    """Peel quotes/periods/hyphens off the ends of one whitespace-delimited chunk."""
+    """Peel quotes/periods/hyphens off the ends of one whitespace-delimited chunk.
+
+    A chunk that starts with a clitic the rules above split off (``man's.`` -> ``man`` + ``'s.``)
+    keeps the clitic whole and splits what follows it, as PTBTokenizer does (``'s.`` -> ``'s`` ``.``,
+    ``'s-jersey`` -> ``'s`` ``-`` ``jersey``), instead of peeling the clitic's quote off."""
     if tok in _BRACKETS:
         return [_BRACKETS[tok]]
-    if tok in PTB_PUNCTUATIONS or tok in _CLITICS:
+    if tok in PTB_PUNCTUATIONS or tok in _CLITICS or tok in _QUOTED_WORDS:
         return [tok]
+    for clitic in _CLITICS:
+        if tok.startswith(clitic) and len(tok) > len(clitic) and not tok[len(clitic)].isalnum():
+            return [clitic] + _split_token(tok[len(clitic):], last)
     lead: list[str] = []
     trail: list[str] = []
     while len(tok) > 1 and tok[0] in "'`-":
@@ -231,6 +246,19 @@ def resolve_tokenizer(requested: str = "auto") -> tuple[str, list[str]]:
         return "ptb", []
     return "python", ["Java not found: captions tokenized with the pure-Python PTB approximation "
                       "(numbers may differ slightly from the official Java PTBTokenizer)"]
+
+
+def check_skip_metrics(names: Iterable[str] | str) -> tuple[str, ...]:
+    """Metric names not to compute (a list, or one comma-separated string) -> their canonical
+    spelling (case-insensitive, blanks dropped, no repeats).
+    Raises a one-line ``ValueError`` for a name outside :data:`SKIPPABLE_METRICS`."""
+    canonical = {m.lower(): m for m in SKIPPABLE_METRICS}
+    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    bad = [n for n in names if n.lower() not in canonical]
+    if bad:
+        raise ValueError(f"cannot skip {', '.join(bad)}: only {' and '.join(SKIPPABLE_METRICS)} can be skipped "
+                         "(the other metrics are always computed)")
+    return tuple(dict.fromkeys(canonical[n.lower()] for n in names))
 
 
 # --------------------------------------------------------------------------- BLEU statistics
@@ -321,7 +349,7 @@ def score_captions(
     """Score ``predictions[key]`` against ``references[key]`` (every key of ``references``).
 
     ``tokenizer``: ``"auto"``, ``"ptb"`` (Java) or ``"python"``; ``skip``: metric names not to
-    compute (``"METEOR"``, ``"SPICE"``, ...); ``groups[key]``: ``{breakdown: value}`` for
+    compute (:data:`SKIPPABLE_METRICS`: ``"METEOR"``, ``"SPICE"``); ``groups[key]``: ``{breakdown: value}`` for
     per-subset scores. Raises ``ValueError`` for a key without prediction or references.
     """
     require_pycocoevalcap()
@@ -336,10 +364,7 @@ def score_captions(
             raise ValueError(f"no prediction for item {k!r}")
         if not references[k]:
             raise ValueError(f"item {k!r} has no reference captions")
-    skip_set = {s.strip() for s in skip if s.strip()}
-    unknown = skip_set - set(CAPTION_METRICS) - {"Bleu"}
-    if unknown:
-        raise ValueError(f"unknown metric(s) to skip: {sorted(unknown)}; known: {', '.join(CAPTION_METRICS)}")
+    skip_set = set(check_skip_metrics(skip))
 
     method, notices = resolve_tokenizer(tokenizer)
     refs = {k: list(references[k]) for k in keys}

@@ -16,7 +16,10 @@ same fingerprint skips the ids already there (an interrupted run resumes); a dif
 fingerprint (other model/prompt/generation settings) is refused with :class:`EvalError` unless
 ``resume=False``, which starts the cache afresh. A torn last line is dropped (the cache is then
 rewritten atomically). An item whose image cannot be read is skipped and reported in ``skipped``;
-more than ``max_bad_fraction`` of the items (at least 1) stops the run with :class:`EvalError`.
+more than ``max_bad_fraction`` of the items (at least 1) stops the run with :class:`EvalError`,
+and so does a run in which no item at all has a prediction (every image unreadable), whatever
+the budget. The cache fingerprint is the caller's: ``mmlm eval`` puts the resolved device type
+and dtype in it, so a run is never resumed with other numerics.
 Nothing here scores or writes result files; see :mod:`.scoring` and :mod:`.runner`.
 """
 
@@ -163,7 +166,12 @@ def predict(
     finally:
         if fh is not None:
             fh.close()
-    return {it.id: done[it.id] for it in items if it.id in done}, skipped
+    out = {it.id: done[it.id] for it in items if it.id in done}
+    if items and not out:  # e.g. one item whose image is missing: within the budget, yet nothing to show
+        first = next(iter(skipped.items()), None)
+        raise EvalError(f"none of the {len(items)} item(s) could be predicted: every image is unreadable"
+                        + (f"; first: item {first[0]}: {first[1]}" if first else ""))
+    return out, skipped
 
 
 # --------------------------------------------------------------------------- model

@@ -164,7 +164,13 @@ def _shard_captions(shards, caption_prompt, limit, notices: list[str]) -> list[I
 # --------------------------------------------------------------------------- vqa readers
 
 
+# COCO ships no test-dev image folder: test-dev2015 is a subset of test2015, whose files are
+# test2015/COCO_test2015_*.jpg, so a questions file's data_subtype names the folder via this map
+_IMAGE_SUBTYPE = {"test-dev2015": "test2015"}
+
+
 def _coco_image_candidates(root: Path, subtypes: list[str], image_id: int) -> list[Path]:
+    """Where a COCO image may be: ``root`` is the split's image folder or its parent."""
     cands: list[Path] = []
     for sub in subtypes:
         name = f"COCO_{sub}_{int(image_id):012d}.jpg"
@@ -193,7 +199,7 @@ def _vqav2(name, questions, annotations, images, suffix, notices) -> Iterator[It
             raise BenchmarkError(f"{questions}: not a VQA questions file (no 'questions' list)")
         qlist = qdata["questions"]
         sub = qdata.get("data_subtype")
-        subtypes = [sub] if sub else ["val2014", "test2015", "train2014"]
+        subtypes = [_IMAGE_SUBTYPE.get(sub, sub)] if sub else ["val2014", "test2015", "train2014"]
     root = Path(images) if images else None
     for i, q in enumerate(qlist):
         where = f"{questions}: questions[{i}]"

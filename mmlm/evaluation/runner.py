@@ -13,8 +13,9 @@ Files in ``out_dir`` (every final file written atomically: temporary name, then 
 * ``predictions.cache.jsonl`` - append-only cache; first line ``{"fingerprint": {...}}``, then
   one ``{"id", "prediction"}`` line per item, flushed and fsync-ed after every batch. A rerun
   with the same fingerprint skips the ids already there (an interrupted run resumes); a
-  different fingerprint (other model/prompt/generation settings, other data files: the
-  benchmark's annotation/question files and image folder, as absolute paths) is refused unless
+  different fingerprint (other model/prompt/generation settings, other numerics: ``mmlm eval``
+  records the resolved device type and dtype, not ``auto``; other data files: the benchmark's
+  annotation/question files, image folder and shard pattern, as absolute paths) is refused unless
   ``resume=False``, which starts the cache afresh. A torn last line is dropped.
 * ``predictions.json`` (``predictions.jsonl`` for POPE) - the submission file (model mode).
 * ``per_item.jsonl`` - ``{"id", "prediction", "scores", "stats", "groups"}`` per scored item:
@@ -37,7 +38,7 @@ Breakdown intervals (per question type, ...) resample within each group (stratif
 
 Bad images: an item whose image cannot be read is skipped and counted (``num_skipped``,
 first reasons in ``notices``); more than ``max_bad_fraction`` of the items (at least 1) stops the
-run with :class:`EvalError`. Greedy decoding is the default of :func:`model_predict_fn`.
+run with :class:`EvalError`, and so does a run where no item could be predicted at all. Greedy decoding is the default of :func:`model_predict_fn`.
 
 Layout
 ------
@@ -190,7 +191,7 @@ def evaluate(
     if predict_fn is not None:
         # the data files belong to the run too: the same ids in other files (POPE's random/popular/
         # adversarial files all number their questions from 1) must not reuse cached answers
-        data = {k: (v if k == "shards" else os.path.abspath(v)) for k, v in sorted(bench.sources.items())}
+        data = {k: os.path.abspath(v) for k, v in sorted(bench.sources.items())}
         fp = {"benchmark": bench.name, "task": bench.task, "data": data, **dict(fingerprint or {})}
         preds, skipped_items = predict(
             bench.items, predict_fn, batch_size=batch_size, cache_path=out / CACHE_NAME, fingerprint=fp,

@@ -114,7 +114,7 @@ def _score_vqa(bench: Benchmark, items: list[Item], preds: Mapping[str, str]) ->
     accs = []
     for it in items:
         pred = preds[it.id]
-        acc = accuracy(pred, it.references) if bench.scoring == "vqa" else vm.exact_match(pred, it.references)
+        acc = accuracy(pred, it.references) if bench.scoring == "vqa" else vm.gqa_accuracy(pred, it.references)
         accs.append(acc)
         rows.append({"id": it.id, "prediction": pred, "scores": {"accuracy": acc}, "groups": dict(it.groups)})
     metrics = vm.vqa_report(accs, [r["groups"] for r in rows], ndigits=_VQA_DIGITS)
@@ -126,7 +126,8 @@ def _score_vqa(bench: Benchmark, items: list[Item], preds: Mapping[str, str]) ->
             f"{vm.MIN_SOFT_ANSWERS} answers; exact match after normalization for {len(items) - n_soft} item(s)"
         )
     else:
-        info["accuracy_rule"] = "exact match after VQA answer normalization"
+        info["accuracy_rule"] = ("GQA exact match as LLaVA scores it: the reply stripped, trailing '.' removed and "
+                                 "lower-cased, compared with the gold answer as written (no VQA normalization)")
     return ScoreResult(metrics, rows, _acc_spec(rows), info=info)
 
 

@@ -1,5 +1,5 @@
 """VQA metrics: the official VQA accuracy (answer normalization ported from ``vqaEval.py``),
-exact-match accuracy (GQA) and POPE's yes/no metrics.
+GQA's exact-match accuracy and POPE's yes/no metrics.
 
 Contract
 --------
@@ -29,6 +29,11 @@ Contract
   ("the beatles" must match "The Beatles"); :func:`vizwiz_accuracy` is the VizWiz-VQA evaluation
   (``VQAEval`` of the VizWiz challenge): the prediction is normalized as above, the human answers
   are compared as written (no ``processPunctuation``, even when they disagree).
+* :func:`gqa_accuracy` is GQA's exact match as LLaVA's published GQA numbers are scored: LLaVA's
+  ``scripts/convert_gqa_for_eval.py`` turns the (stripped) reply into ``text.rstrip('.').lower()``
+  and GQA's official ``eval.py`` then compares it with the gold answer as written
+  (``predicted == gold``). None of the VQA normalization applies: "a laptop" does not match
+  "laptop", "t shirt" does not match "t-shirt", "two" does not match "2".
 * :func:`vqa_report` aggregates per-item accuracies into the official ``overall``,
   ``perQuestionType`` and ``perAnswerType`` (percent, ``round(..., 2)``, the official arithmetic).
 * :func:`pope_answer` maps free text to ``"yes"``/``"no"`` exactly like POPE's ``evaluate.py``
@@ -63,6 +68,8 @@ __all__ = [
     "textvqa_accuracy",
     "vizwiz_accuracy",
     "exact_match",
+    "gqa_prediction",
+    "gqa_accuracy",
     "vqa_report",
     "pope_answer",
     "pope_report",
@@ -229,10 +236,27 @@ def vizwiz_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 
 def exact_match(prediction: str, answers: Sequence[str] | str) -> float:
-    """1.0 when the normalized prediction equals any normalized answer (GQA-style), else 0.0."""
+    """1.0 when the normalized prediction equals any normalized answer, else 0.0 (the VQA rules'
+    fallback for items with few answers; GQA has its own rule, :func:`gqa_accuracy`)."""
     refs = [answers] if isinstance(answers, str) else list(answers)
     pred = normalize_answer(prediction)
     return 1.0 if any(normalize_answer(a) == pred for a in refs) else 0.0
+
+
+def gqa_prediction(prediction: str) -> str:
+    """A reply as LLaVA submits it to GQA: stripped, trailing periods removed
+    (``rstrip('.')``, as ``convert_gqa_for_eval.py``), lower-cased."""
+    return prediction.strip().rstrip(".").lower()
+
+
+def gqa_accuracy(prediction: str, answers: Sequence[str] | str) -> float:
+    """GQA's accuracy of one reply (0 or 1): :func:`gqa_prediction` equals the gold answer as
+    written (GQA's ``eval.py``: ``predicted == gold``); ``answers`` holds the gold answer."""
+    refs = [answers] if isinstance(answers, str) else list(answers)
+    if not refs:
+        raise ValueError("gqa_accuracy needs the gold answer")
+    pred = gqa_prediction(prediction)
+    return 1.0 if any(a == pred for a in refs) else 0.0
 
 
 # --------------------------------------------------------------------------- aggregation
