@@ -12,14 +12,22 @@ This module holds the common prompt formats written with the marks:
 Every template accepts both string message contents (mmlm's conversations, with ``<image>``
 where an image goes) and transformers' list contents (``[{"type": "image"}, {"type": "text",
 "text": ...}]``: the images go first, as ``<image>`` each and one newline, then the text), so the
-same template serves ``mmlm`` and an exported ``LlavaProcessor``. Templates for LMs whose tokenizer
-adds a BOS token start with ``bos_token``: the mmlm processor never adds special tokens around a
-rendered template, and transformers' processors skip their own BOS when the prompt starts with one.
+same template serves ``mmlm`` and an exported ``LlavaProcessor``.
+
+The rendered template is the whole input: the mmlm processor never adds special tokens around it,
+so templates for LMs whose tokenizer adds a BOS token (``vicuna_v1``, ``llama3``) write
+``bos_token`` themselves. transformers does not reliably skip a tokenizer's own BOS: in
+transformers 5, only a processor's ``apply_chat_template(..., tokenize=True)`` does (when the
+prompt starts with it); ``processor(text=prompt)`` and ``tokenizer(prompt)`` add a second one.
+So an export's tokenizer is written not to add special tokens
+(:func:`mmlm.interop.export.prompt_tokenizer`), and every way of calling it gives mmlm's ids.
 
 ``choose_chat_template(tokenizer, name)`` picks, in order: the template named ``name``; the
 tokenizer's own template if it already has generation marks; the named template whose markers
-the tokenizer's template (or, without one, its vocabulary) shows; else it raises an error
-that tells the user to pass ``--chat-template NAME``.
+the tokenizer's template (or, without one, its vocabulary) shows; else it raises an error that
+says how to name one from each entry point (``TEMPLATE_OPTIONS``: ``mmlm fit --model.chat_template
+NAME``, ``mmlm import hf --chat-template NAME``, Python ``chat_template=NAME``; this module knows
+them as text only).
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from dataclasses import dataclass, field
 from mmlm.processing import DEFAULT_CHAT_TEMPLATE
 
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+TEMPLATE_OPTIONS = ("`mmlm fit --model.chat_template NAME`, `mmlm import hf --chat-template NAME` "
+                    "or, in Python, chat_template=NAME")
+"""How a user names a chat template from each entry point (for error messages)."""
 
 # Turns transformers-style list contents into strings, so each template below only deals with
 # strings: images first ("<image>" each, then one newline, as mmlm places images), then the text.
@@ -176,7 +188,7 @@ def choose_chat_template(tokenizer, name: str | None = None, *, source: str | No
     why = ("has a chat template without {% generation %} marks that matches none of mmlm's named templates"
            if own else "has no chat template")
     raise ValueError(
-        f"{what} {why}; pass --chat-template NAME (Python: chat_template=NAME) with one of: "
+        f"{what} {why}; name one with {TEMPLATE_OPTIONS}; the names: "
         + ", ".join(f"{n} ({TEMPLATES[n].description})" for n in template_names())
     )
 

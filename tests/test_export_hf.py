@@ -25,23 +25,40 @@ def hf_pair(path):
     return AutoModelForImageTextToText.from_pretrained(str(path)).eval(), AutoProcessor.from_pretrained(str(path))
 
 
+def user_turn(image, text: str = PROMPT) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def transformers_inputs(hp, image, text: str = PROMPT) -> dict:
+    """The exported processor's inputs both ways users call it: ``apply_chat_template(tokenize=True)``,
+    and the model cards' ``processor(images=..., text=apply_chat_template(...))``."""
+    msgs = user_turn(image, text)
+    by_template = hp.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+    prompt = hp.apply_chat_template(msgs, add_generation_prompt=True)
+    by_text = hp(images=[image], text=[prompt], return_tensors="pt")
+    return {"apply_chat_template(tokenize=True)": by_template, "processor(text=prompt)": by_text}
+
+
 def assert_same_as_transformers(vlm, proc, out, image, check_text: bool = True):
-    """Same input ids, logits within 1e-4 and the same greedy text, transformers vs mmlm."""
+    """Same input ids, logits within 1e-4 (both ways of calling the processor) and the same greedy
+    text, transformers vs mmlm."""
     from mmlm.api import generate_texts
     from mmlm.generation import GenerationConfig
 
     model, hp = hf_pair(out)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
-    hin = hp.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                 return_tensors="pt")
     mine = proc(images=[image], text=[PROMPT])
-    assert hin["input_ids"].tolist() == mine["input_ids"].tolist()
-    torch.testing.assert_close(hin["pixel_values"], mine["pixel_values"], rtol=0, atol=1e-5)
     with torch.no_grad():
-        theirs = model(**hin).logits
         ours = vlm(input_ids=mine["input_ids"], pixel_values=mine["pixel_values"],
                    attention_mask=mine["attention_mask"]).logits
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    ways = transformers_inputs(hp, image)
+    for how, theirs_in in ways.items():
+        assert theirs_in["input_ids"].tolist() == mine["input_ids"].tolist(), how
+        torch.testing.assert_close(theirs_in["pixel_values"], mine["pixel_values"], rtol=0, atol=1e-5)
+        with torch.no_grad():
+            theirs = model(**theirs_in).logits
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4, msg=lambda m, how=how: f"{how}: {m}")
+    hin = ways["apply_chat_template(tokenize=True)"]
     if check_text:
         with torch.no_grad():
             gen = model.generate(**hin, max_new_tokens=8, do_sample=False)
@@ -72,6 +89,70 @@ def test_export_matches_transformers(tmp_path, vision_family, lm_family, templat
     tok = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tok["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids (transformers 4.x)
     assert_same_as_transformers(vlm, proc, tmp_path / "hf", picture(seed=3))
+
+
+def bos_lm_pair(tmp_path, seed: int = 0):
+    """A CLIP tower + a random-weight Llama whose tokenizer adds BOS itself (as Llama-2, Vicuna and
+    Mistral tokenizers do), with the vicuna_v1 template, which writes ``bos_token`` too."""
+    vpath, _ = save_vision(tmp_path / "v", "clip", seed=seed)
+    lpath = save_lm(tmp_path / "lm", "llama", seed=seed + 1)
+    vlm, proc = build_from_pretrained(vpath, lpath, "mlp2x_gelu", "vicuna_v1", max_length=128)
+    return vlm.eval(), proc
+
+
+def test_export_of_a_bos_adding_lm_gives_mmlms_ids_every_way(tmp_path):
+    from transformers import AutoTokenizer
+
+    vlm, proc = bos_lm_pair(tmp_path, seed=11)
+    bos = proc.tokenizer.bos_token_id
+    assert AutoTokenizer.from_pretrained(tmp_path / "lm")("a")["input_ids"][0] == bos  # the LM's adds BOS
+    image = picture(seed=12)
+    mine = proc(images=[image], text=[PROMPT])["input_ids"][0].tolist()
+    assert mine[0] == bos and mine[1] != bos  # mmlm: the template's BOS, once
+    export_hf((vlm, proc), tmp_path / "hf")
+    assert proc.tokenizer("a")["input_ids"][0] == bos  # the mmlm processor's tokenizer is left as it was
+    # both transformers call styles: the same ids and logits as mmlm (no second BOS)
+    assert_same_as_transformers(vlm, proc, tmp_path / "hf", image, check_text=False)
+    # vLLM-style: the tokenizer renders the template, then tokenizes it with or without special tokens
+    _, hp = hf_pair(tmp_path / "hf")
+    msgs = [{"role": "user", "content": "<image>\n" + PROMPT}]
+    prompt = hp.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = hp.tokenizer(prompt)["input_ids"]
+    assert ids == hp.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids == hp.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
+    image_id = vlm.config.image_token_id  # mmlm's ids with each image's span as the one <image> written
+    written = [t for i, t in enumerate(mine) if t != image_id or mine[i - 1] != image_id]
+    assert ids == written and ids[0] == bos and ids[1] != bos
+
+
+def test_export_pads_on_the_left_for_batched_generation(tmp_path):
+    """A batch of two prompts of different lengths generates what each prompt does alone."""
+    import json
+
+    vlm, proc = bos_lm_pair(tmp_path, seed=13)
+    with torch.no_grad():  # random weights with some spread: greedy tokens that depend on the input
+        for p in vlm.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    export_hf((vlm, proc), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    model, hp = hf_pair(tmp_path / "hf")
+    assert hp.tokenizer.padding_side == "left"
+    images = [picture(seed=14), picture(seed=15)]
+    prompts = [PROMPT, "how many shapes are there in this picture, and where is the blue square?"]
+    texts = [hp.apply_chat_template(user_turn(im, q), add_generation_prompt=True) for im, q in zip(images, prompts)]
+    with torch.no_grad():
+        alone = []
+        for im, t in zip(images, texts):
+            hin = hp(images=[im], text=[t], return_tensors="pt")
+            alone.append(model.generate(**hin, max_new_tokens=8, do_sample=False)[0, hin["input_ids"].shape[1]:])
+        batch = hp(images=images, text=texts, padding=True, return_tensors="pt")
+        assert batch["attention_mask"][0].tolist() != batch["attention_mask"][1].tolist()  # one is padded
+        together = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert len(set(alone[0].tolist())) > 1  # not one token over and over
+    for i in range(2):
+        n = len(alone[i])  # alone, a prompt may stop early; in the batch it goes on after its eos
+        assert together[i, :n].tolist() == alone[i].tolist(), i
 
 
 def test_export_linear_projector_keeping_the_class_token(tmp_path):

@@ -12,7 +12,8 @@ from mmlm.cli.main import main
 from mmlm.interop import import_hf
 from test_interop_parts import LLAVA_TEMPLATE, lm_config, make_tokenizer, picture, vision_config
 
-PROMPT = "USER: <image>\nwhat color is the star? ASSISTANT:"
+QUESTION = "what color is the star?"
+PROMPT = f"USER: <image>\n{QUESTION} ASSISTANT:"
 
 
 def save_llava(path, *, vision: str = "clip", act: str = "gelu", strategy: str = "default", seed: int = 0):
@@ -36,12 +37,22 @@ def save_llava(path, *, vision: str = "clip", act: str = "gelu", strategy: str =
     return model
 
 
-def hf_logits(path, image, prompt=PROMPT):
+def rendered_prompt(path) -> str:
+    """QUESTION about one image as the checkpoint's own chat template writes it."""
+    from transformers import AutoProcessor
+
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    return AutoProcessor.from_pretrained(str(path)).apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def hf_logits(path, image, prompt=None):
+    """transformers' logits for ``prompt`` (None: as the checkpoint's template renders QUESTION, the
+    model cards' way: processor(images=..., text=apply_chat_template(...)))."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(str(path)).eval()
     proc = AutoProcessor.from_pretrained(str(path))
-    inputs = proc(images=[image], text=[prompt], return_tensors="pt")
+    inputs = proc(images=[image], text=[prompt or rendered_prompt(path)], return_tensors="pt")
     with torch.no_grad():
         return model(**inputs).logits, inputs
 
@@ -51,6 +62,11 @@ def test_import_then_export_gives_the_original(tmp_path):
     assert main(["import", "hf", "--model", str(tmp_path / "llava"), "--out", str(tmp_path / "mmlm")]) == 0
     assert main(["export", "hf", "--model", str(tmp_path / "mmlm"), "--out", str(tmp_path / "back")]) == 0
     image = picture(seed=1)
+    # llava-hf's template writes no BOS (its tokenizer adds one); the export's vicuna_v1 writes it and its
+    # tokenizer adds none, so that vLLM's way (template rendered, then tokenized without special tokens)
+    # gets it too. A prompt written by hand follows the checkpoint's template.
+    assert rendered_prompt(tmp_path / "llava") == PROMPT
+    assert rendered_prompt(tmp_path / "back") == "<s>" + PROMPT
     original, inputs = hf_logits(tmp_path / "llava", image)
     again, inputs2 = hf_logits(tmp_path / "back", image)
     assert inputs["input_ids"].tolist() == inputs2["input_ids"].tolist()
@@ -62,7 +78,7 @@ def test_import_then_export_gives_the_original(tmp_path):
     hfv = cfg["vision"]["hf_config"]  # the geometry fields show the tower's, not the timm defaults
     assert (cfg["vision"]["width"], cfg["vision"]["num_heads"]) == (hfv["hidden_size"], hfv["num_attention_heads"])
     assert cfg["vision"]["depth"] == hfv["num_hidden_layers"]
-    mine = proc(images=[image], text=["what color is the star?"])
+    mine = proc(images=[image], text=[QUESTION])
     assert mine["input_ids"].tolist() == inputs["input_ids"].tolist()  # vicuna_v1, chosen from the template
     torch.testing.assert_close(mine["pixel_values"], inputs["pixel_values"], rtol=0, atol=1e-5)
     with torch.no_grad():

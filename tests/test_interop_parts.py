@@ -222,8 +222,13 @@ def test_lm_without_chat_template_needs_a_name(tmp_path):
 
     vpath, _ = save_vision(tmp_path / "v", "clip")
     lpath = save_lm(tmp_path / "lm", "llama")
-    with pytest.raises(ValueError, match="--chat-template NAME.*vicuna_v1"):
+    with pytest.raises(ValueError) as e:
         build_from_pretrained(vpath, lpath)
+    # every entry point's way to name one (`mmlm fit` reaches this through build_from_pretrained)
+    for way in ("`mmlm fit --model.chat_template NAME`", "`mmlm import hf --chat-template NAME`",
+                "chat_template=NAME"):
+        assert way in str(e.value)
+    assert "vicuna_v1" in str(e.value) and "pass --chat-template" not in str(e.value)
     with pytest.raises(ValueError, match="unknown chat template 'nope'"):
         build_from_pretrained(vpath, lpath, chat_template="nope")
 

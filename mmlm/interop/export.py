@@ -6,9 +6,10 @@
 ``AutoModelForImageTextToText``/``AutoProcessor`` load. Its steps are public too:
 ``check_exportable(vlm)`` (the plan, or ``ExportError`` naming what cannot be represented and what
 would be needed), ``to_llava`` (a LLaVA model sharing ``vlm``'s tensors), ``to_llava_processor``
-(with ``image_processor_for`` and ``export_chat_template``), with ``timm_to_hf_vision`` (a timm ViT
-as a transformers CLIP/SigLIP tower) in :mod:`mmlm.interop.timm_towers` and the tensor-sharing
-helpers (``_adopt``, ``_no_meta``) in :mod:`mmlm.interop._common`.
+(with ``image_processor_for``, ``export_chat_template`` and ``prompt_tokenizer``), with
+``timm_to_hf_vision`` (a timm ViT as a transformers CLIP/SigLIP tower) in
+:mod:`mmlm.interop.timm_towers` and the tensor-sharing helpers (``_adopt``, ``_no_meta``) in
+:mod:`mmlm.interop._common`.
 
 Decisions worth knowing:
 
@@ -44,6 +45,17 @@ Decisions worth knowing:
 - The exported chat template is the checkpoint's, prefixed so that it also accepts transformers'
   list contents (``[{"type": "image"}, {"type": "text", ...}]``) and puts the processor's
   ``system_prompt`` first, as mmlm does.
+- The exported tokenizer (``prompt_tokenizer``) adds no special tokens of its own: the rendered
+  template is the whole input, as mmlm tokenizes it (a template for a BOS-adding LM, e.g.
+  ``vicuna_v1``, writes ``bos_token`` itself). transformers 5 skips the tokenizer's BOS only in a
+  processor's ``apply_chat_template(tokenize=True)``; ``processor(text=prompt)`` (the model cards'
+  way) and a tokenizer's own call would add a second one, with other logits. So both transformers
+  ways and vLLM's (the template rendered, then tokenized with or without special tokens) give
+  mmlm's ids; a prompt written by hand must be what the template renders, BOS included. The
+  setting lives in ``tokenizer.json``'s post-processor (transformers 5 saves no ``add_bos_token``);
+  the export reloads the tokenizer it wrote to check it.
+- The exported tokenizer pads on the left (``padding_side`` "left", as llava-hf's checkpoints):
+  batched ``generate`` continues every prompt from its last token, as mmlm's batched generation does.
 """
 
 from __future__ import annotations
@@ -63,8 +75,8 @@ from mmlm.processing import IMAGE_TOKEN, Processor
 from mmlm.templates import LIST_CONTENT_PRELUDE
 
 __all__ = [
-    "ExportError", "check_exportable", "export_chat_template", "export_hf", "image_processor_for",
-    "timm_to_hf_vision", "to_llava", "to_llava_processor",
+    "ExportError", "adds_special_tokens", "check_exportable", "export_chat_template", "export_hf",
+    "image_processor_for", "prompt_tokenizer", "timm_to_hf_vision", "to_llava", "to_llava_processor",
 ]
 
 
@@ -261,6 +273,46 @@ def _system_prelude(system_prompt: str) -> str:
 MODEL_TEXT_INPUTS = ("input_ids", "attention_mask")
 """What the exported tokenizer returns (``model_input_names``)."""
 
+_PROBE = "a"
+
+
+def adds_special_tokens(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` puts tokens of its own (BOS, EOS) around the text's."""
+    return tokenizer(_PROBE)["input_ids"] != tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+
+
+def prompt_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` for the export: it adds no special tokens of its own (the rendered chat
+    template is the whole input, BOS included when the template writes one, as mmlm tokenizes it), pads
+    on the left (batched generation) and returns ids and mask only."""
+    tok = copy.deepcopy(tokenizer)
+    if adds_special_tokens(tok):
+        # transformers 5's fast tokenizers rewrite their post-processor on these setters (saved in
+        # tokenizer.json; add_bos_token itself is not saved); other tokenizers read the attributes
+        tok.add_bos_token = False
+        tok.add_eos_token = False
+        if adds_special_tokens(tok):
+            raise ExportError(f"the tokenizer ({type(tok).__name__}) adds special tokens around every text and "
+                              "cannot be told not to: transformers' processor(text=...) would add a second BOS "
+                              "to the chat template's")
+    tok.padding_side = "left"
+    tok.init_kwargs["padding_side"] = "left"
+    # ids and mask only: transformers 4.x tokenizers also return token_type_ids by default, which LLaVA
+    # hands to the LM (GPT-2 adds their embeddings: other logits than mmlm's)
+    tok.model_input_names = list(MODEL_TEXT_INPUTS)
+    tok.init_kwargs["model_input_names"] = list(MODEL_TEXT_INPUTS)
+    return tok
+
+
+def _check_saved_tokenizer(path: Path) -> None:
+    """The tokenizer written at ``path`` reloads as ``prompt_tokenizer`` made it."""
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(path))
+    if adds_special_tokens(saved) or saved.padding_side != "left":
+        raise ExportError(f"the exported tokenizer ({type(saved).__name__}) reloads adding special tokens or "
+                          f"padding on the {saved.padding_side}: transformers would not get the ids mmlm trains on")
+
 
 def to_llava_processor(vlm, processor, plan: dict):
     """A ``LlavaProcessor`` that makes the inputs ``processor`` makes, for transformers."""
@@ -269,12 +321,8 @@ def to_llava_processor(vlm, processor, plan: dict):
     vhf = plan["vision_hf"]
     image_processor = image_processor_for(processor.config.image_transform)
     template = export_chat_template(processor.chat_template, processor.config.system_prompt)
-    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer = prompt_tokenizer(processor.tokenizer)
     tokenizer.chat_template = template
-    # ids and mask only: transformers 4.x tokenizers also return token_type_ids by default, which LLaVA
-    # hands to the LM (GPT-2 adds their embeddings: other logits than mmlm's)
-    tokenizer.model_input_names = list(MODEL_TEXT_INPUTS)
-    tokenizer.init_kwargs["model_input_names"] = list(MODEL_TEXT_INPUTS)
     lp = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=int(vhf["patch_size"]),
         vision_feature_select_strategy=plan["strategy"], chat_template=template,
@@ -305,5 +353,6 @@ def export_hf(model, out: str | Path, *, dtype: str | torch.dtype | None = None,
         lp.save_pretrained(str(tmp))
         lp.image_processor.save_pretrained(str(tmp))  # preprocessor_config.json too, for older transformers
         (tmp / "chat_template.jinja").write_text(lp.chat_template)
+        _check_saved_tokenizer(tmp)
 
     return _write_dir(out, overwrite, write)

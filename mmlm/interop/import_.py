@@ -122,7 +122,8 @@ def import_hf(source: str | Path, out: str | Path | None = None, *, chat_templat
     template: ChatTemplate = choose_chat_template(tokenizer, chat_template, source=source)
     if missing_special_tokens(tokenizer, template):
         raise ValueError(f"chat template {template.name!r} needs tokens {missing_special_tokens(tokenizer, template)} "
-                         f"that the tokenizer of {source} lacks; pick another with --chat-template")
+                         f"that the tokenizer of {source} lacks; pick another with "
+                         "`mmlm import hf --chat-template NAME` (Python: chat_template=NAME)")
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id or \
             IMAGE_TOKEN not in tokenizer.get_vocab():
         token = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
