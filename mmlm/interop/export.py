@@ -291,6 +291,13 @@ def prompt_tokenizer(tokenizer):
         # tokenizer.json; add_bos_token itself is not saved); other tokenizers read the attributes
         tok.add_bos_token = False
         tok.add_eos_token = False
+        backend = getattr(tok, "backend_tokenizer", None)
+        if adds_special_tokens(tok) and backend is not None:
+            # transformers 4.x's PreTrainedTokenizerFast ignores the setters: replace the post-processor
+            # (saved in tokenizer.json) with one that adds nothing
+            from tokenizers import processors
+
+            backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
         if adds_special_tokens(tok):
             raise ExportError(f"the tokenizer ({type(tok).__name__}) adds special tokens around every text and "
                               "cannot be told not to: transformers' processor(text=...) would add a second BOS "
