@@ -131,3 +131,13 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+def test_max_length_follows_the_lms_positions(tmp_path):
+    save_llava(tmp_path / "llava", seed=4)
+    positions = json.loads((tmp_path / "llava" / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    _, proc = import_hf(tmp_path / "llava")
+    assert proc.config.max_length == min(2048, positions)
+    assert import_hf(tmp_path / "llava", max_length=positions // 2)[1].config.max_length == positions // 2
+    with pytest.raises(ValueError, match=f"exceeds the LM's {positions} positions"):
+        import_hf(tmp_path / "llava", max_length=positions + 1)

@@ -44,8 +44,9 @@ def add_parser(sub) -> None:
                           "when it has {%% generation %%} marks, else the named one it matches")
     imp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="cast the weights (default: float32)")
-    imp.add_argument("--max-length", type=int, default=2048,
-                     help="the processor's longest sample in tokens (default: 2048)")
+    imp.add_argument("--max-length", type=int, default=None,
+                     help="the processor's longest sample in tokens (default: 2048, or the LM's position limit "
+                          "when it has fewer; more than the LM's positions is an error)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is written")
     imp.set_defaults(run=run)
 
@@ -58,7 +59,7 @@ def run(args) -> int:
             out = interop.export_hf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
             print(f"wrote transformers LLaVA checkpoint to {out}")
         else:
-            if args.max_length < 1:
+            if args.max_length is not None and args.max_length < 1:
                 raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
             interop.import_hf(args.model, args.out, chat_template=args.chat_template, dtype=args.dtype,
                               overwrite=args.overwrite, max_length=args.max_length)

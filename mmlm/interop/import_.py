@@ -100,9 +100,11 @@ def _import_plan(config) -> dict:
 
 
 def import_hf(source: str | Path, out: str | Path | None = None, *, chat_template: str | None = None,
-              dtype: str | torch.dtype | None = None, overwrite: bool = False, max_length: int = 2048):
+              dtype: str | torch.dtype | None = None, overwrite: bool = False, max_length: int | None = None):
     """A transformers LLaVA checkpoint (directory or hub name) -> ``(VLM, Processor)``; with
-    ``out``, also written there as an mmlm checkpoint (atomically)."""
+    ``out``, also written there as an mmlm checkpoint (atomically). ``max_length``: the processor's
+    token limit (default: 2048, or the LM's position limit when it has fewer); more than the LM's
+    positions raises ``ValueError``."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     from mmlm.modeling.hf_vision import record_hf_vision
@@ -180,6 +182,11 @@ def import_hf(source: str | Path, out: str | Path | None = None, *, chat_templat
     dt = _resolve_dtype(dtype)
     if dt is not None:
         vlm.to(dt)
+    positions = next((int(text_hf[k]) for k in ("max_position_embeddings", "n_positions") if text_hf.get(k)), None)
+    if max_length is None:
+        max_length = min(2048, positions or 2048)
+    elif positions is not None and max_length > positions:
+        raise ValueError(f"max_length={max_length} exceeds the LM's {positions} positions; pass at most {positions}")
     stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
     pconfig = ProcessorConfig(image_transform=vlm.image_transform(), num_image_tokens=vlm.num_image_tokens,
                               max_length=max_length, stop_tokens=stops)
