@@ -3,7 +3,12 @@
 ``describe(images, model=DIR_or_(vlm, processor), prompt=None)`` returns one text per image,
 batched and KV-cached, with the prompt format saved in the checkpoint (``prompt=None`` asks
 for a caption with the checkpoint's caption prompt). ``on_text(row, delta)`` streams text
-as it is generated. Images are PIL images or paths (EXIF orientation applied, RGB).
+as it is generated: the raw decoded pieces, a stop string and surrounding whitespace included
+(``mmlm.inference.StreamPrinter`` shows exactly the returned text; beam search streams nothing).
+Images are PIL images or paths (EXIF orientation applied, RGB).
+
+``load`` casts the weights to ``dtype`` but keeps the rotary frequencies float32 (as transformers
+does) and refuses a processor whose image tokens are not the model's.
 """
 
 from __future__ import annotations
@@ -39,15 +44,50 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
+# float buffers that stay float32 whatever the model's dtype: rotary inverse frequencies (transformers
+# keeps them float32 when it loads a model in bf16/fp16; rounded to bf16, a position's angles drift by
+# up to ~0.4% of the position: at a few hundred tokens in, attention no longer sees the positions trained)
+FLOAT32_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def cast_model(vlm, dtype: torch.dtype):
+    """``vlm`` cast to ``dtype`` in place (returned), keeping the ``FLOAT32_BUFFERS`` float32."""
+    keep = {name: b.clone() for name, b in vlm.named_buffers()
+            if name.rsplit(".", 1)[-1] in FLOAT32_BUFFERS and b.dtype == torch.float32}
+    vlm.to(dtype=dtype)
+    for name, value in keep.items():
+        owner, _, attr = name.rpartition(".")
+        module = vlm.get_submodule(owner)
+        persistent = attr not in module._non_persistent_buffers_set
+        module.register_buffer(attr, value, persistent=persistent)
+    return vlm
+
+
+def check_pair(vlm, processor, where: str | Path = "") -> None:
+    """A ``ValueError`` naming ``where`` when the processor's image tokens do not match the model's (a
+    processor_config.json from another model): every image would fail later with a per-sample count error."""
+    at = f"{where}: " if where else ""
+    if processor.config.num_image_tokens != vlm.num_image_tokens:
+        raise ValueError(f"{at}the processor expands <image> to {processor.config.num_image_tokens} tokens but the "
+                         f"model makes {vlm.num_image_tokens} per image: processor_config.json is not this model's")
+    if processor.image_token_id != vlm.config.image_token_id:
+        raise ValueError(f"{at}the tokenizer's <image> id is {processor.image_token_id} but the model's "
+                         f"image_token_id is {vlm.config.image_token_id}: the tokenizer is not this model's")
+
+
 def load(path: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"):
-    """``(VLM, Processor)`` from a checkpoint directory, in eval mode on ``device``."""
+    """``(VLM, Processor)`` from a checkpoint directory, in eval mode on ``device``, in ``dtype`` (rotary
+    frequencies stay float32, as transformers keeps them). A processor that does not match the model
+    (image tokens) is a ``ValueError``."""
     from mmlm.checkpoint import load_vlm
     from mmlm.processing import Processor
 
     dev = resolve_device(device)
-    vlm = load_vlm(path, device=dev)
-    vlm.to(dtype=resolve_dtype(dtype, dev))
-    return vlm, Processor.from_pretrained(path)
+    vlm = load_vlm(path)  # on the CPU in float32; cast before the move, so the device never holds float32 weights
+    cast_model(vlm, resolve_dtype(dtype, dev)).to(dev)
+    processor = Processor.from_pretrained(path)
+    check_pair(vlm, processor, path)
+    return vlm, processor
 
 
 def open_image(source) -> Image.Image:

@@ -59,11 +59,16 @@ def read_config(path: str | Path) -> VLMConfig:
         raise FileNotFoundError(f"model directory not found: {path}")
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an mmlm checkpoint")
-    data = json.loads(cfg_file.read_text())
-    if data.get("format") != FORMAT:
+        hint = f" (a run directory? its model is {path / 'model'})" if (path / "model" / CONFIG_NAME).is_file() else ""
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an mmlm checkpoint{hint}")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}): a damaged or half-copied checkpoint") from None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt != FORMAT:
         raise ValueError(
-            f"{cfg_file} is not an mmlm model config (format={data.get('format')!r}); "
+            f"{cfg_file} is not an mmlm model config (format={fmt!r}); "
             "for transformers LLaVA checkpoints use `mmlm import hf`"
         )
     return VLMConfig.from_dict(data)
@@ -94,7 +99,18 @@ def load_vlm(path: str | Path, device: str | torch.device | None = None):
     weights = weights_file(path)
     config = config.updated(vision={"pretrained": False, "checkpoint_path": None}, text={"pretrained": False})
     vlm = VLM(config)
-    missing, unexpected = load_model(vlm, str(weights), strict=False, device=str(device or "cpu"))
+    try:
+        missing, unexpected = load_model(vlm, str(weights), strict=False, device=str(device or "cpu"))
+    except RuntimeError as e:  # tensors whose shapes differ from config.json's model: torch's many-line report
+        sizes = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
+        if not sizes:
+            raise
+        raise ValueError(f"{weights} does not match its config: {len(sizes)} tensor(s) of another shape, "
+                         f"e.g. {sizes[0]}") from None
+    except Exception as e:  # safetensors' own error (a truncated or damaged file) is no RuntimeError
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{weights} cannot be read ({e}): a damaged or half-copied checkpoint") from None
     if missing or unexpected:
         raise ValueError(
             f"{weights} does not match its config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

@@ -1,12 +1,16 @@
 """Batched, KV-cached generation on top of a ``VLM``.
 
 ``generate(vlm, input_ids, pixel_values, attention_mask, ...)`` takes left-padded prompts
-(the processor's generation inputs) and returns the new tokens only, (B, T) padded with
-``pad_token_id`` after each row's end. Decoding: greedy, sampling (temperature, top-k,
-top-p, seeded), or beam search (``num_beams`` > 1, delegated to transformers' beam search
-over the same input embeddings). A row ends at an eos token, when ``stop(generated)``
-says so (stop strings are checked by the caller, who has the tokenizer), or at
-``max_new_tokens``. ``on_tokens(next_ids)`` is called after every step (streaming).
+(the processor's generation inputs; a row that ends in padding is a ``ValueError``) and returns
+the new tokens only, (B, T) padded with ``pad_token_id`` after each row's end. Decoding: greedy,
+sampling (temperature, top-k, top-p, seeded), or beam search (``num_beams`` > 1, delegated to
+transformers' beam search over the same input embeddings). A row ends at an eos token, when ``stop(generated)``
+says so (stop strings are checked by the caller, who has the tokenizer), at
+``max_new_tokens``, or at the LM's last position (``max_position_embeddings``: no token is generated
+past the positions the model has; a prompt that already fills them is a ``ValueError``).
+``on_tokens(next_ids)`` is called after every step (streaming). Beam search calls neither ``stop``
+nor ``on_tokens``: its rows end at eos or ``max_new_tokens`` and come back whole (callers cut the
+text at stop strings afterwards, as ``mmlm.api.generate_texts`` does).
 ``compile=True`` runs the one-token decode step compiled (static cache; CUDA graphs on a GPU).
 
 Our own loop (not ``transformers.generate``) for greedy/sampling: it is lean per step,
@@ -30,7 +34,7 @@ class GenerationConfig:
     """Decoding options shared by ``describe``, ``chat`` and ``eval``."""
 
     max_new_tokens: int = 64
-    """Most tokens generated per sample."""
+    """Most tokens generated per sample (fewer where the prompt leaves less of the LM's positions)."""
     do_sample: bool = False
     """Sample instead of greedy/beam decoding."""
     temperature: float = 1.0
@@ -65,6 +69,8 @@ class GenerationConfig:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: all tokens), got {self.top_k}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
@@ -133,6 +139,22 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
 
+def _fit_positions(vlm, cfg: GenerationConfig, positions: torch.Tensor) -> GenerationConfig:
+    """``cfg`` with ``max_new_tokens`` cut to the LM positions left after the prompt (B, L) ``positions``
+    (each new token takes the next one): a model with learned position embeddings (GPT-2) would fail with
+    an index error past them, a rotary one would silently decode at positions it never saw."""
+    import dataclasses
+
+    limit = getattr(vlm.lm.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return cfg
+    room = limit - (int(positions[:, -1].max()) + 1)
+    if room < 1:
+        raise ValueError(f"the prompt takes {limit - room} positions but the model has {limit} "
+                         "(max_position_embeddings): nothing left to generate; shorten the prompt")
+    return dataclasses.replace(cfg, max_new_tokens=room) if cfg.max_new_tokens > room else cfg
+
+
 @torch.no_grad()
 def generate(
     vlm,
@@ -155,6 +177,9 @@ def generate(
     device = vlm.device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    if not bool(attention_mask[:, -1].all()):  # the first new token would be predicted from a pad
+        raise ValueError("generate takes left-padded prompts, but a row ends in padding (attention_mask 0 in the "
+                         "last column): pad with padding_side='left' (processor(text=...), processor.pad(..., 'left'))")
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
     eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
@@ -163,6 +188,7 @@ def generate(
     # the prompt's LM positions (B, L), each new token the last one + 1; shared image positions repeat one
     shared = vlm.config.image_positions == "shared"
     positions = vlm.position_ids(input_ids, attention_mask, _positions(attention_mask))
+    cfg = _fit_positions(vlm, cfg, positions)
     if cfg.num_beams > 1:
         return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions if shared else None)
 

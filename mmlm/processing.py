@@ -25,7 +25,8 @@ Contract:
 
 From-scratch models get a byte-level BPE tokenizer trained with ``tokenizers``
 (``train_bpe_tokenizer``). Saving writes the tokenizer files (the chat template travels
-in them) and ``processor_config.json``; loading never runs remote code.
+in them) and ``processor_config.json``; loading never runs remote code, and a directory without its
+chat template is refused rather than prompted with the default one.
 """
 
 from __future__ import annotations
@@ -254,16 +255,30 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Processor":
+        """The processor saved in ``path``. Missing or damaged files (processor_config.json, the tokenizer,
+        the chat template) are one-line errors naming them; no remote code runs."""
         from transformers import AutoTokenizer
 
         path = Path(path)
         cfg_file = path / PROCESSOR_CONFIG
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} has no {PROCESSOR_CONFIG}: not an mmlm checkpoint directory")
-        config = ProcessorConfig.from_dict(json.loads(cfg_file.read_text()))
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        try:
+            data = json.loads(cfg_file.read_text())
+            config = ProcessorConfig.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{cfg_file} is not a valid processor config ({type(e).__name__}: {e})") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except (OSError, ValueError) as e:  # missing or damaged tokenizer files: transformers' many-line message
+            raise ValueError(f"{path}: cannot load the tokenizer ({' '.join(str(e).split())}); a checkpoint holds "
+                             "the tokenizer files that Processor.save_pretrained writes") from None
         template_file = path / "chat_template.jinja"
         template = template_file.read_text() if template_file.is_file() else None
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            # the prompt format travels with the weights: mmlm's default one could be the wrong format, silently
+            raise FileNotFoundError(f"{path} has no chat_template.jinja (and its tokenizer no chat template): the "
+                                    "prompt format the model was trained with is missing")
         return cls(tokenizer, config, template)
 
     # ---------------------------------------------------------------- encoding

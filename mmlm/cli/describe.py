@@ -46,7 +46,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (mmlm save_pretrained)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
-                   help="auto (default: the GPU when there is one), cpu, cuda or cuda:N")
+                   help="auto (default: the CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
 
@@ -100,6 +100,11 @@ def check_model_args(args) -> None:
         index = int(args.device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ValueError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if args.device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps: MPS (Apple GPU) is not available here (use --device cpu)")
     model = Path(args.model)
     if not model.is_dir():
         raise FileNotFoundError(f"model directory not found: {model}")
