@@ -136,10 +136,50 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def preset_name(text: str) -> str:
+    """``--preset``: a known preset (or alias), checked when the arguments are parsed."""
+    from mmlm.presets import get_preset
+
+    try:
+        get_preset(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_common_args(p: argparse.ArgumentParser, *, device: bool = True, threads: int | None = 1) -> None:
     if device:
-        p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda (default auto)")
-    p.add_argument("--threads", type=int, default=threads,
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto (GPU when there is one), cpu or cuda (default auto)")
+    p.add_argument("--threads", type=nonneg_int, default=threads,
                    help=f"torch intra-op threads on CPU (default {threads}; 0: torch's default). One thread keeps "
                         "timings steadier on a shared machine")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,

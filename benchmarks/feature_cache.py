@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
 
-from _common import (add_common_args, machine_load, print_table, script_parser, set_threads,  # noqa: E402
-                     synthetic_dataset, system_info, write_result)
+from _common import (add_common_args, machine_load, nonneg_int, positive_int, print_table,  # noqa: E402
+                     script_parser, set_threads, synthetic_dataset, system_info, write_result)
 
 
 class StepTimer(pl.Callback):
@@ -78,11 +78,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="an mmlm checkpoint directory to start from (default: a "
                                                  "from-scratch tiny model)")
     p.add_argument("--data", default=None, help="training shards (default: the cached synthetic set of --images)")
-    p.add_argument("--images", type=int, default=2000, help="synthetic training images when --data is not given")
-    p.add_argument("--steps", type=int, default=150, help="timed steps per run (default 150)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="loader workers (default 2, as the quickstart)")
+    p.add_argument("--images", type=positive_int, default=2000,
+                   help="synthetic training images when --data is not given")
+    p.add_argument("--steps", type=positive_int, default=150, help="timed steps per run (default 150)")
+    p.add_argument("--warmup", type=positive_int, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per step (default 32)")
+    p.add_argument("--workers", type=nonneg_int, default=2, help="loader workers (default 2, as the quickstart)")
     add_common_args(p, device=False, threads=0)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:

@@ -57,14 +57,27 @@ def make_images(n: int, seed: int = 0):
     return [C._photo_like(rng, 320, 240) for _ in range(n)]
 
 
+def new_tokens(text: str) -> int:
+    """``--new-tokens``: >= 2 (decode tokens/s = (N - 1) / (t(N) - TTFT))."""
+    import argparse
+
+    try:
+        return C._int_at_least(2)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (decode speed is measured over the tokens after the first)") from None
+
+
 def main(argv=None) -> int:
     p = C.script_parser(__doc__)
-    p.add_argument("--preset", default="tiny", help="model preset, random weights (default tiny)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per image (default 32)")
-    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=16,
+    p.add_argument("--preset", default="tiny", type=C.preset_name, help="model preset, random weights (default tiny)")
+    p.add_argument("--new-tokens", type=new_tokens, default=32,
+                   help="tokens generated per image, at least 2: decode speed is over tokens 2..N (default 32)")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=C.positive_int, default=16,
                    help="images in the batched run (default 16)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds, medians reported (default 3)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else float32), float32, bfloat16")
+    p.add_argument("--repeats", type=C.positive_int, default=3, help="interleaved rounds, medians reported (default 3)")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="auto (bf16 on a GPU that has it, else float32), float32, bfloat16 or float16")
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                    help="mmlm's KV cache kind (transformers' side keeps its default; default dynamic)")
     p.add_argument("--compile", action="store_true",

@@ -19,8 +19,9 @@ process, one after another:
     ``VLMDataModule(train=shards, sample_mode="caption").train_dataloader()``: tar streaming, safe
     decode (bomb/truncation checks, EXIF, RGB), the processor (chat template, tokenizing, resize to
     uint8 tensors), collate, and the hand-over from the worker processes. Timed after the first
-    batch (worker start-up excluded), with ``--num-workers`` workers and in-process
-    (``num_workers=0``, compared with the one-thread ceiling). The pixels stay uint8 RGB
+    round of batches (one per worker: worker start-up excluded, and the batches the workers made
+    together before the clock started not counted), over whole rounds, with ``--num-workers``
+    workers and in-process (``num_workers=0``, compared with the one-thread ceiling). The pixels stay uint8 RGB
     (``uint8_pixels``, the default): their normalisation to float runs in the model, on its device,
     and is not part of this measurement (it was, in the worker, before that option existed).
 
@@ -82,9 +83,31 @@ def _cpu_seconds(workers=()) -> float:
     return total
 
 
+def timed_batches(it, *, num_workers: int, batches: int, cpu=lambda: 0.0, clock=time.perf_counter) -> dict:
+    """Steady-state images/s of the batch iterator ``it``: its first round of batches (one per worker, or
+    one in-process) is taken untimed, then at least ``batches`` batches, rounded up to whole rounds of
+    ``num_workers``, are timed (``cpu()``: CPU seconds so far, read at both ends of the window).
+
+    The workers start together and each hands over its first batch at about the same moment: timing
+    from the first batch alone would count the other workers' first batches, made before the clock
+    started, as if made inside the window (e.g. with 8 workers and 15 batches, 7 of the 15)."""
+    per_round = max(1, num_workers)
+    for _ in range(per_round):  # worker start-up and the first round of batches are not timed
+        next(it)
+    timed = -(-batches // per_round) * per_round
+    n, c0, t0 = 0, cpu(), clock()
+    for _ in range(timed):
+        b = next(it)
+        n += int(b["pixel_values"].shape[0])
+    dt = clock() - t0
+    cpu_s = cpu() - c0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt, "batches": timed, "warmup_batches": per_round,
+            "cpu_seconds": cpu_s, "images_per_cpu_s": n / cpu_s if cpu_s > 0 else None}
+
+
 def mmlm_rate(shards: str, processor, *, batch_size: int, num_workers: int, batches: int) -> dict:
-    """Wall-clock images/s after the first batch, and images per CPU-second over the same window
-    (main process + workers: worker start-up, the first batch and batches prefetched but never
+    """Wall-clock images/s after the first round of batches, and images per CPU-second over the same
+    window (main process + workers: worker start-up, the first round and batches prefetched but never
     taken are not charged to the timed images)."""
     import gc
 
@@ -95,36 +118,49 @@ def mmlm_rate(shards: str, processor, *, batch_size: int, num_workers: int, batc
     dm.attach_processor(processor)
     loader = dm.train_dataloader()
     it = iter(loader)
-    next(it)  # worker start-up and the first batch are not timed
-    workers = getattr(it, "_workers", ())  # the worker processes (multiprocessing iterator)
-    n, c0, t0 = 0, _cpu_seconds(workers), time.perf_counter()
-    for _ in range(batches):
-        b = next(it)
-        n += int(b["pixel_values"].shape[0])
-    dt = time.perf_counter() - t0
-    cpu = _cpu_seconds(workers) - c0
-    del it, loader, b, workers
+    workers = ()
+
+    def cpu() -> float:
+        nonlocal workers
+        workers = workers or getattr(it, "_workers", ())  # the worker processes (multiprocessing iterator)
+        return _cpu_seconds(workers)
+
+    out = timed_batches(it, num_workers=num_workers, batches=batches, cpu=cpu)
+    del it, loader, workers
     gc.collect()  # shuts the workers down
-    return {"images": n, "seconds": dt, "images_per_s": n / dt, "batches": batches, "cpu_seconds": cpu,
-            "images_per_cpu_s": n / cpu}
+    return out
+
+
+def jpeg_size(text: str) -> tuple[int, int]:
+    """``--size WxH`` (e.g. 500x400), each side at least 48 pixels."""
+    import argparse
+
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 48:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT of at least 48x48 pixels, e.g. 500x400; "
+                                         f"got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def main(argv=None) -> int:
     p = C.script_parser(__doc__)
-    p.add_argument("--preset", default="small", help="model preset: the image size (default small, 224 px)")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (default 2)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
-    p.add_argument("--batches", type=int, default=15, help="timed batches per loader run (default 15)")
-    p.add_argument("--images", type=int, default=512, help="JPEGs in the cached shards (default 512)")
-    p.add_argument("--size", default="500x400", help="JPEG size WxH (default 500x400)")
+    p.add_argument("--preset", default="small", type=C.preset_name, help="model preset: the image size (default small, 224 px)")
+    p.add_argument("--num-workers", type=C.positive_int, default=2,
+                   help="DataLoader workers (default 2; the in-process loader is measured as well)")
+    p.add_argument("--batch-size", type=C.positive_int, default=16, help="samples per batch (default 16)")
+    p.add_argument("--batches", type=C.positive_int, default=15,
+                   help="timed batches per loader run, rounded up to whole rounds of --num-workers, after one "
+                        "untimed round (default 15)")
+    p.add_argument("--images", type=C.positive_int, default=512, help="JPEGs in the cached shards (default 512)")
+    p.add_argument("--size", default="500x400", type=jpeg_size, help="JPEG size WxH (default 500x400)")
     p.add_argument("--resize-kernel", default="auto", choices=["auto", "pil", "torch"],
                    help="mmlm's resampling kernel (ImageTransformConfig.resize_kernel; default auto)")
-    p.add_argument("--ceiling-seconds", type=float, default=4.0, help="seconds of the ceiling loop (default 4)")
+    p.add_argument("--ceiling-seconds", type=C.positive_float, default=4.0, help="seconds of the ceiling loop (default 4)")
     C.add_common_args(p, device=False)
     args = p.parse_args(argv)
     C.set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = args.size
 
     jpeg_dir = C.jpeg_dataset(args.cache_dir, count=args.images, size=(w, h))
     syn = C.synthetic_dataset(args.cache_dir)

@@ -9,8 +9,8 @@ batches. Two data sets:
 - ``synthetic``: the synthetic shapes training shards (``data_pipelines.synthetic``), sample mode
   ``mixed``: a caption or a 3-5 turn VQA conversation per image (two length modes);
 - ``lognormal``: a long-tailed mix written as a few small shards in a temporary directory:
-  captions whose word counts are lognormal (median ``--median-words``, sigma ``--sigma``),
-  clipped to ``max_length`` by the processor.
+  captions whose word counts are lognormal (median ``--median-words``, sigma ``--sigma``); a
+  sample longer than ``max_length`` is dropped by the stream (``on_overflow="drop"``), on both sides.
 
 "pad to max_length" (every row padded to the maximum length, as fixed-shape loaders do) is shown
 for reference. Target: packing keeps >= 0.95 of the batch tokens real.
@@ -83,14 +83,20 @@ def fractions(shards, processor, *, packing: bool, batch_size: int, max_length: 
 
 def main(argv=None) -> int:
     p = C.script_parser(__doc__)
-    p.add_argument("--preset", default="tiny", help="model preset: its tokens per image (default tiny)")
-    p.add_argument("--max-length", type=int, default=256, help="longest sample / packed row length (default 256)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per padded batch (default 16)")
-    p.add_argument("--pack-rows", type=int, default=8, help="rows per packed batch (default 8)")
-    p.add_argument("--batches", type=int, default=30, help="batches measured per configuration (default 30)")
-    p.add_argument("--lognormal-samples", type=int, default=1200, help="samples of the long-tailed set (default 1200)")
-    p.add_argument("--median-words", type=float, default=12.0, help="median caption words of the long-tailed set")
-    p.add_argument("--sigma", type=float, default=0.9, help="lognormal sigma of the caption words (default 0.9)")
+    p.add_argument("--preset", default="tiny", type=C.preset_name,
+                   help="model preset: its tokens per image (default tiny)")
+    p.add_argument("--max-length", type=C.positive_int, default=256,
+                   help="longest sample / packed row length (default 256)")
+    p.add_argument("--batch-size", type=C.positive_int, default=16, help="samples per padded batch (default 16)")
+    p.add_argument("--pack-rows", type=C.positive_int, default=8, help="rows per packed batch (default 8)")
+    p.add_argument("--batches", type=C.positive_int, default=30,
+                   help="batches measured per configuration (default 30)")
+    p.add_argument("--lognormal-samples", type=C.positive_int, default=1200,
+                   help="samples of the long-tailed set (default 1200)")
+    p.add_argument("--median-words", type=C.positive_float, default=12.0,
+                   help="median caption words of the long-tailed set")
+    p.add_argument("--sigma", type=C.positive_float, default=0.9,
+                   help="lognormal sigma of the caption words (default 0.9)")
     C.add_common_args(p, device=False)
     args = p.parse_args(argv)
     C.set_threads(args.threads)

@@ -104,6 +104,14 @@ def git_commit() -> str | None:
         return None
 
 
+def write_json(path: Path, doc: dict) -> None:
+    """``doc`` as JSON at ``path``, written to a temporary name and renamed: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def run_quickstart(workdir: Path, extra: list[str]) -> tuple[int, float]:
     """Run the real command; returns (exit code, wall seconds). Its output streams through."""
     cmd = [sys.executable, "-m", "mmlm.cli.main", "quickstart", "--workdir", os.fspath(workdir), *extra]
@@ -242,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_results:
         results_path = Path(args.from_results)
         workdir = results_path.parent
+        if not results_path.is_file():
+            print(f"error: --from-results {results_path}: no such file", file=sys.stderr)
+            return 2
     else:
         if args.workdir:
             workdir = Path(args.workdir)
@@ -283,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_at_end": load_average(),
     }
     out = Path(args.out) if args.out else RESULTS_DIR / f"quickstart-{started:%Y-%m-%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print(f"\nwritten: {out}")
     if load_at_start and load_at_start[0] > 0.5 * (cpu_info()["usable_cpus"] or 1):
         print(f"note: the machine was busy at start (load {load_at_start[0]}): timings are pessimistic",
@@ -330,8 +340,7 @@ def bench_seeds(args, extra: list[str]) -> int:
                "seeds": args.seeds, "extra_args": extra, "runs": rows,
                "all_ok": bool(done) and len(done) == len(rows) and all(r["all_ok"] for r in done),
                "git_commit": git_commit(), "device": {**cpu_info(), "gpu": gpu_info()}, "versions": versions()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out, summary)
     print(f"\nwritten: {out}")
     if not args.workdir and not args.keep:
         shutil.rmtree(base, ignore_errors=True)

@@ -32,7 +32,10 @@ untimed ones, over the wall time from the end of the last warm-up step to the en
 (data loading included). ``data wait ms``: per timed step, the time spent waiting for the batch (the
 plain loops: inside ``next(loader)``; mmlm: from one step's end to the next one's start, i.e.
 Lightning's fetch and hooks), so a loader that cannot keep up shows there.
-Modes run one after another in this process (``--repeats`` rounds, median reported).
+Modes run one after another in this process (``--repeats`` rounds, median reported); round r starts
+at the r-th mode (plain_pad, plain_packed, mmlm; then plain_packed, mmlm, plain_pad; ...), so that
+costs of the first run in a process that the warm-up steps do not cover land on every mode in turn
+(with one round the baseline runs first).
 
 Peak memory (``--memory``, default on) runs each mode again in its own subprocess (so one mode's
 freed-but-cached allocations cannot hide another's): on CPU the peak resident set size of the
@@ -72,6 +75,7 @@ import _memory as M
 import _train_loops as T
 
 MODES = ("plain_pad", "plain_packed", "mmlm")
+PRECISIONS = ("32-true", "bf16-mixed")
 TARGET_SPEEDUP = 1.5
 TARGET_MEMORY = 0.8
 TARGET_OVERHEAD = 0.03
@@ -95,6 +99,14 @@ def measure_memory(args, mode: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- main
+def round_order(modes, r: int) -> list:
+    """The modes of round ``r`` (0-based): rotated by ``r``, so that first-run costs the warm-up steps do
+    not cover (a cold allocator, kernel selection, page cache) do not always fall on the same mode."""
+    modes = list(modes)
+    k = r % len(modes) if modes else 0
+    return modes[k:] + modes[:k]
+
+
 def quiet_lightning() -> None:
     """No Lightning banners or tips between the benchmark's lines."""
     import logging
@@ -111,17 +123,23 @@ def quiet_lightning() -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     p = C.script_parser(__doc__)
-    p.add_argument("--preset", default="tiny", help="model preset, random weights (default tiny)")
-    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per mode (default 12)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per padded batch (default 16)")
-    p.add_argument("--max-length", type=int, default=256, help="longest sample in tokens (default 256)")
-    p.add_argument("--pack-length", type=int, default=None, help="packed row length (default --max-length)")
-    p.add_argument("--pack-rows", type=int, default=None,
+    p.add_argument("--preset", default="tiny", type=C.preset_name, help="model preset, random weights (default tiny)")
+    p.add_argument("--steps", type=C.positive_int, default=12, help="timed optimizer steps per mode (default 12)")
+    p.add_argument("--warmup", type=C.positive_int, default=2, help="untimed steps before them (default 2)")
+    p.add_argument("--batch-size", type=C.positive_int, default=16, help="samples per padded batch (default 16)")
+    p.add_argument("--max-length", type=C.positive_int, default=256, help="longest sample in tokens (default 256)")
+    p.add_argument("--pack-length", type=C.positive_int, default=None, help="packed row length (default --max-length)")
+    p.add_argument("--pack-rows", type=C.positive_int, default=None,
                    help="packed rows per batch (default: as many as hold ~--batch-size samples)")
-    p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers of every mode (default 1)")
-    p.add_argument("--precision", default=None, help="32-true (CPU default) or bf16-mixed (CUDA default)")
-    p.add_argument("--repeats", type=int, default=1, help="rounds over the modes; medians are reported (default 1)")
+    p.add_argument("--num-workers", type=C.nonneg_int, default=1, help="DataLoader workers of every mode (default 1)")
+    # only the two precisions the plain loops reproduce (fp32, or bf16 autocast over fp32 weights): with any
+    # other, Lightning would train in one precision and the plain loops in another
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="32-true (CPU default) or bf16-mixed (CUDA default): the same on every mode")
+    p.add_argument("--repeats", type=C.positive_int, default=1,
+                   help="rounds over the modes, each round starting at the next mode (so that no mode is always "
+                        "the first to run in the process); medians are reported (default 1; 3 or more to drop a "
+                        "cold round)")
     p.add_argument("--data", default="synthetic",
                    help="synthetic (default: shapes, caption or 3-5 turn VQA per image), lognormal (long-tailed "
                         "caption lengths, built once in the cache dir) or a shard directory")
@@ -133,7 +151,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to run (default all)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak memory, each mode in a subprocess (default on)")
-    p.add_argument("--memory-steps", type=int, default=5, help="steps after warm-up in the memory runs (default 5)")
+    p.add_argument("--memory-steps", type=C.positive_int, default=5, help="steps after warm-up in the memory runs (default 5)")
     p.add_argument("--memory-timeout", type=int, default=300, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     C.add_common_args(p)
@@ -168,7 +186,7 @@ def main(argv=None) -> int:
 
     runs: dict[str, list[dict]] = {m: [] for m in args.modes}
     for r in range(args.repeats):
-        for mode in args.modes:
+        for mode in round_order(args.modes, r):
             stats = T.run_mode(setup, mode, args.warmup + args.steps)
             runs[mode].append(stats)
             print(f"  round {r + 1} {mode:<12} {stats['samples_per_s']:8.1f} samples/s  "
@@ -223,6 +241,7 @@ def main(argv=None) -> int:
                    "pack_length": setup.pack_length, "pack_rows": setup.pack_rows,
                    "mean_sample_length": setup.mean_length, "num_workers": args.num_workers,
                    "precision": args.precision, "repeats": args.repeats, "threads": args.threads,
+                   "round_orders": [round_order(args.modes, r) for r in range(args.repeats)],
                    "sample_mode": args.sample_mode, "data": args.data, "shards": str(setup.shards),
                    "attn_implementation_packed": args.attn_implementation or setup.base_attn},
         "targets": {"mmlm_over_plain_pad_samples_per_s_min": TARGET_SPEEDUP,
