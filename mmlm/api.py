@@ -44,22 +44,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
-# float buffers that stay float32 whatever the model's dtype: rotary inverse frequencies (transformers
-# keeps them float32 when it loads a model in bf16/fp16; rounded to bf16, a position's angles drift by
-# up to ~0.4% of the position: at a few hundred tokens in, attention no longer sees the positions trained)
-FLOAT32_BUFFERS = ("inv_freq", "original_inv_freq")
-
-
 def cast_model(vlm, dtype: torch.dtype):
-    """``vlm`` cast to ``dtype`` in place (returned), keeping the ``FLOAT32_BUFFERS`` float32."""
-    keep = {name: b.clone() for name, b in vlm.named_buffers()
-            if name.rsplit(".", 1)[-1] in FLOAT32_BUFFERS and b.dtype == torch.float32}
+    """``vlm`` cast to ``dtype`` in place (returned), keeping the rotary frequencies float32
+    (``mmlm.modeling.vlm.FLOAT32_BUFFERS``)."""
+    from mmlm.modeling.vlm import float32_buffers, restore_float32_buffers
+
+    keep = float32_buffers(vlm)
     vlm.to(dtype=dtype)
-    for name, value in keep.items():
-        owner, _, attr = name.rpartition(".")
-        module = vlm.get_submodule(owner)
-        persistent = attr not in module._non_persistent_buffers_set
-        module.register_buffer(attr, value, persistent=persistent)
+    restore_float32_buffers(vlm, keep)
     return vlm
 
 

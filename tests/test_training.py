@@ -562,6 +562,29 @@ def test_mixed_precision_clips_gradients_and_steps(tmp_path, precision):
     assert any(not torch.equal(v.cpu(), snap.first[k].cpu()) for k, v in end.items())  # and the weights moved
 
 
+def test_bf16_true_training_keeps_the_rotary_frequencies_float32(tmp_path):
+    """Lightning's "bf16-true" casts the whole model; the rotary inverse frequencies go back to their
+    float32 values (as transformers and ``mmlm.load`` keep them), while the weights train in bf16."""
+    module = VLMModule(**tiny_model_args())
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.update({n: b.clone() for n, b in pl_module.vlm.named_buffers() if n.endswith("inv_freq")})
+            seen["weight dtype"] = next(pl_module.vlm.lm.parameters()).dtype
+
+    trainer(tmp_path, steps=1, callbacks=[Spy()], precision="bf16-true").fit(module, datamodule())
+    assert seen.pop("weight dtype") == torch.bfloat16
+    cfg = module.vlm.lm.config
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or cfg.rope_theta
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    expect = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # the LM's own formula
+    assert seen
+    for name, value in seen.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, expect, msg=name)
+
+
 def test_compile_blocks_compiles_every_layer_in_place_and_keeps_outputs(monkeypatch, tmp_path):
     from mmlm.training import compile as regional
 

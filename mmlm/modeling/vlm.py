@@ -90,6 +90,35 @@ def labelled_loss_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
+# float buffers that stay float32 whatever the model's dtype: rotary inverse frequencies (transformers
+# keeps them float32 when it loads a model in bf16/fp16; rounded to bf16, a position's angles drift by
+# up to ~0.4% of the position: at a few hundred tokens in, attention no longer sees the positions trained)
+FLOAT32_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def float32_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``model``'s float32 ``FLOAT32_BUFFERS``, by name: what ``restore_float32_buffers`` puts back
+    after a cast of the whole model (``model.to(torch.bfloat16)``, Lightning's ``*-true`` precisions)."""
+    return {name: b.detach().clone() for name, b in model.named_buffers()
+            if name.rsplit(".", 1)[-1] in FLOAT32_BUFFERS and b.dtype == torch.float32}
+
+
+def restore_float32_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> int:
+    """Put the ``saved`` float32 buffers back into ``model`` (on each one's current device, persistence
+    kept) where a cast changed their dtype; returns how many were restored."""
+    restored = 0
+    for name, value in saved.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        current = getattr(module, attr, None)
+        if not isinstance(current, torch.Tensor) or current.dtype == torch.float32:
+            continue
+        persistent = attr not in module._non_persistent_buffers_set
+        module.register_buffer(attr, value.to(current.device), persistent=persistent)
+        restored += 1
+    return restored
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor | None

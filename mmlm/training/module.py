@@ -43,6 +43,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mmlm.modeling.vlm import float32_buffers, restore_float32_buffers
 from mmlm.processing import IMAGE_PLACEMENTS
 from mmlm.training.callbacks import NonFiniteGuard
 from mmlm.training.checks import check_attention_trains_on, check_normalization, check_packing, hparam_changes
@@ -169,6 +170,7 @@ class VLMModule(pl.LightningModule):
         self._val_scored = 0  # validation batches with a labelled token in the current validation
         self._warned_empty_val = False
         self._window_finite: torch.Tensor | None = None  # all losses finite since the last optimizer step
+        self._float32_buffers: dict[str, torch.Tensor] = {}  # the rotary frequencies as built (float32)
         self.feature_cache = None  # an ImageFeatureCache when cache_image_features > 0 (from configure_model)
         self._schedule_steps: int | None = None  # the learning-rate schedule's length (configure_optimizers)
         self._resumed_schedule: tuple[int, int] | None = None  # (its length, step) in a checkpoint resumed from
@@ -264,6 +266,7 @@ class VLMModule(pl.LightningModule):
 
             compile_blocks(vlm)
         self.vlm = vlm
+        self._float32_buffers = float32_buffers(vlm)  # put back after a "*-true" precision's cast (on_fit_start)
         self.processor = processor
         self._processor_files = files
         self._frozen = frozen_modules(vlm)  # put in eval mode from on_train_start on
@@ -310,6 +313,13 @@ class VLMModule(pl.LightningModule):
 
     def forward(self, **inputs):
         return self.vlm(**inputs)
+
+    def on_fit_start(self) -> None:
+        # Lightning's "bf16-true"/"16-true" cast every floating tensor of the model, the rotary frequencies
+        # too; transformers keeps those float32 (as `mmlm.load` does for describe/eval): trained with
+        # bf16-rounded angles, a model would meet other positions at inference
+        if self.vlm is not None and self._float32_buffers:
+            restore_float32_buffers(self.vlm, self._float32_buffers)
 
     def on_train_start(self) -> None:
         self._keep_frozen_in_eval()
