@@ -91,9 +91,11 @@ class VisionConfig:
     checkpoint_path: str | None = None
     """A local weights file (safetensors) for ``name`` instead of the hub."""
     image_size: int = 224
-    """Input resolution in pixels (square)."""
+    """Input resolution in pixels (square). A named timm model keeps its own (recorded here when the model
+    is built, with a warning if it differs); ``timm_kwargs={"img_size": N}`` runs it at another."""
     patch_size: int = 16
-    """Patch size in pixels; the encoder yields (image_size / patch_size)^2 patch tokens."""
+    """Patch size in pixels; the encoder yields (image_size / patch_size)^2 patch tokens (a named timm
+    model: its own, as ``image_size``)."""
     width: int = 384
     """Embedding width of a from-scratch ViT (ignored when ``name`` is set)."""
     depth: int = 12
@@ -201,7 +203,8 @@ class VLMConfig:
     text: TextConfig = field(default_factory=TextConfig)
     """The language model."""
     image_token_id: int = -1
-    """Token id of the ``<image>`` placeholder; the processor sets it from its tokenizer."""
+    """Token id of the ``<image>`` placeholder; the processor sets it from its tokenizer. -1: not set yet (a
+    model built without a tokenizer runs text only; ``Processor.for_model`` and images refuse it)."""
     ignore_index: int = -100
     """Label value excluded from the loss."""
     image_positions: str = "sequential"

@@ -5,8 +5,9 @@ hub names say where pretrained weights come from when a user asks for them
 
 - ``tiny``: from scratch, small enough to learn the synthetic dataset on a 2-core CPU in minutes.
 - ``small``: ViT-S/16 (timm, ImageNet-21k) + SmolLM2-135M (Llama architecture).
-- ``base``: SigLIP-B/16 (timm) + Qwen2.5-0.5B.
-- ``llava-1.5-7b``: CLIP ViT-L/14-336 + Vicuna-7B v1.5 (Llama), ``mlp2x_gelu``, penultimate layer.
+- ``base``: SigLIP-B/16 (timm; images squashed to 224, as SigLIP's own preprocessing) + Qwen2.5-0.5B.
+- ``llava-1.5-7b``: CLIP ViT-L/14-336 (timm's QuickGELU variant, as OpenAI's weights) + Vicuna-7B v1.5
+  (Llama), ``mlp2x_gelu``, penultimate layer.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def small() -> VLMConfig:
 
 def base() -> VLMConfig:
     return VLMConfig(
-        vision=VisionConfig(name="vit_base_patch16_siglip_224.webli", image_size=224, patch_size=16),
+        # SigLIP squashes images to 224 x 224 (big_vision, open_clip, transformers' SiglipImageProcessor); timm
+        # records its generic crop_pct=0.9 for this tag, which would cut away a fifth of every image
+        vision=VisionConfig(name="vit_base_patch16_siglip_224.webli", image_size=224, patch_size=16,
+                            resize_mode="squash"),
         projector=ProjectorConfig(name="mlp2x_gelu"),
         text=TextConfig(
             name="Qwen/Qwen2.5-0.5B",
@@ -68,7 +72,9 @@ def base() -> VLMConfig:
 
 def llava_1_5_7b() -> VLMConfig:
     return VLMConfig(
-        vision=VisionConfig(name="vit_large_patch14_clip_336.openai", image_size=336, patch_size=14,
+        # OpenAI's CLIP towers use QuickGELU: timm's plain ``vit_large_patch14_clip_336`` runs the same
+        # weights through exact GELU (its pretrained config notes it), not the features LLaVA-1.5 trained on
+        vision=VisionConfig(name="vit_large_patch14_clip_quickgelu_336.openai", image_size=336, patch_size=14,
                             feature_layer=-2, drop_prefix_tokens=True, resize_mode="pad"),
         projector=ProjectorConfig(name="mlp2x_gelu"),
         text=TextConfig(

@@ -13,6 +13,13 @@
    METEOR, ROUGE-L with pycocoevalcap), plus caption exact match;
 4. describes four test images next to their ground truth;
 5. writes ``WORKDIR/results.json`` and returns it.
+
+A used WORKDIR is reused with the options it was made with: the data is kept and each stage resumes
+from (or, done, skips past) its ``last.ckpt``. Other options are refused with what differs
+(``WORKDIR/quickstart-settings.json`` records the stages, ``fit_args`` and seed; the data's own
+manifest its sizes): a stage that resumes its checkpoint ignores the model the stage before it would
+now give, so a quick look (``--max-steps 2``) continued as a full run would train later stages from
+the quick look's models.
 """
 
 from __future__ import annotations
@@ -140,6 +147,26 @@ def stage_dirs(workdir: Path, recipes: list[Path]) -> list[Path]:
     return [workdir / n for n in names[:-1]] + [workdir]
 
 
+SETTINGS = "quickstart-settings.json"
+"""What a WORKDIR was trained with (recipes, fit_args, seed): a re-run with others is refused."""
+
+
+def check_settings(workdir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue ``workdir`` with other ``settings`` than those it records (see the module
+    docstring); a workdir without a record (new, or older than it) passes."""
+    path = workdir / SETTINGS
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is unreadable; delete {workdir} or use another --workdir") from None
+    diff = [f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+    if diff:
+        raise ValueError(f"--workdir {workdir} was trained with other options ({'; '.join(diff)}); its stages would "
+                         "resume from those models: use another --workdir, or delete it")
+
+
 def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
                    recipes: list[str | os.PathLike] | None = None, train_images: int = 20000,
                    val_images: int = 200, test_images: int = 500, fit_args: list[str] | None = None,
@@ -150,6 +177,7 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
     init and data order; None: the recipes' own), recorded in the results."""
     import torch
 
+    from data_pipelines._errors import BuildError
     from data_pipelines.synthetic import build
 
     paths = [Path(r) for r in recipes] if recipes else [default_config(n) for n in RECIPES]
@@ -158,14 +186,23 @@ def run_quickstart(workdir: str | os.PathLike = "mmlm-quickstart", *,
             raise FileNotFoundError(f"--recipes {recipe}: no such recipe file")
     workdir = Path(workdir)
     dirs = stage_dirs(workdir, paths)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} exists and is not a directory")
+    fit_args = [*(fit_args or []), *(["--seed_everything", str(seed)] if seed is not None else [])]
+    settings = {"recipes": [os.fspath(r.resolve()) for r in paths], "fit_args": fit_args}
+    check_settings(workdir, settings)
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     t0 = time.perf_counter()
     print(f"[1/4] synthetic dataset -> {data}", flush=True)
-    build(data, train=train_images, val=val_images, test=test_images, seed=0, show_progress=progress)
+    try:
+        build(data, train=train_images, val=val_images, test=test_images, seed=0, show_progress=progress)
+    except BuildError as e:  # e.g. a workdir made with other --train-images: the builder's advice names its --out
+        why = str(e).replace("use another --out", "use another --workdir")
+        raise ValueError(f"--workdir {workdir}: {why}") from None
     data_seconds = time.perf_counter() - t0
+    atomic_write_text(workdir / SETTINGS, json.dumps(settings, indent=2))
     stage_seconds: dict[str, float] = {}
-    fit_args = [*(fit_args or []), *(["--seed_everything", str(seed)] if seed is not None else [])]
     for i, (recipe, run_dir) in enumerate(zip(paths, dirs)):
         print(f"[2/4] training the tiny preset, stage {i + 1}/{len(paths)}: {recipe.name} -> {run_dir}", flush=True)
         init = ["--model.init_from", os.fspath(dirs[i - 1] / "model")] if i else []

@@ -93,6 +93,23 @@ def test_processor_for_a_model_with_another_image_token_id_fails():
         Processor.for_model(vlm, tok)
 
 
+def test_a_preset_builds_without_an_image_token_id_and_runs_text_only():
+    """``VLM.from_preset("tiny")`` as DESIGN.md shows it: built, text runs; images and a processor refuse
+    the unset id (-1), and an id outside the vocabulary stays an error."""
+    from mmlm import Processor
+
+    vlm = VLM.from_preset("tiny")
+    assert vlm.config.image_token_id == -1 and vlm.num_image_tokens > 0
+    ids = torch.randint(0, 50, (1, 6))
+    assert vlm(input_ids=ids).logits.shape[:2] == (1, 6)
+    with pytest.raises(ValueError, match="no image_token_id"):
+        vlm(input_ids=ids, pixel_values=torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="image_token_id=-1 is not the tokenizer's"):
+        Processor.for_model(vlm, tiny_tokenizer())
+    with pytest.raises(ValueError, match="outside the LM vocabulary"):
+        VLM.from_preset("tiny", image_token_id=10**6)
+
+
 @pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu", "pixel_shuffle"])
 def test_position_embedding_adds_one_learned_vector_per_image_token(projector):
     tok = tiny_tokenizer()

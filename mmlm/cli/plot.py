@@ -1,12 +1,18 @@
 """``mmlm plot RUN_DIR``: draw the loss, learning-rate and throughput curves of a run as a PNG.
 
 Reads the CSV logs ``RUN_DIR/logs/version_*/metrics.csv`` (one version per start of the run; a
-later version wins where a resumed run repeats steps) or one ``metrics.csv`` given directly, and
-writes ``RUN_DIR/curves.png`` (``--out`` to choose). Drawn with PIL: no plotting library needed.
+later version replaces the earlier ones from its first logged step on, so a resumed run drops what
+was logged after the checkpoint it resumed from, and a fresh run in the same RUN_DIR the old run)
+or one ``metrics.csv`` given directly, and writes ``RUN_DIR/curves.png`` (``--out`` to choose).
+Drawn with PIL: no plotting library needed.
 
 Panels: ``train/loss`` and ``val/loss``; ``lr/*`` (one line per component); ``perf/samples_per_s``
 (and ``perf/tokens_per_s`` on its own scale, labelled at the right). ``eval/*`` metrics, when the
 run logged some, get a fourth panel.
+
+NaN/inf values (a diverged run) are not drawn: the title and a ``note:`` line on stderr say how many
+per metric and the first step; when nothing finite is left the command fails saying so. A file that
+is not a Lightning CSV log (no numeric ``step`` column, undecodable) is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -50,25 +56,65 @@ def metric_files(path: str | Path) -> list[Path]:
     return files
 
 
-def read_metrics(files: list[Path]) -> Series:
-    """``{metric: [(step, value), ...]}`` sorted by step; later files override earlier ones per step."""
+def read_metrics(files: list[Path], nonfinite: dict[str, dict[float, float]] | None = None) -> Series:
+    """``{metric: [(step, value), ...]}`` sorted by step. Each file (a log version) supersedes the earlier
+    ones from its first logged step on: a resumed run replaces what its killed predecessor logged after
+    the checkpoint it resumed from, a fresh run in the same directory replaces the old run.
+    NaN/inf values are left out of the series; ``nonfinite`` (a dict) receives them, ``{metric: {step: value}}``.
+    A file that is not a CSV log with a numeric ``step`` column raises ``PlotError`` naming it."""
     data: dict[str, dict[float, float]] = {}
+    bad: dict[str, dict[float, float]] = {} if nonfinite is None else nonfinite
     for f in files:
-        with open(f, newline="") as fh:
-            for row in csv.DictReader(fh):
-                step = row.get("step")
-                if step in (None, ""):
-                    continue
-                for key, value in row.items():
-                    if key in ("step", "epoch") or value in (None, ""):
+        good_here: dict[str, dict[float, float]] = {}
+        bad_here: dict[str, dict[float, float]] = {}
+        try:
+            with open(f, newline="") as fh:
+                reader = csv.DictReader(fh)
+                if reader.fieldnames is not None and "step" not in reader.fieldnames:
+                    raise PlotError(f"{f} has no 'step' column: not a Lightning CSV log")
+                for row in reader:
+                    step = row.get("step")
+                    if step in (None, ""):
                         continue
                     try:
-                        v = float(value)
+                        s = float(step)
                     except ValueError:
-                        continue
-                    if math.isfinite(v):
-                        data.setdefault(key, {})[float(step)] = v
-    return {k: sorted(v.items()) for k, v in data.items()}
+                        raise PlotError(f"{f}, line {reader.line_num}: step {step!r} is not a number") from None
+                    for key, value in row.items():
+                        # key None: the surplus fields of a row longer than the header (a torn write)
+                        if key in (None, "step", "epoch") or not isinstance(value, str) or value == "":
+                            continue
+                        try:
+                            v = float(value)
+                        except ValueError:
+                            continue
+                        if math.isfinite(v):
+                            good_here.setdefault(key, {})[s] = v
+                            bad_here.get(key, {}).pop(s, None)
+                        else:
+                            bad_here.setdefault(key, {})[s] = v
+                            good_here.get(key, {}).pop(s, None)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise PlotError(f"{f} is not a readable CSV log ({e})") from None
+        steps = [s for part in (good_here, bad_here) for pts in part.values() for s in pts]
+        if not steps:
+            continue
+        first = min(steps)
+        for part in (data, bad):
+            for key in list(part):
+                part[key] = {s: v for s, v in part[key].items() if s < first}
+        for part, here in ((data, good_here), (bad, bad_here)):
+            for key, pts in here.items():
+                part.setdefault(key, {}).update(pts)
+    for key in [k for k, v in bad.items() if not v]:
+        del bad[key]
+    return {k: sorted(v.items()) for k, v in data.items() if v}
+
+
+def nonfinite_notes(nonfinite: dict[str, dict[float, float]]) -> list[str]:
+    """One line per metric with NaN/inf values: how many and the first step (where a run diverged)."""
+    return [f"{k}: {len(v)} NaN/inf value(s) not drawn, the first at step {int(min(v))}"
+            for k, v in sorted(nonfinite.items())]
 
 
 def panels(series: Series) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
@@ -185,15 +231,27 @@ def draw(series: Series, out: str | Path, title: str = "", width: int = 960, pan
     return out
 
 
-def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Plot a run directory (or a metrics.csv) to ``out`` (default ``RUN_DIR/curves.png``)."""
+def plot_run(run: str | Path, out: str | Path | None = None, notes: list[str] | None = None) -> Path:
+    """Plot a run directory (or a metrics.csv) to ``out`` (default ``RUN_DIR/curves.png``). Metrics with
+    NaN/inf values are drawn without them; ``notes`` (a list) receives a line per such metric."""
     run = Path(run)
     files = metric_files(run)
-    series = read_metrics(files)
+    nonfinite: dict[str, dict[float, float]] = {}
+    series = read_metrics(files, nonfinite)
+    lines = nonfinite_notes(nonfinite)
+    if notes is not None:
+        notes.extend(lines)
+    if not panels(series) and panels({k: [(0.0, 0.0)] for k in nonfinite}):  # a plotted metric, all NaN/inf
+        raise PlotError("nothing to draw: every logged value is NaN or infinite (" + "; ".join(lines) + ")")
     if out is None:
         out = (run if run.is_dir() else run.parent) / "curves.png"
+    if Path(out).is_dir():
+        raise PlotError(f"--out {out} is a directory; give the PNG file to write, e.g. {Path(out) / 'curves.png'}")
     steps = max((s for pts in series.values() for s, _ in pts), default=0)
-    return draw(series, out, title=f"{run}  ({len(files)} log version(s), up to step {int(steps)})")
+    title = f"{run}  ({len(files)} log version(s), up to step {int(steps)})"
+    if lines:
+        title += "   " + "; ".join(lines)
+    return draw(series, out, title=title)
 
 
 def add_parser(sub) -> None:
@@ -208,7 +266,10 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    path = plot_run(args.run_dir, args.out)
+    notes: list[str] = []
+    path = plot_run(args.run_dir, args.out, notes)
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
 
@@ -220,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, PlotError, ValueError) as e:
+    except (PlotError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

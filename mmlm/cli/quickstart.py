@@ -21,8 +21,10 @@ def add_parser(sub) -> None:
             "synthetic test split (VQA accuracy with the official VQA rule, caption exact match, "
             "CIDEr/BLEU/METEOR/ROUGE-L), describes four test images next to their ground truth, and prints a "
             "results table. Leaves WORKDIR/model (load it with mmlm.load, `mmlm describe --model`, "
-            "`mmlm eval --model`) and WORKDIR/results.json. Running it again on the same WORKDIR reuses the "
-            "data and resumes (or skips) the training."
+            "`mmlm eval --model`) and WORKDIR/results.json. Running it again on the same WORKDIR with the same "
+            "options reuses the data and resumes (or skips) the training; other options (--recipes, --max-steps, "
+            "--seed, image counts) on a used WORKDIR are refused, since its stages would resume from models "
+            "trained with the old ones."
         ),
         epilog="example:  mmlm quickstart --workdir mmlm-quickstart && "
                "mmlm describe mmlm-quickstart/data/test/images/0.png --model mmlm-quickstart/model",

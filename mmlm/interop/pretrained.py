@@ -7,6 +7,7 @@
   embeddings grow to match (to a multiple of 64); ``config.text.hf_config["vocab_size"]`` and
   ``image_token_id`` follow, so the checkpoint saves and reloads. The chat template is chosen
   by ``mmlm.templates.choose_chat_template`` (the LM's own when it marks ``{% generation %}``).
+  The processor's ``max_length`` stays within the LM's positions (as ``import_hf``).
 - ``vision_config_for(name)``: the ``VisionConfig`` of a pretrained tower (``backend`` None guesses:
   a timm model name -> timm, else transformers). A transformers tower also records the image
   transform of its checkpoint's own image processor when mmlm can mirror it (else its family's).
@@ -136,7 +137,7 @@ def build_from_pretrained(
     feature_layer: int = -2,
     drop_prefix_tokens: bool = True,
     resize_mode: str | None = None,
-    max_length: int = 2048,
+    max_length: int | None = None,
     **processor_config: Any,
 ):
     """``(VLM, Processor)`` from pretrained parts (see the module docstring).
@@ -146,6 +147,9 @@ def build_from_pretrained(
     ``chat_template``: a name from ``mmlm.templates`` (None: the LM's own template when it has
     generation marks, else a named one recognised from it). ``tokenizer``: instead of the LM's.
     ``processor_config``: further ``ProcessorConfig`` fields (``caption_prompt``, ``system_prompt``...).
+    ``max_length``: the processor's token limit (default: 2048, or the LM's position limit when it has
+    fewer); more than the LM's positions raises ``ValueError`` (GPT-2's learned positions would fail with
+    an index error in the first long batch).
     """
     from transformers import AutoTokenizer
 
@@ -173,6 +177,12 @@ def build_from_pretrained(
         tokenizer.pad_token = tokenizer.eos_token
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     tcfg = resolve_text_config(tcfg)
+    positions = next((int(tcfg.hf_config[k]) for k in ("max_position_embeddings", "n_positions")
+                      if tcfg.hf_config.get(k)), None)
+    if max_length is None:
+        max_length = min(2048, positions or 2048)
+    elif positions is not None and max_length > positions:
+        raise ValueError(f"max_length={max_length} exceeds the LM's {positions} positions; pass at most {positions}")
     vocab = int(tcfg.hf_config.get("vocab_size", 0) or 0)
     pcfg = ProjectorConfig(name=projector) if isinstance(projector, str) else projector
     # the VLM checks image_token_id against the LM's vocabulary: a new token gets its row below

@@ -127,8 +127,9 @@ class HFVisionEncoder(nn.Module):
         hf = hf_vision_config(cfg)
         self.model_type = hf["model_type"]
         config = config_object(hf)
-        if hasattr(config, "vision_use_head"):
-            config.vision_use_head = False  # SigLIP's pooling head is never used
+        if hasattr(config, "vision_use_head") and not cfg.pretrained:
+            config.vision_use_head = False  # SigLIP's pooling head is never used (a checkpoint's is loaded as it
+            # is, then dropped below: built without it, transformers reports its weights as UNEXPECTED)
         if cfg.pretrained:
             source = cfg.checkpoint_path or cfg.name
             if not source:

@@ -7,11 +7,16 @@ from the hub or a local file) or built from explicit sizes for training from scr
 It returns the output of the configured block (``feature_layer``, counted like
 transformers' ``hidden_states``), with class/register tokens dropped when configured.
 Blocks past the feature layer are pruned: they would cost compute and never be used.
+A named timm model keeps its own input and patch size (``timm_kwargs={"img_size": N}`` changes
+them); configured ones that differ are replaced by the model's, with a warning, so that the
+config (and ``config.json``) says what the model does.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+
 import torch
 from torch import nn
 
@@ -70,6 +75,13 @@ class TimmViTEncoder(nn.Module):
             model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **kwargs)
             if not isinstance(model, VisionTransformer) and not hasattr(model, "forward_intermediates"):
                 raise ValueError(f"timm model {cfg.name!r} does not support forward_intermediates")
+            native = (int(model.patch_embed.img_size[0]), int(model.patch_embed.patch_size[0]))
+            if (cfg.image_size, cfg.patch_size) != native:
+                warnings.warn(f"vision.image_size={cfg.image_size}, patch_size={cfg.patch_size} do not apply to timm "
+                              f"model {cfg.name!r}: it takes {native[0]} px images in {native[1]} px patches, "
+                              "recorded in the config (another resolution: vision.timm_kwargs={'img_size': N})",
+                              stacklevel=2)
+                cfg.image_size, cfg.patch_size = native  # config.json says what the model does
         else:
             model = VisionTransformer(
                 img_size=cfg.image_size,
@@ -130,18 +142,19 @@ class TimmViTEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, D) features of the configured block."""
+        # timm pairs each intermediate with its prefix tokens only when the model has some: on a tower
+        # without class/register tokens (SigLIP, ``class_token=False``) it returns the bare tensor
+        keep_prefix = not self.cfg.drop_prefix_tokens and self.num_prefix_tokens > 0
         out = self.vit.forward_intermediates(
             pixel_values,
             indices=[self.block_index],
-            return_prefix_tokens=not self.cfg.drop_prefix_tokens,
+            return_prefix_tokens=keep_prefix,
             norm=False,
             output_fmt="NLC",
             intermediates_only=True,
         )[0]
-        if not self.cfg.drop_prefix_tokens:
+        if keep_prefix:
             spatial, prefix = out
-            if prefix is None:
-                return spatial
             return torch.cat([prefix, spatial], dim=1)  # (N, prefix + P, D)
         return out  # (N, P, D)
 

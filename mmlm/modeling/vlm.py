@@ -148,7 +148,7 @@ class VLM(nn.Module):
             raise ValueError("image_positions='shared' needs projector.position_embedding=True: the image tokens "
                              "would share one position and nothing would say where each lies")
         vocab = self.lm.get_input_embeddings().num_embeddings
-        if not 0 <= config.image_token_id < vocab:
+        if config.image_token_id != -1 and not 0 <= config.image_token_id < vocab:  # -1: not set yet
             raise ValueError(
                 f"image_token_id={config.image_token_id} is outside the LM vocabulary (size {vocab}); "
                 "build the model with the processor's image token id"
@@ -238,6 +238,10 @@ class VLM(nn.Module):
         """Token embeddings with image features at the placeholder positions: (B, L, D)."""
         image_id = self.config.image_token_id
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_images and image_id < 0:
+            raise ValueError("this model has no image_token_id (built without one), so it cannot place images: build it "
+                             "with image_token_id=tokenizer.convert_tokens_to_ids('<image>'), e.g. "
+                             "VLM.from_preset(name, image_token_id=...)")
         check_image_tokens(input_ids, image_id, self.num_image_tokens, n_images, num_images)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if n_images:
