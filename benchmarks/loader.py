@@ -126,7 +126,8 @@ def mmlm_rate(shards: str, processor, *, batch_size: int, num_workers: int, batc
         return _cpu_seconds(workers)
 
     out = timed_batches(it, num_workers=num_workers, batches=batches, cpu=cpu)
-    del it, loader, workers
+    it = loader = None  # (not `del`: cpu() closes over them)
+    workers = ()
     gc.collect()  # shuts the workers down
     return out
 

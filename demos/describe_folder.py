@@ -60,17 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         parser.error(f"no readable images under {folder}")
 
-    vlm, processor = mmlm.load(args.model, device=args.device)  # load once, describe in batches
+    try:
+        vlm, processor = mmlm.load(args.model, device=args.device)  # load once, describe in batches
+    except (OSError, ValueError) as e:  # no such directory, a damaged checkpoint, a bad --device
+        parser.error(f"--model {args.model}: {e}")
     texts = mmlm.describe([str(p) for p in images], model=(vlm, processor), prompt=args.prompt,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=True)
     prompt = args.prompt if args.prompt is not None else processor.config.caption_prompt
 
+    lines = [json.dumps({"path": str(p), "prompt": prompt, "text": t}, ensure_ascii=False) + "\n"
+             for p, t in zip(images, texts)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)  # no half-written output
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for path, text in zip(images, texts):
-            f.write(json.dumps({"path": str(path), "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+        f.writelines(lines)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, out)
     print(f"described {len(images)} images -> {out}", file=sys.stderr)
     return 0

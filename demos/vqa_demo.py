@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no such image: {missing[0]}")
 
-    vlm, processor = mmlm.load(args.model, device=args.device)
+    try:
+        vlm, processor = mmlm.load(args.model, device=args.device)
+    except (OSError, ValueError) as e:  # no such directory, a damaged checkpoint, a bad --device
+        parser.error(f"--model {args.model}: {e}")
     questions = args.question or [processor.config.caption_prompt]
     rows = []
     for q in questions:

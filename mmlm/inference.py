@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmlm.io import atomic_write_bytes
+
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -383,7 +385,7 @@ def read_done(path: str | Path, *, log=sys.stderr) -> set[tuple[str, str]]:
         keep.append(line)
         done.add((result_id(record), record.get("prompt")))
     if truncated or errors or (raw and not raw.endswith(b"\n")):
-        _atomic_write_bytes(path, b"".join(line + b"\n" for line in keep))
+        atomic_write_bytes(path, b"".join(line + b"\n" for line in keep))
         if log is not None and (truncated or errors):
             parts = ["a truncated last line"] if truncated else []
             parts += [f"{errors} error line(s) to retry"] if errors else []
@@ -397,20 +399,6 @@ def open_results(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "a", encoding="utf-8", errors="surrogateescape")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------- streaming

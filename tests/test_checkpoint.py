@@ -110,3 +110,25 @@ def test_an_lm_config_that_records_a_dtype_still_builds_and_loads_in_float32(tmp
                                                    {"role": "assistant", "content": "red"}]])
     with torch.no_grad():
         assert torch.equal(vlm(**batch).logits, again(**batch).logits)
+
+
+def test_written_files_get_the_usual_permissions_not_the_temporary_names_owner_only_ones(tmp_path):
+    """Everything written through a temporary name (a checkpoint directory, JSON results, describe's
+    rewritten output, plot's PNG) ends 0666/0777 less the umask, as plain open/mkdir would leave it:
+    mkstemp/mkdtemp's 0600/0700 would hide a trained model from the rest of a shared machine."""
+    import stat
+
+    from mmlm.io import atomic_write_bytes, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        vlm, proc = tiny_pair()
+        save_pretrained(tmp_path / "model", vlm, proc)
+        atomic_write_text(tmp_path / "results.json", "{}")
+        atomic_write_bytes(tmp_path / "out" / "curves.png", b"\x89PNG")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "model") == 0o755
+    assert {mode(p) for p in (tmp_path / "model").iterdir()} == {0o644}
+    assert mode(tmp_path / "results.json") == 0o644 and mode(tmp_path / "out" / "curves.png") == 0o644

@@ -73,7 +73,7 @@ def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
     g.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step (torch.compile; CUDA graphs on a GPU; implies --cache "
                         "static): each new batch size compiles first (seconds), then decodes faster (2 CPU cores: "
-                        "1.7x images/s at --batch-size 1, about 1x at 16); same greedy output; not with --num-beams")
+                        "about 2x images/s at --batch-size 1, 0.9-1.35x at 16); same greedy output; not with --num-beams")
 
 
 def generation_config(args):

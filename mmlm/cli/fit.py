@@ -41,7 +41,8 @@ Defaults that differ from Lightning's: ``check_val_every_n_epoch: null`` and
 ``val_check_interval: 500`` (the training stream is endless: validation counts batches),
 ``use_distributed_sampler: false`` (the data module shards by rank itself),
 ``log_every_n_steps: 10``; without ``data.val``, ``limit_val_batches: 0``. ``trainer.max_steps`` is required
-(the schedule needs the run's length).
+(the schedule needs the run's length); ``trainer.max_epochs`` is refused (an epoch of the endless
+stream never ends) unless ``limit_train_batches`` sets an epoch's length.
 Global batch = data.batch_size x trainer.accumulate_grad_batches x devices x num_nodes.
 """
 
@@ -131,6 +132,10 @@ def _cli_classes():
             if (t.max_steps is None or t.max_steps < 0) and not t.fast_dev_run and t.limit_train_batches in (None, 1.0):
                 raise ValueError("set --trainer.max_steps: the training stream is endless, and the learning-rate "
                                  "schedule (warmup + cosine) needs the run's length")
+            if t.max_epochs not in (None, -1) and not t.fast_dev_run and t.limit_train_batches in (None, 1.0):
+                raise ValueError(f"trainer.max_epochs {t.max_epochs} does not bound the run: the training stream is "
+                                 "endless (resampled), so an epoch never ends; set --trainer.max_steps instead (one "
+                                 "pass over N samples: N / global batch steps) and --trainer.max_epochs null")
             if t.accumulate_grad_batches is not None and t.accumulate_grad_batches < 1:
                 raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {t.accumulate_grad_batches}")
             vci = t.val_check_interval
@@ -143,6 +148,8 @@ def _cli_classes():
             if self.parse_only:
                 raise ParsedOnly(self.config)
             check_shards(self.datamodule_class, data)  # before anything is written
+            if not cfg.get("ckpt_path"):  # a resumed run rebuilds its model from the checkpoint, not init_from
+                check_init_from(cfg.get("model"))
 
         def _parse_ckpt_path(self) -> None:
             # a --ckpt_path that is no checkpoint file is a bad argument, reported before anything is
@@ -253,6 +260,21 @@ def check_shards(datamodule_class, data) -> None:
         if spec is not None:
             resolve_sources(spec, allow_pipes=bool(data.get("allow_pipes")),
                             allow_remote=bool(data.get("allow_remote")))
+
+
+def check_init_from(model) -> None:
+    """For a fresh run: a ``model.init_from`` that is no mmlm checkpoint directory (a typo, a run directory
+    instead of its ``model/``) stops the run (exit 2) before its run directory is written (the module
+    itself reads it when it builds the model, after the logs and config.yaml are written)."""
+    path = model.get("init_from") if model is not None and hasattr(model, "get") else None
+    if not path:
+        return
+    from mmlm.checkpoint import read_config
+
+    try:
+        read_config(str(path))
+    except FileNotFoundError as e:
+        raise ValueError(f"--model.init_from: {e}") from None
 
 
 def check_checkpoint_file(path: str) -> None:

@@ -18,13 +18,10 @@ is not a Lightning CSV log (no numeric ``step`` column, undecodable) is a one-li
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 Series = dict[str, list[tuple[float, float]]]
@@ -217,17 +214,14 @@ def draw(series: Series, out: str | Path, title: str = "", width: int = 960, pan
             ly = box[1] + 12 + 14 * j
             d.line([(box[2] - 190, ly), (box[2] - 172, ly)], fill=color, width=3)
             d.text((box[2] - 166, ly - 6), label, fill=color, font=font)
+    import io
+
+    from mmlm.io import atomic_write_bytes
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    atomic_write_bytes(out, png.getvalue())
     return out
 
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)", except for options whose default is None/False (their help says it)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parser(sub) -> None:
     from mmlm.quickstart import RECIPES, stage_summary  # light: the training stack loads only when the command runs
 
@@ -28,7 +37,7 @@ def add_parser(sub) -> None:
         ),
         epilog="example:  mmlm quickstart --workdir mmlm-quickstart && "
                "mmlm describe mmlm-quickstart/data/test/images/0.png --model mmlm-quickstart/model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsShown,
     )
     p.add_argument("--workdir", default="mmlm-quickstart", help="where data, logs, checkpoints, the model and results go")
     p.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE",

@@ -199,7 +199,8 @@ def _check_positions(cfg: VLMConfig, max_length: int, from_scratch: bool) -> VLM
 
 def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | None = None, max_length=None,
                           caption_prompt=None, system_prompt=None, image_placement=None):
-    """``(VLM, Processor)`` from an mmlm checkpoint directory (weights loaded strictly)."""
+    """``(VLM, Processor)`` from an mmlm checkpoint directory (weights loaded strictly); a ``max_length``
+    beyond the LM's positions raises ``ValueError`` (as a pretrained LM's does)."""
     from safetensors.torch import load_model
 
     from mmlm.checkpoint import read_config, weights_file
@@ -208,6 +209,8 @@ def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | No
     path = Path(path)
     cfg = read_config(path).updated(**(model_overrides or {}))
     cfg = cfg.updated(vision={"pretrained": False, "checkpoint_path": None}, text={"pretrained": False})
+    if max_length is not None:  # a longer max_length than the LM's positions (GPT-2's learned ones fail mid-run)
+        cfg = _check_positions(cfg, int(max_length), from_scratch=False)
     vlm = VLM(cfg)
     try:
         missing, unexpected = load_model(vlm, str(weights_file(path)), strict=False)

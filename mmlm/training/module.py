@@ -30,7 +30,8 @@ Steps
 ``training_step`` tells the data module the batch was consumed (``record_consumed``) and computes
 the loss; ``optimizer_step`` then, with the backward pass already queued (the one host sync mmlm
 adds to a step), skips the update when a loss of the accumulation window was non-finite on any rank (see
-:class:`mmlm.training.callbacks.NonFiniteGuard`). Logged: ``train/loss`` (NaN when it was),
+:class:`mmlm.training.callbacks.NonFiniteGuard`). Logged: ``train/loss`` (the mean over the micro-batches of
+the accumulation window, the loss the update follows; NaN when one was non-finite),
 ``val/loss`` (averaged over supervised tokens), ``train/nonfinite_skipped``.
 """
 
@@ -131,7 +132,7 @@ class VLMModule(pl.LightningModule):
             system_prompt: a system message before every conversation (default: none, or the checkpoint's).
             image_placement: where images go in a user turn: ``as_written`` (where the data's ``<image>`` is,
                 before the question: LLaVA's layout) or ``after_text`` (after the question, so the image tokens
-                attend to it; the tiny recipes' choice); default: as_written, or the init_from checkpoint's.
+                attend to it); default: as_written, or the init_from checkpoint's.
         """
         super().__init__()
         from mmlm.presets import PRESETS
@@ -170,10 +171,13 @@ class VLMModule(pl.LightningModule):
         self._val_scored = 0  # validation batches with a labelled token in the current validation
         self._warned_empty_val = False
         self._window_finite: torch.Tensor | None = None  # all losses finite since the last optimizer step
+        self._window_loss: torch.Tensor | None = None  # sum of the losses since the last optimizer step
+        self._window_batches = 0  # micro-batches since the last optimizer step
         self._float32_buffers: dict[str, torch.Tensor] = {}  # the rotary frequencies as built (float32)
         self.feature_cache = None  # an ImageFeatureCache when cache_image_features > 0 (from configure_model)
         self._schedule_steps: int | None = None  # the learning-rate schedule's length (configure_optimizers)
         self._resumed_schedule: tuple[int, int] | None = None  # (its length, step) in a checkpoint resumed from
+        self._resumed_groups: list[str] | None = None  # the optimizer groups of a checkpoint resumed from
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -352,8 +356,14 @@ class VLMModule(pl.LightningModule):
         # pass is queued (reading it now would stall the host until the GPU finished the forward pass)
         finite = torch.isfinite(loss.detach()).all()  # 0-d bool, on the loss's device
         self._window_finite = finite if self._window_finite is None else self._window_finite & finite
+        # with accumulate_grad_batches > 1 each micro-batch logs the mean so far of its window, so the value
+        # written for the step (the window's last) is the mean loss of the whole global batch, not of the
+        # last micro-batch alone
+        self._window_loss = loss.detach() if self._window_loss is None else self._window_loss + loss.detach()
+        self._window_batches += 1
         batch_size = _num_samples(batch)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", self._window_loss / self._window_batches, on_step=True, on_epoch=False, prog_bar=True,
+                 batch_size=batch_size)
         if self.feature_cache is not None:
             self.log("train/image_cache_hits", self.feature_cache.hit_rate(), on_step=True, batch_size=batch_size)
         if self.guard.skipped:
@@ -363,6 +373,7 @@ class VLMModule(pl.LightningModule):
     def _take_window_finite(self) -> bool:
         """Were all losses of this accumulation window finite (on every rank)? Resets the window."""
         finite, self._window_finite = self._window_finite, None
+        self._window_loss, self._window_batches = None, 0
         finite = True if finite is None else bool(finite)
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
@@ -428,6 +439,17 @@ class VLMModule(pl.LightningModule):
         optimizer = build_optimizer(self.vlm, lr=hp.lr, vision_lr=hp.vision_lr, projector_lr=hp.projector_lr,
                                     lm_lr=hp.lm_lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps,
                                     fused=fused)
+        sharded = any(k in type(self.trainer.strategy).__name__ for k in ("FSDP", "DeepSpeed", "ModelParallel"))
+        # (a sharded strategy's optimizer holds flat or sharded tensors: its groups' sizes differ from the
+        # checkpoint's by design, and the strategy converts the state itself)
+        if self._resumed_groups is not None and not sharded \
+                and self._resumed_groups != _group_sizes(optimizer.param_groups):
+            # torch would say only "loaded state dict has a different number of parameter groups" (or sizes)
+            raise ValueError(
+                f"the checkpoint's optimizer trains other parameters ({', '.join(self._resumed_groups)}) than this run "
+                f"({', '.join(_group_sizes(optimizer.param_groups))}): --ckpt_path is a checkpoint of another model, "
+                "stage or LoRA setting; resume it with its own run's --model options, or start a new run from its "
+                "exported model with --model.init_from RUN/model")
         scheduler = build_scheduler(optimizer, int(total), hp.warmup, hp.min_lr_ratio)
         self._schedule_steps = int(total)
         if self._resumed_schedule is not None:
@@ -481,6 +503,9 @@ class VLMModule(pl.LightningModule):
             self._build_from_payload(payload)
         self.guard.load_state_dict(payload.get("nonfinite", {}))
         self._pending_rng = payload.get("rng")
+        states = checkpoint.get("optimizer_states") or []
+        if states and isinstance(states[0], dict) and states[0].get("param_groups"):
+            self._resumed_groups = _group_sizes(states[0]["param_groups"])
         if payload.get("schedule_steps"):
             self._resumed_schedule = (int(payload["schedule_steps"]), int(checkpoint.get("global_step", 0)))
         changed = hparam_changes(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
@@ -503,6 +528,11 @@ def schedule_change(old_total: int, step: int, new_total: int, warmup: float, mi
     return (f"the learning-rate schedule now spans {new_total} steps where the checkpoint's run had {old_total} "
             f"(trainer.max_steps changed): warmup + cosine are redrawn over {new_total} steps and continue from "
             f"step {step}, so the learning rate goes from {before:.3g}x to {after:.3g}x of its peak")
+
+
+def _group_sizes(groups) -> list[str]:
+    """``["lm.decay: 7 tensors", ...]``: an optimizer's (or its state dict's) parameter groups."""
+    return [f"{g.get('name', f'group{i}')}: {len(g['params'])} tensors" for i, g in enumerate(groups)]
 
 
 def _get_attr_or_hparam(obj, name: str):

@@ -1,0 +1,102 @@
+"""Multi-step researcher workflows of `mmlm fit`: gradient accumulation's logged loss, run lengths given
+in epochs, a later stage's init_from (positions, a run directory), and a --ckpt_path of another stage."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from _tiny import tiny_config, tiny_tokenizer
+from _training_kit import fit_args, read_metrics
+from mmlm.cli import fit
+
+
+class MicroBatchLosses(pl.Callback):
+    """Writes each training micro-batch's own loss (un-normalised) to ``RUN_DIR/micro-losses.json``."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning hands back the loss divided by accumulate_grad_batches
+        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+    def on_fit_end(self, trainer, pl_module):
+        from pathlib import Path
+
+        (Path(trainer.default_root_dir) / "micro-losses.json").write_text(json.dumps(self.losses))
+
+
+def test_accumulated_train_loss_is_the_mean_of_the_window(tmp_path):
+    """With accumulate_grad_batches 2, train/loss at a step was the window's last micro-batch alone (half
+    the global batch); it is the mean over the window, the loss that step's update follows."""
+    (tmp_path / "probe.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_workflows.MicroBatchLosses\n")
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--config", str(tmp_path / "probe.yaml"), "--trainer.accumulate_grad_batches", "2",
+                             "--data.val", "null", steps=3)) == 0
+    micro = json.loads((run / "micro-losses.json").read_text())
+    logged = read_metrics(run)["train/loss"]
+    assert len(micro) == 6 and sorted(logged) == [0, 1, 2]
+    for step in range(3):
+        a, b = micro[2 * step], micro[2 * step + 1]
+        assert abs(a - b) > 1e-6  # the two micro-batches differ: the test tells the mean from either one
+        assert logged[step] == pytest.approx((a + b) / 2, rel=1e-5), step
+
+
+def test_max_epochs_on_the_endless_stream_is_refused_before_anything_is_written(tmp_path, capsys):
+    """An epoch of the resampled stream never ends: --trainer.max_epochs 1 (meaning one pass over the data)
+    ran for the recipe's max_steps instead, silently."""
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--trainer.max_epochs", "1", steps=2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: trainer.max_epochs 1 does not bound the run") and "max_steps" in err[-1]
+    assert not run.exists()
+
+
+def test_init_from_a_run_directory_exits_2_before_anything_is_written(tmp_path, capsys):
+    """--model.init_from RUN (not RUN/model): one line naming the model directory, and no run directory
+    (config.yaml, logs) left behind for a run that never started."""
+    other = tmp_path / "stage1"
+    (other / "model").mkdir(parents=True)
+    (other / "model" / "config.json").write_text("{}")
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--model.init_from", str(other))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --model.init_from:") and f"its model is {other / 'model'}" in err[-1]
+    assert not run.exists()
+
+
+def test_init_from_with_a_max_length_beyond_the_lm_s_positions_is_refused(tmp_path):
+    """A later stage's max_length (instruct recipes: 2048) past a GPT-2's learned positions built a model
+    that fails mid-run at the first long sample; a pretrained LM's build already refused it."""
+    from mmlm import VLM, Processor
+    from mmlm.checkpoint import save_pretrained
+    from mmlm.training.build import build_model_and_processor
+
+    tok = tiny_tokenizer()
+    vlm = VLM(tiny_config(tok, lm="gpt2"))  # n_positions 256
+    save_pretrained(tmp_path / "stage1", vlm, Processor.for_model(vlm, tok, max_length=128))
+    with pytest.raises(ValueError, match=r"max_length=512 exceeds the LM's n_positions=256") as e:
+        build_model_and_processor(init_from=tmp_path / "stage1", max_length=512)
+    assert "\n" not in str(e.value)
+    _, proc = build_model_and_processor(init_from=tmp_path / "stage1", max_length=256)
+    assert proc.config.max_length == 256
+
+
+def test_a_checkpoint_of_another_stage_in_ckpt_path_is_one_clear_line(tmp_path, capsys):
+    """Resuming a stage-full checkpoint with --model.stage align: torch's "loaded state dict has a different
+    number of parameter groups" becomes a line that says what differs and what to do."""
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--data.val", "null", steps=1)) == 0
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="stage: 'align'"):
+        code = fit.main(fit_args(run, "--data.val", "null", "--model.stage", "align", "--ckpt_path", "last", steps=2))
+    assert code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: the checkpoint's optimizer trains other parameters (vision.")
+    assert "--model.init_from RUN/model" in err[0]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1  # untouched
