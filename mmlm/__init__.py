@@ -4,7 +4,7 @@ Public API::
 
     from mmlm import VLM, VLMConfig, Processor, load, describe
     vlm = VLM.from_preset("tiny", image_token_id=...)
-    vlm, processor = load("runs/tiny/model")
+    vlm, processor = load("mmlm-quickstart/model")
     describe(["cat.jpg"], model=(vlm, processor))
 
 Importing mmlm touches no network, no environment variable and no global PIL state. The

@@ -103,6 +103,27 @@ def test_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
     assert reads == [10, 20, 30, 31]
 
 
+def test_progress_bar_counts_optimizer_steps_to_max_steps_not_epochs(monkeypatch):
+    """The endless stream has no epochs: the training bar reads "Training (steps)" and global_step of
+    max_steps (Lightning's own showed "Epoch 0/-2", and batch_idx of the remaining steps: 400/200 on a
+    resume that extends a run)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = fit.default_progress_bar()
+    updates = []  # what Lightning's own _update is asked to show (its body differs across 2.6.x)
+    monkeypatch.setattr(RichProgressBar, "_update", lambda self, task, current, *a, **k: updates.append((task, current)))
+    bar._trainer = SimpleNamespace(max_steps=400, global_step=250, max_epochs=-1, num_training_batches=float("inf"))
+    bar.train_progress_bar_id, bar.val_progress_bar_id = 0, 1
+    assert bar.total_train_batches == 400
+    description = bar._get_train_description(1)
+    assert "Epoch" not in description and description.strip() == "Training (steps)"
+    bar._update(0, 201)  # Lightning passes batch_idx + 1 of this epoch: the bar shows the optimizer step
+    bar._update(1, 7)  # the validation bar keeps its batch count
+    assert updates == [(0, 250), (1, 7)]
+
+
 def test_best_checkpoints_are_ranked_by_their_own_step_s_validation(tmp_path):
     """Checkpoint and validation every 2 steps: best-step=N.ckpt is scored by the validation after step N
     (Lightning's ModelCheckpoint saved before it and used the previous validation's val/loss)."""

@@ -26,7 +26,7 @@ anything else is your message to the model."""
 
 EXAMPLES = """\
 example:
-  mmlm chat cat.jpg --model runs/tiny/model --system "You answer in one word."
+  mmlm chat cat.jpg --model mmlm-quickstart/model --system "You answer in one word."
   you> what color is the star?
   model> red
   you> /quit

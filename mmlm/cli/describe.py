@@ -17,8 +17,8 @@ from pathlib import Path
 
 EXAMPLES = """\
 examples:
-  mmlm describe cat.jpg --model runs/tiny/model                 # stream one caption
-  mmlm describe photos/ --model runs/tiny/model --out caps.jsonl
+  mmlm describe cat.jpg --model mmlm-quickstart/model        # stream one caption
+  mmlm describe photos/ --model mmlm-quickstart/model --out caps.jsonl
   mmlm describe 'data/test-{000000..000003}.tar' --model DIR --out caps.jsonl --batch-size 32
   mmlm describe img/*.png --model DIR --prompt "what color is the star?" --max-new-tokens 8
 

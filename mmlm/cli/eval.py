@@ -36,7 +36,7 @@ metrics (pycocoevalcap scorers, its PTB tokenizer; fractions as pycocoevalcap re
   both stated in metrics.json.
 
 examples:
-  mmlm eval caption --model runs/tiny/model --benchmark coco-karpathy \\
+  mmlm eval caption --model mmlm-quickstart/model --benchmark coco-karpathy \\
       --annotations karpathy/dataset_coco.json --images coco/ --out results/coco-test
   mmlm eval caption --predictions results.json --benchmark coco --annotations captions_val2014.json --out scored/
   mmlm eval caption ... --out results/b --compare results/a/metrics.json   # paired bootstrap test
@@ -62,7 +62,7 @@ metrics: VQA accuracy as the official vqaEval.py (answer normalization; mean ove
   GQA [{questionId, prediction}], POPE jsonl {question_id, prompt, text}.
 
 examples:
-  mmlm eval vqa --model runs/tiny/model --benchmark vqav2 --questions q.json --annotations a.json \\
+  mmlm eval vqa --model mmlm-quickstart/model --benchmark vqav2 --questions q.json --annotations a.json \\
       --images val2014/ --out results/vqav2 --limit 500
   mmlm eval vqa --predictions answers.json --benchmark gqa --questions testdev_balanced_questions.json --out scored/
 """

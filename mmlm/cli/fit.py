@@ -224,6 +224,25 @@ def default_progress_bar(metrics_every: int = 10):
         return TQDMProgressBar(refresh_rate=metrics_every)
 
     class _RichBar(RichProgressBar):
+        # the training stream is endless: an "epoch" means nothing (Lightning would show "Epoch 0/-2" and, after a
+        # resume with a larger max_steps, "400/200"); the training bar counts optimizer steps up to max_steps
+
+        @property
+        def total_train_batches(self):
+            steps = self.trainer.max_steps
+            return steps if steps and steps > 0 else super().total_train_batches
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            steps = self.trainer.max_steps
+            text = "Training (steps)" if steps and steps > 0 else super()._get_train_description(current_epoch)
+            return f"{text:{len(self.validation_description)}}"
+
+        def _update(self, progress_bar_id, current, *args, **kwargs) -> None:  # 2.6.x signatures differ
+            steps = self.trainer.max_steps if self._trainer is not None else None
+            if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id and steps and steps > 0:
+                current = self.trainer.global_step
+            super()._update(progress_bar_id, current, *args, **kwargs)
+
         def _update_metrics(self, trainer, pl_module, *args, **kwargs) -> None:  # Lightning 2.6.0 adds arguments
             if trainer.training and not trainer.sanity_checking and trainer.global_step % metrics_every:
                 return  # the step count still advances; the numbers next to it wait for the next read

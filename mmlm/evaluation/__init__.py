@@ -5,7 +5,7 @@ Public entry points::
 
     from mmlm.evaluation import load_benchmark, evaluate, model_predict_fn
     bench = load_benchmark("vqa", "vqav2", questions=..., annotations=..., images=..., limit=500)
-    report = evaluate(bench, model_predict_fn("runs/tiny/model"), "results/vqav2")
+    report = evaluate(bench, model_predict_fn("mmlm-quickstart/model"), "results/vqav2")
 
 ``predict_fn(images, prompts) -> texts`` is the only thing the runner needs from a model.
 The Lightning callback lives in :mod:`mmlm.evaluation.callback` (imported on demand, so this
