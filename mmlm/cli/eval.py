@@ -98,12 +98,14 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     src.add_argument("--predictions", metavar="FILE",
                      help="score this existing predictions file (the benchmark's submission format) instead of a model")
     p.add_argument("--annotations", metavar="FILE", help="annotation file (references / human answers; see below)")
-    p.add_argument("--questions", metavar="FILE", help="questions file (VQAv2/OK-VQA questions, GQA, POPE)")
+    if task == "vqa":
+        p.add_argument("--questions", metavar="FILE", help="questions file (VQAv2/OK-VQA questions, GQA, POPE)")
     p.add_argument("--images", metavar="DIR", help="image folder (needed with --model; not for --predictions)")
     p.add_argument("--shards", metavar="PATTERN",
                    help="for --benchmark shards: tar files, folders of *.tar or brace patterns (a{0..3}.tar)")
-    p.add_argument("--split", default=None,
-                   help="Karpathy split for coco-karpathy/flickr30k: test (default), val, train, restval, all")
+    if task == "caption":
+        p.add_argument("--split", default=None,
+                       help="Karpathy split for coco-karpathy/flickr30k: test (default), val, train, restval, all")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: metrics.json, per_item.jsonl, predictions file, resume cache")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N items (a quick look)")
@@ -318,15 +320,15 @@ def run(args) -> int:
                 raise BenchmarkError(f"--model: no such checkpoint directory: {model_dir}")
             device, dtype = _numerics(args)
         bench = load_benchmark(
-            task, args.benchmark, annotations=args.annotations, questions=args.questions, images=args.images,
-            shards=shards, split=args.split, limit=args.limit, caption_prompt=getattr(args, "prompt", None),
+            task, args.benchmark, annotations=args.annotations, questions=getattr(args, "questions", None),
+            images=args.images, shards=shards, split=getattr(args, "split", None), limit=args.limit, caption_prompt=getattr(args, "prompt", None),
             prompt_suffix=getattr(args, "prompt_suffix", None),
         )
         predict_fn = None
         fingerprint = None
         provenance: dict[str, Any] = {}
         if args.benchmark in ("coco-karpathy", "flickr30k"):
-            provenance["split"] = args.split or "test"
+            provenance["split"] = getattr(args, "split", None) or "test"
         if args.model is not None:
             if args.images is None and args.benchmark != "shards":
                 raise BenchmarkError(f"--images DIR is needed to run a model on {args.benchmark}")
