@@ -258,5 +258,5 @@ def format_results(results: dict[str, Any]) -> str:
     lines += ["", "test images described:"]
     for ex in results["examples"]:
         mark = "ok" if normalize_caption(ex["model"]) == normalize_caption(ex["truth"]) else "  "
-        lines += [f"  {ex['image']}", f"    truth: {ex['truth']}", f"  {mark} model: {ex['model']}"]
+        lines += [f"  {ex['image']}", f"     truth: {ex['truth']}", f"  {mark} model: {ex['model']}"]
     return "\n".join(lines)
