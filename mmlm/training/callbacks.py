@@ -78,8 +78,9 @@ class NonFiniteGuard:
 
 # ---------------------------------------------------------------------------------- throughput
 class TrainingMonitor(pl.Callback):
-    """Samples/s, tokens/s, real-token fraction, learning rates and skipped samples, in the
-    progress bar and the logs.
+    """Throughput, learning rates and skipped samples in the progress bar and the logs.
+
+    Samples/s, tokens/s, the real-token fraction, the learning rates and the skipped samples.
 
     Every batch is counted, but the values are handed to Lightning (``log_dict``) only on the steps
     its loggers write (``log_every_n_steps``) and, for the progress bar, every ``bar_every`` steps:
@@ -308,8 +309,10 @@ class SignalCheckpoint(pl.Callback):
 
 # ---------------------------------------------------------------------------------- checkpoints
 class StepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose step-triggered saves (``every_n_train_steps``) rank checkpoints by the
-    right validation and never wait for one that does not come.
+    """Checkpoints ranked by the validation of their own step (``every_n_train_steps`` saves).
+
+    A ``ModelCheckpoint`` whose step-triggered saves rank checkpoints by the right validation and never
+    wait for one that does not come.
 
     - A save at a step right before a validation (``trainer.val_check_interval``) waits for it and
       ranks the checkpoint by that validation's ``monitor`` value. Lightning's own ``ModelCheckpoint``
