@@ -5,7 +5,6 @@ paths, and a run where nothing could be predicted failing."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
@@ -16,25 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlm.cli import eval as eval_cli
 from mmlm.evaluation import caption_metrics as cm
 from mmlm.evaluation import runner
 from mmlm.evaluation import vqa_metrics as vm
 from mmlm.evaluation.benchmarks import Item, load_benchmark, load_image
+from test_eval_runner import cli  # `mmlm eval ...` in this process
 
 
 def png(path: Path, color=(200, 20, 30), mode: str = "RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (8, 8), color).save(path, format="PNG")
     return path
-
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="mmlm")
-    sub = parser.add_subparsers(dest="command")
-    eval_cli.add_parser(sub)
-    args = parser.parse_args(["eval", *argv, "--no-progress"])
-    return args.run(args)
 
 
 def one_error_line(capsys) -> str:
