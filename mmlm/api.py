@@ -23,14 +23,18 @@ from mmlm.generation import GenerationConfig, generate
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None: the GPU when there is one, else the CPU."""
+    """``auto``/None: the GPU when there is one, else the CPU; a CUDA/MPS device that is not here is a
+    ``ValueError``."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available here (use 'cpu' or 'auto')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{device}: CUDA is not available here (use cpu)")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{device}: there are only {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available here (use 'cpu' or 'auto')")
+        raise ValueError(f"{device}: MPS (Apple GPU) is not available here (use cpu)")
     return dev
 
 

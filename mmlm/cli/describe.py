@@ -92,19 +92,12 @@ def check_model_args(args) -> None:
     """Bad --model/--device values as one-line errors, before anything heavy is loaded."""
     if not _DEVICE.match(args.device):
         raise ValueError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda"):
-        import torch
+    from mmlm.api import resolve_device
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
-        index = int(args.device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    if args.device == "mps":
-        import torch
-
-        if not torch.backends.mps.is_available():
-            raise ValueError("--device mps: MPS (Apple GPU) is not available here (use --device cpu)")
+    try:
+        resolve_device(args.device)
+    except ValueError as e:  # a CUDA or MPS device this machine does not have
+        raise ValueError(f"--device {str(e).replace('(use cpu)', '(use --device cpu)')}") from None
     model = Path(args.model)
     if not model.is_dir():
         raise FileNotFoundError(f"model directory not found: {model}")

@@ -1,5 +1,6 @@
 """Small pieces shared by :mod:`mmlm.interop.export` and :mod:`mmlm.interop.import_`: the
-``resample`` ids of transformers image processors, dtype names, writing a directory atomically,
+``resample`` ids of transformers image processors, dtype names, the processor's ``max_length`` within
+an LM's positions, writing a directory atomically,
 ``ExportError``, and moving tensors between an mmlm model and a transformers one (``_adopt``
 shares them by name, ``_no_meta`` checks that none is left unfilled)."""
 
@@ -24,6 +25,18 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     from mmlm.api import resolve_dtype
 
     return resolve_dtype(dtype, torch.device("cpu"))
+
+
+def _max_length_for(hf_config: dict, max_length: int | None) -> int:
+    """The processor's ``max_length`` for an LM of ``hf_config``: given, at most the LM's positions
+    (``max_position_embeddings`` / ``n_positions``; more is a ``ValueError``: GPT-2's learned positions would
+    fail in the first long batch), or by default min(2048, those positions)."""
+    positions = next((int(hf_config[k]) for k in ("max_position_embeddings", "n_positions") if hf_config.get(k)), None)
+    if max_length is None:
+        return min(2048, positions or 2048)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"max_length={max_length} exceeds the LM's {positions} positions; pass at most {positions}")
+    return max_length
 
 
 def _write_dir(out: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
-from mmlm.interop._common import _RESAMPLE_NAMES, _adopt, _no_meta, _resolve_dtype, _write_dir
+from mmlm.interop._common import _RESAMPLE_NAMES, _adopt, _max_length_for, _no_meta, _resolve_dtype, _write_dir
 from mmlm.processing import IMAGE_TOKEN, Processor, ProcessorConfig
 from mmlm.templates import ChatTemplate, choose_chat_template, missing_special_tokens
 
@@ -181,12 +181,10 @@ def import_hf(source: str | Path, out: str | Path | None = None, *, chat_templat
     vlm.eval()
     dt = _resolve_dtype(dtype)
     if dt is not None:
-        vlm.to(dt)
-    positions = next((int(text_hf[k]) for k in ("max_position_embeddings", "n_positions") if text_hf.get(k)), None)
-    if max_length is None:
-        max_length = min(2048, positions or 2048)
-    elif positions is not None and max_length > positions:
-        raise ValueError(f"max_length={max_length} exceeds the LM's {positions} positions; pass at most {positions}")
+        from mmlm.api import cast_model
+
+        cast_model(vlm, dt)  # the rotary frequencies stay float32, as mmlm.load keeps them
+    max_length = _max_length_for(text_hf, max_length)
     stops = [t for t in template.stop_tokens if t != tokenizer.eos_token]
     pconfig = ProcessorConfig(image_transform=vlm.image_transform(), num_image_tokens=vlm.num_image_tokens,
                               max_length=max_length, stop_tokens=stops)

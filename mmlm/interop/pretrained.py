@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.config import ProjectorConfig, TextConfig, VisionConfig, VLMConfig
+from mmlm.interop._common import _max_length_for
 from mmlm.interop.import_ import _transform_from_image_processor
 from mmlm.processing import IMAGE_TOKEN, Processor
 from mmlm.templates import choose_chat_template, missing_special_tokens
@@ -177,12 +178,7 @@ def build_from_pretrained(
         tokenizer.pad_token = tokenizer.eos_token
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     tcfg = resolve_text_config(tcfg)
-    positions = next((int(tcfg.hf_config[k]) for k in ("max_position_embeddings", "n_positions")
-                      if tcfg.hf_config.get(k)), None)
-    if max_length is None:
-        max_length = min(2048, positions or 2048)
-    elif positions is not None and max_length > positions:
-        raise ValueError(f"max_length={max_length} exceeds the LM's {positions} positions; pass at most {positions}")
+    max_length = _max_length_for(tcfg.hf_config, max_length)
     vocab = int(tcfg.hf_config.get("vocab_size", 0) or 0)
     pcfg = ProjectorConfig(name=projector) if isinstance(projector, str) else projector
     # the VLM checks image_token_id against the LM's vocabulary: a new token gets its row below
