@@ -53,6 +53,35 @@ def metric_files(path: str | Path) -> list[Path]:
     return files
 
 
+def _read_log(f: Path) -> dict[str, dict[float, float]]:
+    """``{metric: {step: value}}`` of one CSV log, NaN/inf included (a later row wins a repeated step)."""
+    values: dict[str, dict[float, float]] = {}
+    try:
+        with open(f, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is not None and "step" not in reader.fieldnames:
+                raise PlotError(f"{f} has no 'step' column: not a Lightning CSV log")
+            for row in reader:
+                step = row.get("step")
+                if step in (None, ""):
+                    continue
+                try:
+                    s = float(step)
+                except ValueError:
+                    raise PlotError(f"{f}, line {reader.line_num}: step {step!r} is not a number") from None
+                for key, value in row.items():
+                    # key None: the surplus fields of a row longer than the header (a torn write)
+                    if key in (None, "step", "epoch") or not isinstance(value, str) or value == "":
+                        continue
+                    try:
+                        values.setdefault(key, {})[s] = float(value)
+                    except ValueError:
+                        continue
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise PlotError(f"{f} is not a readable CSV log ({e})") from None
+    return values
+
+
 def read_metrics(files: list[Path], nonfinite: dict[str, dict[float, float]] | None = None) -> Series:
     """``{metric: [(step, value), ...]}`` sorted by step. Each file (a log version) supersedes the earlier
     ones from its first logged step on: a resumed run replaces what its killed predecessor logged after
@@ -60,52 +89,24 @@ def read_metrics(files: list[Path], nonfinite: dict[str, dict[float, float]] | N
     NaN/inf values are left out of the series; ``nonfinite`` (a dict) receives them, ``{metric: {step: value}}``.
     A file that is not a CSV log with a numeric ``step`` column raises ``PlotError`` naming it."""
     data: dict[str, dict[float, float]] = {}
-    bad: dict[str, dict[float, float]] = {} if nonfinite is None else nonfinite
     for f in files:
-        good_here: dict[str, dict[float, float]] = {}
-        bad_here: dict[str, dict[float, float]] = {}
-        try:
-            with open(f, newline="") as fh:
-                reader = csv.DictReader(fh)
-                if reader.fieldnames is not None and "step" not in reader.fieldnames:
-                    raise PlotError(f"{f} has no 'step' column: not a Lightning CSV log")
-                for row in reader:
-                    step = row.get("step")
-                    if step in (None, ""):
-                        continue
-                    try:
-                        s = float(step)
-                    except ValueError:
-                        raise PlotError(f"{f}, line {reader.line_num}: step {step!r} is not a number") from None
-                    for key, value in row.items():
-                        # key None: the surplus fields of a row longer than the header (a torn write)
-                        if key in (None, "step", "epoch") or not isinstance(value, str) or value == "":
-                            continue
-                        try:
-                            v = float(value)
-                        except ValueError:
-                            continue
-                        if math.isfinite(v):
-                            good_here.setdefault(key, {})[s] = v
-                            bad_here.get(key, {}).pop(s, None)
-                        else:
-                            bad_here.setdefault(key, {})[s] = v
-                            good_here.get(key, {}).pop(s, None)
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise PlotError(f"{f} is not a readable CSV log ({e})") from None
-        steps = [s for part in (good_here, bad_here) for pts in part.values() for s in pts]
+        here = _read_log(f)
+        steps = [s for pts in here.values() for s in pts]
         if not steps:
             continue
         first = min(steps)
-        for part in (data, bad):
-            for key in list(part):
-                part[key] = {s: v for s, v in part[key].items() if s < first}
-        for part, here in ((data, good_here), (bad, bad_here)):
-            for key, pts in here.items():
-                part.setdefault(key, {}).update(pts)
-    for key in [k for k, v in bad.items() if not v]:
-        del bad[key]
-    return {k: sorted(v.items()) for k, v in data.items() if v}
+        data = {k: {s: v for s, v in pts.items() if s < first} for k, pts in data.items()}
+        for key, pts in here.items():
+            data.setdefault(key, {}).update(pts)
+    series: Series = {}
+    for key, pts in data.items():
+        good = sorted((s, v) for s, v in pts.items() if math.isfinite(v))
+        bad = {s: v for s, v in pts.items() if not math.isfinite(v)}
+        if good:
+            series[key] = good
+        if bad and nonfinite is not None:
+            nonfinite[key] = bad
+    return series
 
 
 def nonfinite_notes(nonfinite: dict[str, dict[float, float]]) -> list[str]:
