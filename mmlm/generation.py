@@ -21,7 +21,7 @@ The model is never asked about the tokenizer: ids in, ids out.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -143,8 +143,6 @@ def _fit_positions(vlm, cfg: GenerationConfig, positions: torch.Tensor) -> Gener
     """``cfg`` with ``max_new_tokens`` cut to the LM positions left after the prompt (B, L) ``positions``
     (each new token takes the next one): a model with learned position embeddings (GPT-2) would fail with
     an index error past them, a rotary one would silently decode at positions it never saw."""
-    import dataclasses
-
     limit = getattr(vlm.lm.config, "max_position_embeddings", None)
     if not isinstance(limit, int) or limit < 1:
         return cfg
@@ -152,7 +150,7 @@ def _fit_positions(vlm, cfg: GenerationConfig, positions: torch.Tensor) -> Gener
     if room < 1:
         raise ValueError(f"the prompt takes {limit - room} positions but the model has {limit} "
                          "(max_position_embeddings): nothing left to generate; shorten the prompt")
-    return dataclasses.replace(cfg, max_new_tokens=room) if cfg.max_new_tokens > room else cfg
+    return replace(cfg, max_new_tokens=room) if cfg.max_new_tokens > room else cfg
 
 
 @torch.no_grad()
