@@ -57,3 +57,21 @@ def test_ddp_two_cpu_processes_longer_with_validation_and_resume(tmp_path):
     check(tmp_path, proc, 6)
     proc = run_ddp(tmp_path, 8, "--ckpt_path", "last")
     check(tmp_path, proc, 8, resumed_from=6)
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_one_rank_at_a_validation_step_saves_after_it_and_resumes(tmp_path):
+    """SIGTERM to rank 1 only, after step 2 with a validation due: both ranks run it, the checkpoint is written
+    at its end, the job exits 143, and the resumed run trains steps 3-4 on both ranks."""
+    import torch
+
+    (tmp_path / "kill.yaml").write_text(RECORDER + "    - class_path: _training_kit.KillAt\n"
+                                        "      init_args: {step: 2, rank: 1}\n")
+    proc = run_ddp(tmp_path, 4, "--config", str(tmp_path / "kill.yaml"))
+    assert proc.returncode == 128 + 15, proc.stderr[-3000:]
+    assert "interrupted by SIGTERM" in proc.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["best_model_path"].endswith("best-step=2.ckpt")  # the validation ran before the save
+    check(tmp_path, run_ddp(tmp_path, 4, "--ckpt_path", "last"), 4, resumed_from=2)

@@ -119,6 +119,54 @@ def test_sigterm_before_the_first_periodic_checkpoint_then_resume_keeps_one_last
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
 
 
+def test_sigterm_at_a_step_with_a_validation_due_runs_it_before_stopping(tmp_path):
+    """SIGTERM at step 2 (val_check_interval 2): the validation due there runs, last.ckpt is written at its end
+    (after the checkpoint callback ranked best-step=2), and the resumed run validates at step 4 only. Stopping
+    before it lost step 2's validation for good: Lightning does not run it when resuming from that step."""
+    (tmp_path / "probe.yaml").write_text(PROBE)
+    (tmp_path / "kill.yaml").write_text(KILL.replace("{step: 3}", "{step: 2}"))
+    full = tmp_path / "full"
+    assert fit.main(fit_args(full, "--config", str(tmp_path / "probe.yaml"), steps=4)) == 0
+
+    run = tmp_path / "resumed"
+    assert fit.main(fit_args(run, "--config", str(tmp_path / "kill.yaml"), steps=4)) == 128 + 15
+    assert sorted(read_metrics(run)["val/loss"]) == [1]  # the validation after step 2 (logged at step 1)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert state["best_model_path"].endswith("best-step=2.ckpt")  # saved after the checkpoint callback's ranking
+
+    assert fit.main(fit_args(run, "--config", str(tmp_path / "probe.yaml"), "--ckpt_path", "last", steps=4)) == 0
+    a, b = read_metrics(full), read_metrics(run)
+    assert sorted(a["val/loss"]) == sorted(b["val/loss"]) == [1, 3] and sorted(b["train/loss"]) == [0, 1, 2, 3]
+    for key in ("train/loss", "val/loss", "probe/rng"):
+        for step in a[key]:
+            assert abs(a[key][step] - b[key][step]) <= 1e-6 * max(1.0, abs(a[key][step])), (key, step)
+    versions = sorted(run.glob("logs/version_*/metrics.csv"))
+    assert len(versions) == 2 and "val/loss" in versions[1].read_text()  # step 4's, in the resumed run's log
+
+
+class KillInValidation(pl.Callback):
+    """Sends SIGTERM to this process during the first validation's first batch."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        import os
+        import signal
+
+        if not trainer.sanity_checking and trainer.global_step == 2 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_a_validation_saves_at_its_end(tmp_path):
+    (tmp_path / "kill.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_resume.KillInValidation\n")
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--config", str(tmp_path / "kill.yaml"), steps=4)) == 128 + 15
+    assert sorted(read_metrics(run)["val/loss"]) == [1] and sorted(read_metrics(run)["train/loss"]) == [0, 1]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    assert fit.main(fit_args(run, "--ckpt_path", "last", steps=4)) == 0
+    assert sorted(read_metrics(run)["train/loss"]) == [0, 1, 2, 3] and sorted(read_metrics(run)["val/loss"]) == [1, 3]
+
+
 class CrashOnBatch(pl.Callback):
     """Raises (a crash, no checkpoint) at the start of this run's ``n``-th training batch."""
 

@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None, *, datamodule_class=None) -> int:
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
         make_cli(argv, datamodule_class=datamodule_class)
-    except SIGTERMException:  # outside the training steps (set-up, validation): Lightning's own handler
+    except SIGTERMException:  # before training starts (set-up, sanity check): Lightning's own handler
         print("interrupted by SIGTERM before a checkpoint could be saved", file=sys.stderr)
         return 128 + 15
     except SystemExit as e:  # --help, parse errors

@@ -10,9 +10,10 @@
   abort the run with :class:`NonFiniteLossError`.
 - :class:`SignalCheckpoint`: SIGTERM / SIGUSR1 (e.g. a cluster's pre-emption notice) during training
   save ``<checkpoint dir>/last.ckpt`` after the current step (its metrics are logged), then the
-  run stops before the next step or validation with
-  :class:`TrainingInterrupted` (``mmlm fit`` exits with 128 + the signal number); resume with
-  ``--ckpt_path last``. In multi-process runs one rank receiving the signal is enough.
+  run stops before the next step with :class:`TrainingInterrupted` (``mmlm fit`` exits with
+  128 + the signal number); resume with ``--ckpt_path last``. A validation due right after that
+  step (or one the signal came in) runs first and ``last.ckpt`` is written again at its end, so the
+  resumed run misses no validation. In multi-process runs one rank receiving the signal is enough.
 - :class:`StepCheckpoint`: Lightning's ``ModelCheckpoint`` (``mmlm fit``'s ``checkpoint`` section),
   except that a step's save waits for the validation that runs right after that step (the best
   checkpoint is ranked by that step's own ``val/loss``, not the previous validation's), and that
@@ -215,7 +216,13 @@ class TrainingInterrupted(Exception):
 
 
 class SignalCheckpoint(pl.Callback):
-    """On SIGTERM/SIGUSR1: save ``last.ckpt`` after the current step and stop with a non-zero exit."""
+    """On SIGTERM/SIGUSR1: save ``last.ckpt`` after the current step and stop with a non-zero exit.
+
+    A validation due right after that step still runs (Lightning skips it when resuming from a
+    checkpoint of the step before it): ``last.ckpt`` is saved once before it, in case the job is
+    killed before it ends, and again at its end, after the checkpoint callbacks' own saves and
+    rankings (this callback moves itself behind them), and the run stops then. A signal that comes
+    during a validation is handled at its end the same way."""
 
     def __init__(self, signals: list[str] | None = None, filename: str = "last.ckpt"):
         """
@@ -263,19 +270,25 @@ class SignalCheckpoint(pl.Callback):
         directory = getattr(cb, "dirpath", None) or str(Path(trainer.default_root_dir) / "checkpoints")
         return str(Path(directory) / self.filename)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # last in the hook order, behind the checkpoint callbacks Lightning puts last: the save at a
+        # validation's end holds their state after it (a new list: Lightning is iterating the old one)
+        if trainer.callbacks and trainer.callbacks[-1] is not self:
+            trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
+
     def on_train_start(self, trainer, pl_module) -> None:
         self.received = None
         self.pending = None
         self._install()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.pending is not None:
-            return
+    def _signalled(self, trainer) -> bool:
+        """Whether any rank received a signal (a collective in multi-process runs: every rank calls it)."""
         stop = self.received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
-            return
+        return bool(stop)
+
+    def _save(self, trainer) -> TrainingInterrupted:
         path = self.checkpoint_path(trainer)
         cb = trainer.checkpoint_callback
         if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath \
@@ -285,7 +298,19 @@ class SignalCheckpoint(pl.Callback):
             cb.last_model_path = path = os.path.join(cb.dirpath, self.filename)
         trainer.save_checkpoint(path)
         signum = self.received if self.received is not None else int(signal.SIGTERM)
-        self.pending = TrainingInterrupted(signum, path)
+        return TrainingInterrupted(signum, path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.pending is not None or not self._signalled(trainer):
+            return
+        interrupted = self._save(trainer)
+        if not _validates_after_this_batch(trainer):
+            self.pending = interrupted  # else on_validation_end saves again and stops
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.pending is not None or not self._signalled(trainer):
+            return
+        self.pending = self._save(trainer)
 
     # stop before anything else runs (the step's metrics are logged first)
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
