@@ -150,8 +150,10 @@ def trim_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | None],
                    config: GenerationConfig, stop_strings: Sequence[str] = (),
-                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """One batch: images (one PIL image or a list per sample) + prompts -> texts."""
+                   on_text: Callable[[int, str], None] | None = None,
+                   seed_keys: Sequence[int | str] | None = None) -> list[str]:
+    """One batch: images (one PIL image or a list per sample) + prompts -> texts. ``seed_keys``: what
+    each sample is known by for its sampling seed (``mmlm.generation.sample_seed``; default: its row)."""
     if any(not s for s in stop_strings):  # "" is in every text: every reply would be empty
         raise ValueError("stop strings must not be empty")
     batch = processor.prompt_inputs(images, prompts)
@@ -161,6 +163,7 @@ def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | Non
         vlm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], num_images=batch["num_images"],
         config=config, eos_token_id=processor.stop_token_ids, pad_token_id=processor.tokenizer.pad_token_id,
         stop=stop_on_strings(processor, stop_strings) if stop_strings else None, on_tokens=streamer,
+        seed_keys=seed_keys,
     )
     return [trim_at_stop(processor.decode(row), stop_strings) for row in new.tolist()]
 
@@ -197,5 +200,7 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
     for start in starts:
         chunk = [open_image(im) for im in images[start:start + batch_size]]
         cb = (lambda row, delta, _s=start: on_text(_s + row, delta)) if on_text else None
-        texts += generate_texts(vlm, processor, chunk, prompts[start:start + batch_size], config, stop_strings, cb)
+        keys = range(start, start + len(chunk))  # sampling seeds by image index: the same at any batch_size
+        texts += generate_texts(vlm, processor, chunk, prompts[start:start + batch_size], config, stop_strings, cb,
+                                seed_keys=keys)
     return texts

@@ -3,7 +3,7 @@
 ``generate(vlm, input_ids, pixel_values, attention_mask, ...)`` takes left-padded prompts
 (the processor's generation inputs; a row that ends in padding is a ``ValueError``) and returns
 the new tokens only, (B, T) padded with ``pad_token_id`` after each row's end. Decoding: greedy,
-sampling (temperature, top-k, top-p, seeded), or beam search (``num_beams`` > 1, delegated to
+sampling (temperature, top-k, top-p; seeded per sample, see :func:`sample_seed`), or beam search (``num_beams`` > 1, delegated to
 transformers' beam search over the same input embeddings). A row ends at an eos token, when ``stop(generated)``
 says so (stop strings are checked by the caller, who has the tokenizer), at
 ``max_new_tokens``, or at the LM's last position (``max_position_embeddings``: no token is generated
@@ -20,6 +20,7 @@ The model is never asked about the tokenizer: ids in, ids out.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -46,7 +47,10 @@ class GenerationConfig:
     num_beams: int = 1
     """Beam search width (1: no beam search)."""
     seed: int | None = None
-    """Seed for sampling (reproducible outputs)."""
+    """Seed for sampling (reproducible outputs): each sample draws from its own stream, seeded by
+    :func:`sample_seed` from this seed and the sample's identity (its row, or what the caller names
+    it by: ``describe`` uses the image's path or index), so a sample's text does not depend on the
+    batch it is generated in, its place in that batch, or a resumed run."""
     use_cache: bool = True
     """Reuse keys/values of past tokens (False recomputes the whole sequence each step)."""
     cache: Literal["dynamic", "static"] = "dynamic"
@@ -85,8 +89,17 @@ class GenerationConfig:
             self.cache = "static"
 
 
-def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next ids, greedy or sampled with temperature/top-k/top-p."""
+def sample_seed(seed: int, key: int | str) -> int:
+    """The sampling seed of one sample: a 63-bit hash of the run's ``seed`` and the sample's ``key``
+    (its index, or a path or id), the same in every batch, order and process."""
+    digest = hashlib.sha256(f"{int(seed)}\0{key}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next ids, greedy or sampled with temperature/top-k/top-p (``generator``:
+    one for the batch, or one per row: each row then draws from its own stream)."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
@@ -100,6 +113,8 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(1), generator)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -166,12 +181,17 @@ def generate(
     pad_token_id: int = 0,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
+    seed_keys: Sequence[int | str] | None = None,
     **options,
 ) -> torch.Tensor:
-    """New tokens (B, T); see the module docstring. ``options`` are ``GenerationConfig`` fields."""
+    """New tokens (B, T); see the module docstring. ``options`` are ``GenerationConfig`` fields.
+    ``seed_keys``: what each row is known by for its sampling seed (``sample_seed(seed, key)``;
+    default: the row index)."""
     cfg = config or GenerationConfig(**options)
     if config is not None and options:
         raise ValueError("pass either config= or generation options, not both")
+    if seed_keys is not None and len(seed_keys) != input_ids.shape[0]:
+        raise ValueError(f"{len(seed_keys)} seed_keys for {input_ids.shape[0]} rows")
     device = vlm.device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
@@ -191,9 +211,10 @@ def generate(
         return _beam_search(vlm, embeds, attention_mask, cfg, eos, pad_token_id, positions if shared else None)
 
     generator = None
-    if cfg.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
     batch = input_ids.shape[0]
+    if cfg.do_sample and cfg.seed is not None:  # a stream per row: its draws do not depend on the other rows
+        keys = range(batch) if seed_keys is None else seed_keys
+        generator = [torch.Generator(device=device).manual_seed(sample_seed(cfg.seed, k)) for k in keys]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out = torch.full((batch, cfg.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     embed_tokens = vlm.lm.get_input_embeddings()

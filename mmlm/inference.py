@@ -321,14 +321,15 @@ def describe_batches(vlm, processor, loader: Iterable[list[Loaded]], prompt: str
                      stop_strings: Sequence[str] = ()) -> Iterator[list[dict]]:
     """Per batch of loaded entries, one result dict each (input order):
     ``{path|key, prompt, text}`` or ``{path|key, prompt, error}``. Generation is
-    ``mmlm.api.generate_texts`` on the entries that have an image."""
+    ``mmlm.api.generate_texts`` on the entries that have an image; a sampled text is seeded by the
+    entry's path or key (``mmlm.generation.sample_seed``): the same in any batch or resumed run."""
     from mmlm.api import generate_texts
 
     shown_prompt = processor.config.caption_prompt if prompt is None else prompt
     for batch in loader:
         good = [x for x in batch if x.image is not None]
         texts = iter(generate_texts(vlm, processor, [x.image for x in good], [prompt] * len(good), config,
-                                    stop_strings) if good else [])
+                                    stop_strings, seed_keys=[x.id for x in good]) if good else [])
         results = []
         for x in batch:
             r = {x.field: x.id, "prompt": shown_prompt}

@@ -114,6 +114,23 @@ def test_chat_from_piped_stdin_keeps_history(ckpt, monkeypatch, capsys):
     assert [replies[0], replies[3]] == expected and replies[2] == replies[0]
 
 
+def test_seeded_sampled_chat_reproduces_each_turn_and_draws_anew_per_turn(ckpt, monkeypatch, capsys):
+    """--seed: the same session replays the same replies; each turn of it is seeded by its number (the same
+    question twice draws two streams), and /reset starts the count again."""
+    root = ckpt
+    script = "hi\nhi\n/reset\nhi\n"
+    args = ["chat", str(root / "blue.png"), "--model", str(root / "model"), "--max-new-tokens", "8", "--device",
+            "cpu", "--do-sample", "--temperature", "3", "--seed", "4"]
+    runs = []
+    for _ in range(2):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        assert main(args) == 0
+        runs.append([ln[len("model> "):] for ln in capsys.readouterr().out.split("\n") if ln.startswith("model> ")])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    first, second, after_reset = runs[0]
+    assert first != second and after_reset == first
+
+
 def test_chat_missing_image_is_a_clear_error(ckpt, capsys):
     rc = main(["chat", str(ckpt / "nope.png"), "--model", str(ckpt / "model")])
     err = capsys.readouterr().err

@@ -58,14 +58,14 @@ def count_generated(monkeypatch):
     calls = {"images": 0, "streamed": 0}
     real = mmlm.api.generate_texts
 
-    def spy(vlm, processor, images, prompts, config, stop_strings=(), on_text=None):
+    def spy(vlm, processor, images, prompts, config, stop_strings=(), on_text=None, seed_keys=None):
         calls["images"] += len(images)
         if on_text is not None:
             def counting(row, delta):
                 calls["streamed"] += 1
                 on_text(row, delta)
-            return real(vlm, processor, images, prompts, config, stop_strings, counting)
-        return real(vlm, processor, images, prompts, config, stop_strings)
+            return real(vlm, processor, images, prompts, config, stop_strings, counting, seed_keys)
+        return real(vlm, processor, images, prompts, config, stop_strings, seed_keys=seed_keys)
 
     monkeypatch.setattr(mmlm.api, "generate_texts", spy)
     return calls
@@ -108,6 +108,28 @@ def test_compiled_decoding_writes_the_same_texts(ckpt, tmp_path, capsys):
                  "--num-beams", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not beam search" in err[0]
+
+
+def test_sampled_texts_are_seeded_per_image_whatever_the_batching(ckpt, tmp_path, capsys):
+    """--do-sample --seed: an image's text depends on the seed and its path only, not on --batch-size, the
+    images around it, or whether it was described alone (streamed); the API seeds by image index likewise."""
+    root, pair = ckpt
+    sample = ["--do-sample", "--temperature", "2", "--seed", "11"]
+    texts = {}
+    for bs in ("1", "3"):
+        out = tmp_path / f"b{bs}.jsonl"
+        assert main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, *sample,
+                     "--batch-size", bs, "--out", str(out)]) == 0
+        texts[bs] = {r["path"]: r["text"] for r in _read(out)}
+    assert texts["1"] == texts["3"] and len(set(texts["1"].values())) == 4
+    capsys.readouterr()
+    one = _images(root)[2]
+    assert main(["describe", one, "--model", str(root / "model"), *GEN, *sample]) == 0
+    assert capsys.readouterr().out.strip() == texts["1"][one]
+    paths = _images(root)
+    api = [describe(paths, model=pair, batch_size=b, max_new_tokens=6, do_sample=True, temperature=2.0, seed=11)
+           for b in (1, 4)]
+    assert api[0] == api[1]
 
 
 def test_glob_prints_path_tab_text(ckpt, capsys):

@@ -109,6 +109,30 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy(pair):
     assert torch.equal(nucleus, greedy)
 
 
+def test_a_seeded_sample_draws_from_its_own_stream_whatever_its_batch(pair):
+    """Each row samples from a stream seeded by (seed, its key): a row's tokens are the same alone or in a
+    batch, in any place in it; equal inputs under other keys draw otherwise (the streams are not shared)."""
+    from mmlm.generation import sample_seed
+
+    vlm, proc = pair
+    prompt = [PROMPTS[2]]  # one prompt: rows without padding, so their logits match across batches
+    opts = dict(max_new_tokens=8, do_sample=True, temperature=2.0, seed=7)
+    both = _gen(vlm, proc, IMAGES[:2], prompt * 2, seed_keys=["a.png", "b.png"], **opts)
+    swapped = _gen(vlm, proc, IMAGES[1::-1], prompt * 2, seed_keys=["b.png", "a.png"], **opts)
+    alone = _gen(vlm, proc, IMAGES[1:2], prompt, seed_keys=["b.png"], **opts)
+    pad = proc.tokenizer.pad_token_id
+    assert _strip(both[1], pad) == _strip(alone[0], pad)
+    assert _strip(both[0], pad) == _strip(swapped[1], pad) and _strip(both[1], pad) == _strip(swapped[0], pad)
+    same = _gen(vlm, proc, IMAGES[:1] * 4, prompt * 4, seed_keys=["x", "x", "y", "z"], **opts)
+    assert torch.equal(same[0], same[1]) and len({tuple(r) for r in same.tolist()}) == 3
+    assert torch.equal(_gen(vlm, proc, IMAGES[:2], prompt * 2, **opts),  # default keys: the rows' indices
+                       _gen(vlm, proc, IMAGES[:2], prompt * 2, seed_keys=[0, 1], **opts))
+    assert sample_seed(7, "b.png") == sample_seed(7, "b.png") != sample_seed(8, "b.png")
+    assert 0 <= sample_seed(2**40, "\udcff") < 2**63  # any key (a non-UTF-8 file name), a manual_seed value
+    with pytest.raises(ValueError, match="1 seed_keys for 2 rows"):
+        _gen(vlm, proc, IMAGES[:2], prompt * 2, seed_keys=["a"], **opts)
+
+
 def test_text_stream_sends_each_complete_piece_once():
     """Token by token: a delta per whole word, a multi-byte character held back until its last byte,
     nothing after a stop token; rows independent."""

@@ -74,10 +74,12 @@ class Chat:
         self.config, self.system, self.stop_strings = config, system, list(stop_strings)
         self.out = out if out is not None else sys.stdout
         self.turns: list[dict] = []  # user/assistant messages, alternating
+        self.replies = 0  # replies in this conversation (a sampled reply's seed key)
         self.positions = getattr(vlm.lm.config, "max_position_embeddings", None) or 10**9
 
     def reset(self, image=None) -> None:
         self.turns = []
+        self.replies = 0
         if image is not None:
             self.image = image
 
@@ -120,6 +122,7 @@ class Chat:
                 pad_token_id=self.processor.tokenizer.pad_token_id,
                 stop=stop_on_strings(self.processor, self.stop_strings) if self.stop_strings else None,
                 on_tokens=TextStream(self.processor, 1, printer),
+                seed_keys=[self.replies],  # a sampled reply's seed: its turn (not the same draws every turn)
             )
         except KeyboardInterrupt:
             self.out.write(" [interrupted]\n")
@@ -127,6 +130,7 @@ class Chat:
             return ""
         reply = printer.finish(trim_at_stop(self.processor.decode(new[0].tolist()), self.stop_strings))
         self.turns += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        self.replies += 1
         return reply
 
 

@@ -64,7 +64,9 @@ def add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> N
                    help="nucleus sampling threshold (default 1.0: off)")
     g.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="sample from the K most likely tokens (default 0: all)")
-    g.add_argument("--seed", type=int, default=None, metavar="N", help="seed for sampling (reproducible output)")
+    g.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seed for sampling (reproducible output): describe seeds each image by its path (the same "
+                        "text at any --batch-size and in a resumed run), chat each reply by its turn")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="end a reply at this string (not included); repeatable")
     g.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
@@ -221,6 +223,7 @@ def _describe_one(args, path: str, config) -> int:
         return 1
     vlm, processor = load_model(args)
     printer = StreamPrinter(sys.stdout, args.stop)
-    text = generate_texts(vlm, processor, [image], [args.prompt], config, args.stop, on_text=printer)[0]
+    text = generate_texts(vlm, processor, [image], [args.prompt], config, args.stop, on_text=printer,
+                          seed_keys=[path])[0]  # seeded by its path, as among many images
     printer.finish(text)
     return 0
