@@ -26,7 +26,7 @@ and no image; the run goes on.
 Results (:func:`read_done`): one JSON object per line, ``{"path"|"key", "prompt", "text"}`` or
 ``{"path"|"key", "prompt", "error"}``. Appending and flushing per batch means a killed run loses
 at most one batch and leaves at most one truncated last line; :func:`read_done` drops that line
-(and error lines, so failed images are retried), rewrites the file atomically when it dropped
+(and the error lines of the images a run retries), rewrites the file atomically when it dropped
 anything, and returns the ``(id, prompt)`` pairs already described.
 """
 
@@ -42,7 +42,7 @@ import re
 import sys
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,14 +347,17 @@ def result_id(record: dict) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_done(path: str | Path, *, log=sys.stderr) -> set[tuple[str, str]]:
+def read_done(path: str | Path, *, retry: Container[tuple[str, str]] | None = None, rewrite: bool = True,
+              log=sys.stderr) -> set[tuple[str, str]]:
     """``(id, prompt)`` of every image a JSONL results file already describes.
 
-    A truncated last line from a killed run (a ``{...`` with no newline after it) and error lines
-    (so the image is retried) are dropped, and the file is rewritten atomically without them (the
-    lines kept are kept byte for byte). Any other line that is not a result (``{"path"|"key",
-    "prompt", "text"|"error"}``) is a ``ValueError`` and the file is left as it is: it was not
-    written by ``mmlm describe`` (a dataset's JSONL, notes), and rewriting it would destroy it.
+    A truncated last line from a killed run (a ``{...`` with no newline after it) and the error
+    lines of the images this run retries (``retry``: their ``(id, prompt)``; None: every error line)
+    are dropped, and the file is rewritten atomically without them (the lines kept are kept byte for
+    byte; the error lines of other images stay). ``rewrite=False`` only reads and checks. Any other
+    line that is not a result (``{"path"|"key", "prompt", "text"|"error"}``) is a ``ValueError``
+    and the file is left as it is: it was not written by ``mmlm describe`` (a dataset's JSONL, notes),
+    and rewriting it would destroy it.
     """
     path = Path(path)
     if not path.exists():
@@ -381,11 +384,13 @@ def read_done(path: str | Path, *, log=sys.stderr) -> set[tuple[str, str]]:
             raise ValueError(f"{path}: line {i + 1} is not a result of mmlm describe; give --out a new file "
                              f"or one that mmlm describe wrote")
         if "text" not in record:
-            errors += 1
-            continue
+            if retry is None or (result_id(record), record.get("prompt")) in retry:
+                errors += 1
+                continue
+        else:
+            done.add((result_id(record), record.get("prompt")))
         keep.append(line)
-        done.add((result_id(record), record.get("prompt")))
-    if truncated or errors or (raw and not raw.endswith(b"\n")):
+    if rewrite and (truncated or errors or (raw and not raw.endswith(b"\n"))):
         atomic_write_bytes(path, b"".join(line + b"\n" for line in keep))
         if log is not None and (truncated or errors):
             parts = ["a truncated last line"] if truncated else []

@@ -50,6 +50,17 @@ from mmlm.pixels import cat_pixel_values, check_pixel_dtype
 IMAGE_TOKEN = "<image>"
 PROCESSOR_CONFIG = "processor_config.json"
 DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
+DEFAULT_VQA_SUFFIX = "Answer the question using a single word or phrase."
+"""LLaVA's short-answer instruction: what ``mmlm eval vqa`` appends to questions for a checkpoint that
+records no suffix of its own (:attr:`ProcessorConfig.vqa_suffix`)."""
+
+
+def vqa_prompt(question: str, suffix: str | None) -> str:
+    """The user text of a VQA question, in training and in evaluation alike: the question and, on a
+    new line, ``suffix`` (none when empty or None); both stripped."""
+    question = question.strip()
+    suffix = (suffix or "").strip()
+    return f"{question}\n{suffix}" if suffix else question
 
 # The default template of from-scratch models. ``{% generation %}`` marks what the loss covers.
 DEFAULT_CHAT_TEMPLATE = (
@@ -181,6 +192,10 @@ class ProcessorConfig:
     ``raise`` or ``drop`` (``encode`` returns None)."""
     stop_tokens: list[str] = field(default_factory=list)
     """Extra tokens that end generation (besides the tokenizer's eos)."""
+    vqa_suffix: str | None = None
+    """What training appended to VQA questions (``data.vqa_suffix``, through :func:`vqa_prompt`; recorded
+    by ``mmlm fit`` when its ``sample_mode`` trains questions), and so what ``mmlm eval vqa`` appends
+    by default. None: not recorded (eval appends :data:`DEFAULT_VQA_SUFFIX`, LLaVA's)."""
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)

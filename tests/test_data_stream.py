@@ -320,8 +320,8 @@ def test_sample_modes():
     vqa = Record(key="q", images=[b"x"], image_exts=["png"], question="what color?",
                  answers=["blue", "red", "red", "blue", "red"])
     assert vqa_answer(vqa) == "red"
-    assert _conv(vqa, "auto", suffix=" One word.") == [{"role": "user", "content": "what color? One word."},
-                                                        {"role": "assistant", "content": "red"}]
+    assert _conv(vqa, "auto", suffix=" One word.") == [{"role": "user", "content": "what color?\nOne word."},
+                                                        {"role": "assistant", "content": "red"}]  # as eval asks
     vqa.meta["multiple_choice_answer"] = "blue"
     assert _conv(vqa, "vqa")[1]["content"] == "blue"
 

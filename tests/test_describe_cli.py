@@ -181,6 +181,17 @@ def test_unreadable_image_is_reported_and_the_run_goes_on(ckpt, tmp_path, capsys
     assert "error" in rows[1] and "text" not in rows[1] and "b.jpg" in capsys.readouterr().err
     assert [rows[0]["text"], rows[2]["text"]] == _expected(pair, [folder / "a.png", folder / "c.png"])
 
+    # another image into the same --out keeps b.jpg's error line: only a run over b.jpg retries (and drops) it
+    assert main(["describe", str(root / "imgs" / "red.png"), "--model", str(root / "model"), *GEN,
+                 "--out", str(out)]) == 0
+    assert [r["path"] for r in _read(out)] == [*(r["path"] for r in rows), str(root / "imgs" / "red.png")]
+    assert "error" in _read(out)[1] and "dropped" not in capsys.readouterr().err
+    assert main(["describe", str(folder / "b.jpg"), "--model", str(root / "model"), *GEN, "--out", str(out)]) == 1
+    assert "dropped 1 error line(s) to retry" in capsys.readouterr().err
+    after = _read(out)
+    assert [r["path"] for r in after] == [str(folder / "a.png"), str(folder / "c.png"), str(root / "imgs" / "red.png"),
+                                          str(folder / "b.jpg")] and "error" in after[-1]
+
 
 def test_missing_path_is_one_line_error_and_writes_nothing(ckpt, tmp_path, capsys):
     root, _ = ckpt

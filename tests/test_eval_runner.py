@@ -543,6 +543,14 @@ def test_callback_logs_metrics(tmp_path, monkeypatch):
     assert module.logged == {"eval/vqa/overall": 100.0}
     assert cb.last_metrics["overall"] == 100.0 and getattr(module.vlm, "retrained", False)
     assert len(cb.benchmark().items) == 2
+    assert cb.benchmark().items[0].prompt == "what is it?\nAnswer the question using a single word or phrase."
+    # the run's own suffix (the processor's record) when it has one, an explicit one over both
+    from types import SimpleNamespace
+
+    trained = SimpleNamespace(config=SimpleNamespace(vqa_suffix=""))
+    assert EvalCallback(str(shard), limit=1).benchmark(trained).items[0].prompt == "what is it?"
+    assert EvalCallback(str(shard), limit=1, prompt_suffix="One word.").benchmark(trained).items[0].prompt \
+        == "what is it?\nOne word."
 
 
 @pytest.mark.slow

@@ -183,9 +183,12 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
     bad_ckpt = tmp_path / "notes.json"
     bad_ckpt.write_text("{}")
     (tmp_path / "no-shards").mkdir()
+    (tmp_path / "captions.jsonl").write_text('{"image": "a.jpg", "caption": "a cat"}\n')  # the input, not shards
     cases = [
-        (("--data.train", str(tmp_path / "missing")), "no such shard or directory"),
-        (("--data.val", str(tmp_path / "no-shards")), "matches no .tar shard"),
+        (("--data.train", str(tmp_path / "missing")), "data.train: no such shard or directory"),
+        (("--data.val", str(tmp_path / "no-shards")), "data.val: source0: ["),
+        (("--data.val", str(tmp_path / "no-shards")), "matches no .tar shard (or --data.val null: no validation)"),
+        (("--data.train", str(tmp_path / "captions.jsonl")), "captions.jsonl is not a tar shard (build shards"),
         (("--trainer.accumulate_grad_batches", "0"), "trainer.accumulate_grad_batches must be >= 1"),
         (("--trainer.val_check_interval", "0"), "trainer.val_check_interval must be > 0"),
         (("--ckpt_path", str(tmp_path / "missing.ckpt")), "no such checkpoint file"),
@@ -200,6 +203,12 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
         (line,) = [x for x in err.splitlines() if x.startswith("error:")]
         assert message in line and "Traceback" not in err, (args, err[-500:])
     assert not any((tmp_path / f"run{i}").exists() for i in range(len(cases)))  # checked before any file is written
+
+    # a misspelt option: a short usage, the error, and the option it may have meant (not 120 lines of usage)
+    assert fit.main(fit_args(tmp_path / "typo", "--data.trian", "x", "--model.lrr=3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 3 and err[0].startswith("usage: mmlm fit [--config FILE.yaml")
+    assert err[-1] == "error: unrecognized arguments: --data.trian x --model.lrr=3 (did you mean --data.train, --model.lr?)"
 
 
 def test_flex_attention_on_a_cpu_is_refused_before_the_first_step(tmp_path, capsys):

@@ -100,3 +100,75 @@ def test_a_checkpoint_of_another_stage_in_ckpt_path_is_one_clear_line(tmp_path, 
     assert "--model.init_from RUN/model" in err[0]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 1  # untouched
+
+
+def test_the_vqa_suffix_a_run_trains_with_is_recorded_and_is_what_eval_asks_with(tmp_path):
+    """data.vqa_suffix travels with the model (processor_config.json) and is `mmlm eval vqa`'s default suffix:
+    a model trained without LLaVA's short-answer instruction was scored asking with it (0% on the run's own
+    questions). A caption-only stage records nothing; a checkpoint without a record gets LLaVA's suffix."""
+    import argparse
+
+    from _training_kit import shards
+    from mmlm.cli import eval as eval_cli
+    from mmlm.cli.eval import recorded_vqa_suffix
+    from mmlm.processing import DEFAULT_VQA_SUFFIX, PROCESSOR_CONFIG
+
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--data.vqa_suffix", "Short answer.", "--data.val", "null", steps=1)) == 0
+    assert json.loads((run / "model" / PROCESSOR_CONFIG).read_text())["vqa_suffix"] == "Short answer."
+    assert recorded_vqa_suffix(run / "model") == "Short answer." and recorded_vqa_suffix(None) == DEFAULT_VQA_SUFFIX
+
+    parser = argparse.ArgumentParser(prog="mmlm")
+    eval_cli.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "eval"
+    args = parser.parse_args(["eval", "vqa", "--benchmark", "shards", "--shards", str(shards() / "val"), "--model",
+                              str(run / "model"), "--limit", "2", "--device", "cpu", "--out", str(out),
+                              "--no-progress", "--bootstrap", "0"])
+    assert args.run(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["prompt_suffix"] == "Short answer."
+
+    captions = tmp_path / "captions"
+    assert fit.main(fit_args(captions, "--data.sample_mode", "caption", "--data.val", "null", steps=1)) == 0
+    assert json.loads((captions / "model" / PROCESSOR_CONFIG).read_text())["vqa_suffix"] is None
+    assert recorded_vqa_suffix(captions / "model") == DEFAULT_VQA_SUFFIX
+
+
+def test_a_new_run_into_a_run_directory_with_a_run_in_it_is_refused(tmp_path, capsys):
+    """Without --ckpt_path, a second run into RUN_DIR used to start from scratch, overwrite RUN_DIR/model and
+    config.yaml, and leave its checkpoints (last-v1.ckpt) beside the first run's; a max_steps below the
+    checkpoint's step trained nothing, re-exported the model and exited 0."""
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--data.val", "null", steps=2)) == 0
+    before = (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert fit.main(fit_args(run, "--data.val", "null", steps=2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {run} already holds a run (last.ckpt, model/)") and "--ckpt_path last" in err[-1]
+    assert (run / "model" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+    assert fit.main(fit_args(run, "--data.val", "null", "--ckpt_path", "last", steps=1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --trainer.max_steps 1 is below the step the checkpoint reached (2,")
+    assert (run / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_a_resumed_run_keeps_its_checkpoint_s_warmup_and_a_warmup_longer_than_the_run_warns(tmp_path):
+    """A resumed run's learning-rate schedule is its checkpoint's, as the warning about changed settings says
+    (a warmup given again, e.g. a recipe's default, used to restart a warmup mid-run)."""
+    run = tmp_path / "a"
+    with pytest.warns(UserWarning, match=r"the warmup \(100\) spans the whole run of 4 steps"):
+        assert fit.main(fit_args(run, "--data.val", "null", steps=4)) == 0
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert fit.main(fit_args(full, "--data.val", "null", "--model.warmup", "2", steps=5)) == 0
+    assert fit.main(fit_args(resumed, "--data.val", "null", "--model.warmup", "2", steps=3)) == 0
+    with pytest.warns(UserWarning, match=r"warmup: 50.0 \(checkpoint: 2.0\).*schedule \(warmup, min_lr_ratio\) "
+                                         "continue from the checkpoint"):
+        assert fit.main(fit_args(resumed, "--data.val", "null", "--model.warmup", "50", "--ckpt_path", "last",
+                                 steps=5)) == 0
+    a, b = read_metrics(full)["lr/lm"], read_metrics(resumed)["lr/lm"]
+    assert sorted(b) == sorted(a) == [0, 1, 2, 3, 4]
+    # step 4 follows the checkpoint's 2-step warmup redrawn over 5 steps (as the full run), not a 50-step warmup
+    # (0.04x of the peak; step 3 still runs at the rate the checkpoint's scheduler set for it)
+    assert b[4] == pytest.approx(a[4], rel=1e-6) and b[4] > 0.2 * max(a.values())

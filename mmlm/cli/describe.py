@@ -165,12 +165,14 @@ def run(args) -> int:
     if out is None and len(sources) == 1 and not sources[0].shard:
         return _describe_one(args, sources[0].path, config)
 
-    done: set = set()
     if out is not None:
-        done = inference.read_done(out)  # a file that is not ours fails here, before the model loads
+        inference.read_done(out, rewrite=False)  # a file that is not ours fails here, before the model loads
     ids = inference.entry_ids(sources)
     vlm, processor = load_model(args)
     prompt_text = processor.config.caption_prompt if args.prompt is None else args.prompt
+    done: set = set()
+    if out is not None:  # drops a truncated last line, and the error lines of this run's images (retried)
+        done = inference.read_done(out, retry={(i, prompt_text) for i in ids}, log=sys.stderr)
     todo = sum(1 for i in ids if (i, prompt_text) not in done)
     if out is not None and todo < len(ids):
         print(f"{out}: {len(ids) - todo} of {len(ids)} images already described; {todo} to go", file=sys.stderr)

@@ -16,6 +16,7 @@ intervals under ``ci95``), ``per_item.jsonl`` (per-item scores, read by ``--comp
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=_EPILOG_VQA, formatter_class=fmt,
     )
     _common(v, "vqa")
-    v.add_argument("--prompt-suffix", default=DEFAULT_VQA_SUFFIX,
-                   help=f'appended to each question on a new line (default: "{DEFAULT_VQA_SUFFIX}"; "" for none)')
+    v.add_argument("--prompt-suffix", default=None, metavar="TEXT",
+                   help="appended to each question on a new line (\"\" for none; default: the suffix the "
+                        "checkpoint's VQA training appended, data.vqa_suffix, recorded in its processor_config.json; "
+                        f'for a checkpoint that records none, LLaVA\'s "{DEFAULT_VQA_SUFFIX}")')
     v.set_defaults(run=run, eval_task="vqa")
     return p
 
@@ -271,6 +274,18 @@ def _numerics(args):
     return device, dtype
 
 
+def recorded_vqa_suffix(model_dir: Path | None) -> str:
+    """The suffix a checkpoint's VQA training appended to questions (``vqa_suffix`` in its
+    processor_config.json), or LLaVA's short-answer instruction when it records none."""
+    from mmlm.processing import DEFAULT_VQA_SUFFIX, PROCESSOR_CONFIG
+
+    try:
+        recorded = json.loads((Path(model_dir) / PROCESSOR_CONFIG).read_text()).get("vqa_suffix")
+    except (TypeError, OSError, ValueError, AttributeError):  # no model, or a file the model load will refuse
+        recorded = None
+    return DEFAULT_VQA_SUFFIX if not isinstance(recorded, str) else recorded
+
+
 def _fingerprint(args, model_dir: Path, device, dtype) -> dict[str, Any]:
     weights = model_dir / "model.safetensors"
     return {
@@ -319,6 +334,8 @@ def run(args) -> int:
             if not model_dir.is_dir():
                 raise BenchmarkError(f"--model: no such checkpoint directory: {model_dir}")
             device, dtype = _numerics(args)
+        if task == "vqa" and args.prompt_suffix is None:
+            args.prompt_suffix = recorded_vqa_suffix(model_dir if args.model is not None else None)
         bench = load_benchmark(
             task, args.benchmark, annotations=args.annotations, questions=getattr(args, "questions", None),
             images=args.images, shards=shards, split=getattr(args, "split", None), limit=args.limit, caption_prompt=getattr(args, "prompt", None),

@@ -91,8 +91,20 @@ def _cli_classes():
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+    from lightning.pytorch.cli import LightningArgumentParser
+
     from mmlm.training.callbacks import ExportModel, SignalCheckpoint, StepCheckpoint, TrainingMonitor
     from mmlm.training.preflight import Preflight
+
+    class FitParser(LightningArgumentParser):
+        """A bad option is a short usage line and the error (with the option it may have meant), not the
+        usage of every option (120 lines)."""
+
+        def print_usage(self, file=None) -> None:
+            (file or sys.stderr).write("usage: mmlm fit [--config FILE.yaml ...] [--section.key VALUE ...]\n")
+
+        def error(self, message, *args, **kwargs):
+            return super().error(suggest_option(str(message), _option_strings(self)), *args, **kwargs)
 
     class SaveRunConfig(SaveConfigCallback):
         """Also writes the config to RUN_DIR/config.yaml (rank 0)."""
@@ -109,6 +121,10 @@ def _cli_classes():
 
     class FitCLI(LightningCLI):
         parse_only = False
+
+        def init_parser(self, **kwargs):
+            self.parser_class = FitParser
+            return super().init_parser(**kwargs)
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
@@ -150,6 +166,9 @@ def _cli_classes():
             check_shards(self.datamodule_class, data)  # before anything is written
             if not cfg.get("ckpt_path"):  # a resumed run rebuilds its model from the checkpoint, not init_from
                 check_init_from(cfg.get("model"))
+                export = cfg.get("export")
+                check_new_run_dir(str(root), cfg.checkpoint.dirpath,
+                                  (export.get("dirname") if export is not None else None) or "model")
 
         def _parse_ckpt_path(self) -> None:
             # a --ckpt_path that is no checkpoint file is a bad argument, reported before anything is
@@ -185,10 +204,41 @@ def _cli_classes():
                 if ckpt is None:
                     print(f"no checkpoint in {cfg.checkpoint.dirpath}: starting a fresh run", file=sys.stderr)
             if ckpt and os.path.isfile(str(ckpt)):
+                check_max_steps(str(ckpt), cfg.trainer.max_steps)
                 self.model.resume_from = str(ckpt)
             print(f"run directory: {cfg.trainer.default_root_dir}", file=sys.stderr)
 
     return FitCLI, SaveRunConfig, ParsedOnly
+
+
+def _option_strings(parser) -> list[str]:
+    """Every ``--option`` of ``parser`` and of its subcommands' parsers."""
+    import argparse
+
+    found = list(getattr(parser, "_option_string_actions", {}))
+    for action in getattr(parser, "_actions", []):
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _option_strings(sub)
+    return found
+
+
+def suggest_option(message: str, known: list[str]) -> str:
+    """``message`` of an "unrecognized arguments" error, with the known option closest to each unknown
+    one (``--data.trian`` -> ``did you mean --data.train?``); other messages as they are."""
+    import difflib
+
+    if "unrecognized arguments" not in message.lower():
+        return message
+    options = sorted({k for k in known if k.startswith("--")})
+    hints = []
+    for word in message.split():
+        name = word.split("=", 1)[0]
+        if name.startswith("--") and name not in options:
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+            if close:
+                hints.append(close[0])
+    return message + (f" (did you mean {', '.join(hints)}?)" if hints else "")
 
 
 def default_loggers(root: str) -> list:
@@ -277,8 +327,43 @@ def check_shards(datamodule_class, data) -> None:
     for key in ("train", "val"):
         spec = plain(data.get(key))
         if spec is not None:
-            resolve_sources(spec, allow_pipes=bool(data.get("allow_pipes")),
-                            allow_remote=bool(data.get("allow_remote")))
+            try:
+                resolve_sources(spec, allow_pipes=bool(data.get("allow_pipes")),
+                                allow_remote=bool(data.get("allow_remote")))
+            except (ValueError, FileNotFoundError) as e:  # which option (a recipe's path left in place?)
+                hint = " (or --data.val null: no validation)" if key == "val" else ""
+                raise type(e)(f"data.{key}: {e}{hint}") from None
+
+
+def check_new_run_dir(root: str, checkpoint_dir: str | None, model_dirname: str = "model") -> None:
+    """A new run (no ``--ckpt_path``) into a run directory that holds a run's checkpoints or exported
+    model would overwrite its model and config and leave two runs' checkpoints side by side: refused
+    (exit 2) before anything is written."""
+    found = sorted(p.name for p in Path(checkpoint_dir).glob("*.ckpt")) if checkpoint_dir and \
+        os.path.isdir(checkpoint_dir) else []
+    if (Path(root) / model_dirname / "config.json").is_file():
+        found.append(f"{model_dirname}/")
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"{root} already holds a run ({shown}): resume it with --ckpt_path last, or train a new "
+                         f"one in another --trainer.default_root_dir (or delete {root} first)")
+
+
+def check_max_steps(ckpt_path: str, max_steps: int | None) -> None:
+    """A resumed run must end after the step its checkpoint reached (a smaller ``trainer.max_steps``
+    trained nothing and exported the checkpoint's model as if it had)."""
+    if max_steps is None or max_steps < 0:
+        return
+    import torch
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip file (mmap needs one)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    step = int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
+    if max_steps < step:
+        raise ValueError(f"--trainer.max_steps {max_steps} is below the step the checkpoint reached ({step}, "
+                         f"{ckpt_path}): give a larger --trainer.max_steps to train on, or use its model as it is")
 
 
 def check_init_from(model) -> None:

@@ -362,7 +362,9 @@ def check_record(rec: Record) -> str:
 
 def expand_shards(spec: PathLike | Sequence[PathLike]) -> list[str]:
     """Expand shard specs: files, directories (their ``*.tar``, sorted) and brace patterns
-    (``data/shard-{000000..000009}.tar``). Raises ``FileNotFoundError`` for a path that is missing."""
+    (``data/shard-{000000..000009}.tar``). Raises ``FileNotFoundError`` for a path that is missing and
+    ``ValueError`` for a file that is no tar archive (a ``.tar``/``.tgz``/``.tar.gz`` name is taken at
+    its word; any other file is opened and checked)."""
     from braceexpand import braceexpand  # ships with webdataset
 
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
@@ -374,6 +376,9 @@ def expand_shards(spec: PathLike | Sequence[PathLike]) -> list[str]:
                     sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".tar") and not f.startswith("."))
                 )
             elif os.path.isfile(p):
+                if not p.lower().endswith((".tar", ".tgz", ".tar.gz")) and not tarfile.is_tarfile(p):
+                    raise ValueError(f"{p} is not a tar shard (build shards from images and JSON lines, COCO or "
+                                     "LLaVA files with python -m data_pipelines.from_jsonl, from_coco, from_llava)")
                 out.append(p)
             else:
                 raise FileNotFoundError(f"no such shard or directory: {p}")

@@ -18,7 +18,8 @@ the question-answer turns whose question matches it (:func:`filter_turns`): a cu
 can drill one kind of question. A record with no matching question is ``no_target``.
 
 A target is a list of chat turns: a record's own ``conversations`` turns (copied, LLaVA
-``from``/``value`` form), VQA as ``[user: question + vqa_suffix, assistant: answer]`` (the answer
+``from``/``value`` form), VQA as ``[user: question, newline, vqa_suffix, assistant: answer]`` (the user
+text is ``mmlm.processing.vqa_prompt``'s, as in evaluation; the answer
 from :func:`vqa_answer`), a caption as ``caption_conversation(caption)`` (the processor's caption
 prompt). The streaming pipeline (``mmlm.data.stream``, stage ``select_target``) calls
 :func:`record_to_conversation` once per sample.
@@ -33,6 +34,7 @@ from collections.abc import Callable
 
 from mmlm.data.errors import EMPTY_CAPTION, NO_ANSWER, NO_TARGET, SCHEMA_ERROR, BadSample
 from mmlm.data.schema import IMAGE_PLACEHOLDER, Record
+from mmlm.processing import vqa_prompt
 
 __all__ = ["SAMPLE_MODES", "KINDS", "record_to_conversation", "vqa_answer", "present_kinds",
            "check_sample_mode", "check_mixed_weights", "compile_question_pattern", "filter_turns"]
@@ -165,7 +167,7 @@ def _vqa_target(rec: Record, suffix: str) -> list[dict]:
     if answer is None:
         raise BadSample(rec.key, NO_ANSWER, "a question without answers")
     _need_image(rec, "vqa")
-    return [{"role": "user", "content": rec.question + suffix}, {"role": "assistant", "content": answer}]
+    return [{"role": "user", "content": vqa_prompt(rec.question, suffix)}, {"role": "assistant", "content": answer}]
 
 
 def _caption_target(rec: Record, rng: random.Random, caption_conversation: Callable[[str], list[dict]]) -> list[dict]:

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlm.io import atomic_write_text
+from mmlm.processing import DEFAULT_VQA_SUFFIX, vqa_prompt
 
 __all__ = [
     "CAPTION_BENCHMARKS",
@@ -85,7 +86,6 @@ __all__ = [
 
 CAPTION_BENCHMARKS: tuple[str, ...] = ("coco-karpathy", "coco", "flickr30k", "nocaps", "shards")
 VQA_BENCHMARKS: tuple[str, ...] = ("vqav2", "okvqa", "vizwiz", "textvqa", "gqa", "pope", "shards")
-DEFAULT_VQA_SUFFIX = "Answer the question using a single word or phrase."
 KARPATHY_SPLITS: tuple[str, ...] = ("test", "val", "train", "restval", "all")
 
 
@@ -209,12 +209,6 @@ def _require(obj: Any, key: str, where: str) -> Any:
     if not isinstance(obj, dict) or key not in obj:
         raise BenchmarkError(f"{where}: missing field {key!r}")
     return obj[key]
-
-
-def vqa_prompt(question: str, suffix: str | None) -> str:
-    """The model prompt for a VQA question: ``question``, newline, ``suffix`` (if any)."""
-    question = question.strip()
-    return f"{question}\n{suffix}" if suffix else question
 
 
 def load_image(image: str | bytes | os.PathLike):

@@ -15,6 +15,10 @@ never at step 0, once per step even with gradient accumulation) it
    rank_zero_only=True)`` (e.g. ``eval/vqa/overall``, ``eval/caption/CIDEr``) and keeps the last
    result in :attr:`EvalCallback.last_metrics`.
 
+VQA questions get ``prompt_suffix`` on a new line; by default the one the run trains with
+(``pl_module.processor.config.vqa_suffix``, which ``mmlm fit`` sets from ``data.vqa_suffix``), else
+LLaVA's short-answer instruction.
+
 Only global rank 0 generates (other ranks carry on and wait at their next collective), so keep
 ``limit`` small. Captions default to skipping METEOR/SPICE (Java start-ups) and to the ``auto``
 tokenizer; pass ``skip_metrics=()`` to get METEOR too.
@@ -46,7 +50,7 @@ class EvalCallback(pl.Callback):
         *,
         batch_size: int = 16,
         max_new_tokens: int | None = None,
-        prompt_suffix: str | None = DEFAULT_VQA_SUFFIX,
+        prompt_suffix: str | None = None,
         caption_prompt: str | None = None,
         tokenizer: str = "auto",
         skip_metrics: Sequence[str] = ("METEOR", "SPICE"),
@@ -73,18 +77,23 @@ class EvalCallback(pl.Callback):
         self._last_step = -1
 
     # ------------------------------------------------------------------ helpers
-    def benchmark(self) -> Benchmark:
-        """The (cached) benchmark items."""
+    def benchmark(self, processor: Any = None) -> Benchmark:
+        """The (cached) benchmark items (VQA prompts with ``prompt_suffix``, else ``processor``'s
+        recorded ``vqa_suffix``, else LLaVA's)."""
         if self._bench is None:
+            suffix = self.prompt_suffix
+            if suffix is None:
+                recorded = getattr(getattr(processor, "config", None), "vqa_suffix", None)
+                suffix = DEFAULT_VQA_SUFFIX if recorded is None else recorded
             self._bench = load_benchmark(
                 self.kind, "shards", shards=self.shards, limit=self.limit,
-                caption_prompt=self.caption_prompt, prompt_suffix=self.prompt_suffix,
+                caption_prompt=self.caption_prompt, prompt_suffix=suffix,
             )
         return self._bench
 
     def run(self, pl_module: Any) -> dict[str, float]:
         """Predict and score now on ``pl_module.vlm``; returns the scalar metrics."""
-        bench = self.benchmark()
+        bench = self.benchmark(getattr(pl_module, "processor", None))
         vlm = pl_module.vlm
         was_training = bool(getattr(vlm, "training", False))
         try:

@@ -177,6 +177,7 @@ class VLMModule(pl.LightningModule):
         self.feature_cache = None  # an ImageFeatureCache when cache_image_features > 0 (from configure_model)
         self._schedule_steps: int | None = None  # the learning-rate schedule's length (configure_optimizers)
         self._resumed_schedule: tuple[int, int] | None = None  # (its length, step) in a checkpoint resumed from
+        self._resumed_shape: tuple[float, float] | None = None  # (warmup, min_lr_ratio) of that checkpoint's run
         self._resumed_groups: list[str] | None = None  # the optimizer groups of a checkpoint resumed from
 
     # ------------------------------------------------------------------ building
@@ -241,6 +242,8 @@ class VLMModule(pl.LightningModule):
             )
         except OSError as e:  # a hub name that cannot be reached or a missing file (transformers' message spans lines)
             raise ValueError(f"cannot build the model: {' '.join(str(e).split())}") from e
+        if _get_attr_or_hparam(dm, "sample_mode") in QUESTION_MODES:  # eval asks questions as this run trains them
+            processor.config.vqa_suffix = _get_attr_or_hparam(dm, "vqa_suffix") or ""
         self._install(vlm, processor, processor_files(processor))
 
     def _build_from_payload(self, payload: dict) -> None:
@@ -425,7 +428,7 @@ class VLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        from mmlm.training.optim import build_optimizer, build_scheduler
+        from mmlm.training.optim import build_optimizer, build_scheduler, resolve_warmup
 
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches
@@ -450,12 +453,19 @@ class VLMModule(pl.LightningModule):
                 f"({', '.join(_group_sizes(optimizer.param_groups))}): --ckpt_path is a checkpoint of another model, "
                 "stage or LoRA setting; resume it with its own run's --model options, or start a new run from its "
                 "exported model with --model.init_from RUN/model")
-        scheduler = build_scheduler(optimizer, int(total), hp.warmup, hp.min_lr_ratio)
+        # a resumed run's schedule is its checkpoint's (warmup, min_lr_ratio; redrawn over a changed max_steps),
+        # as its optimizer's learning rates are: a warmup given again would restart mid-run
+        warmup, min_lr_ratio = self._resumed_shape or (hp.warmup, hp.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, int(total), warmup, min_lr_ratio)
         self._schedule_steps = int(total)
         if self._resumed_schedule is not None:
-            warning = schedule_change(*self._resumed_schedule, int(total), hp.warmup, hp.min_lr_ratio)
+            warning = schedule_change(*self._resumed_schedule, int(total), warmup, min_lr_ratio)
             if warning:
                 rank_zero_warn(warning)
+        elif resolve_warmup(warmup, int(total)) >= int(total):
+            rank_zero_warn(f"the warmup ({warmup:g}) spans the whole run of {int(total)} steps: the learning rate "
+                           "rises to its peak at the end and never decays; set --model.warmup lower (a fraction "
+                           "below 1 is a share of the run, e.g. 0.03)")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -508,14 +518,23 @@ class VLMModule(pl.LightningModule):
             self._resumed_groups = _group_sizes(states[0]["param_groups"])
         if payload.get("schedule_steps"):
             self._resumed_schedule = (int(payload["schedule_steps"]), int(checkpoint.get("global_step", 0)))
-        changed = hparam_changes(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        saved = checkpoint.get("hyper_parameters") or {}
+        self._resumed_shape = (saved.get("warmup", self.hparams.warmup),
+                               saved.get("min_lr_ratio", self.hparams.min_lr_ratio))
+        changed = hparam_changes(saved, dict(self.hparams))
         if changed:
             rank_zero_warn("resuming with model settings other than the checkpoint's run: " + "; ".join(changed)
-                           + ". The weights, the optimizer and its learning-rate schedule continue from the "
-                           "checkpoint; to train with new settings, start a run with --model.init_from RUN/model")
+                           + ". The weights, the optimizer (its learning rates, betas, weight decay) and the "
+                           "learning-rate schedule (warmup, min_lr_ratio) continue from the checkpoint; to train "
+                           "with new settings, start a run with --model.init_from RUN/model")
 
 
 # ---------------------------------------------------------------------------------- helpers
+QUESTION_MODES = ("auto", "vqa", "mixed")
+"""The data's ``sample_mode`` values that train VQA records (question + ``data.vqa_suffix``): a run with one
+records its suffix in the processor config (``vqa_suffix``), which ``mmlm eval vqa`` then appends."""
+
+
 def schedule_change(old_total: int, step: int, new_total: int, warmup: float, min_lr_ratio: float) -> str | None:
     """What resuming at optimizer ``step`` with a schedule of ``new_total`` steps (a changed
     ``trainer.max_steps``) does to a run scheduled over ``old_total``; None when nothing changes."""
