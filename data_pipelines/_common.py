@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -109,7 +110,8 @@ def add_output_args(p: argparse.ArgumentParser, *, shard_size: int = 1000) -> No
         "--max-skip-fraction",
         type=float,
         default=0.5,
-        help="stop with an error once more than this fraction of inputs is skipped (checked after 100; default 0.5)",
+        help="stop with an error once more than this fraction of inputs is skipped (checked from 100 inputs on, "
+        "and at the end; default 0.5)",
     )
 
 
@@ -151,10 +153,15 @@ def cli(
     run: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> int:
     """Parse ``argv`` and call ``run(args)``; map :class:`BuildError` and ``OSError`` (a path that
-    cannot be read or written) to ``error: ...`` and exit code 2, Ctrl-C to exit code 130."""
+    cannot be read or written) to ``error: ...`` and exit code 2, Ctrl-C to exit code 130 and SIGTERM
+    (a scheduler's, ``timeout``'s) to 143, both after the same clean-up (no temporaries left)."""
     args = parser.parse_args(argv)
+    previous = _on_sigterm_raise()
     try:
         return int(run(args) or 0)
+    except Terminated:
+        print("terminated; re-run the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -167,6 +174,27 @@ def cli(
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a builder: unwinds like Ctrl-C (temporary shards removed, the skip list kept)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _on_sigterm_raise():
+    """Make SIGTERM raise :class:`Terminated` in this (main) thread; returns the previous handler (None
+    when signals cannot be set here). Worker processes put the default back (``parallel_map``)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 # ----------------------------------------------------------------------------- JSON inputs

@@ -23,7 +23,7 @@ Contract of :func:`run_jobs`:
   is skipped with a reason (:class:`Skip`, or :class:`~data_pipelines._errors.SkipSample` raised
   by the job function); counts per reason are printed at the end (:class:`BuildStats`) and every
   skip is listed in ``OUT/skipped.jsonl`` (``{"key", "reason", "detail"}``). Past
-  ``--max-skip-fraction`` (after 100 inputs) the run stops with a
+  ``--max-skip-fraction`` (checked from 100 inputs on, and at the end) the run stops with a
   :class:`~data_pipelines._errors.BuildError`; a run that writes nothing while skipping is an error.
 """
 
@@ -74,6 +74,13 @@ def _run_batch(fn: Callable[[Any], Any], batch: list) -> list:
     return [fn(x) for x in batch]
 
 
+def _default_sigterm() -> None:
+    """A pool worker ends on SIGTERM (the pool's own terminate()), whatever handler the builder set."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def parallel_map(
     fn: Callable[[Any], Any], items: Iterable[Any], workers: int, *, chunk: int = 16, ahead: int = 4
 ) -> Iterator[Any]:
@@ -86,7 +93,7 @@ def parallel_map(
         return
     it = iter(items)
     pending: deque = deque()
-    with mp.get_context().Pool(workers) as pool:
+    with mp.get_context().Pool(workers, initializer=_default_sigterm) as pool:
 
         def submit() -> bool:
             batch = list(islice(it, chunk))
@@ -334,4 +341,10 @@ def run_jobs(
     if stats.written == 0 and stats.already_present == 0 and stats.n_skipped:
         top = stats.skipped.most_common(1)[0][0]
         raise BuildError(f"all {stats.n_skipped} inputs were skipped (most: {top!r}); see {skips_path}")
+    seen_all = processed + stats.already_present  # (a re-run retries the skipped inputs, not the written ones)
+    if processed and stats.n_skipped > args.max_skip_fraction * seen_all:  # a small input is checked at its end
+        top = stats.skipped.most_common(1)[0][0]
+        raise BuildError(f"{stats.n_skipped} of {seen_all} inputs skipped (most: {top!r}), over --max-skip-fraction "
+                         f"{args.max_skip_fraction}; see {skips_path} (the {stats.written} good samples are written: "
+                         "fix the inputs and re-run with --overwrite, or raise --max-skip-fraction)")
     return stats

@@ -8,7 +8,8 @@ absolute path, or a list of paths for several images) and one of:
 * ``{"image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``
   (LLaVA style; ``<image>`` placeholders, one per image; text-only conversations are allowed).
 
-Every other field (``id``, ``image_id``, ...) is kept in the sample's json. The sample key is the
+Every other field (``id``, ``image_id``, ...) is kept in the sample's json, and the image path(s) as
+``image_file`` (as ``from_llava`` writes it). The sample key is the
 1-based line number, zero-padded (``000000042``), so a re-run over the same file resumes exactly;
 a re-run with another file (or other ``--image-root``, ``--resize-max``, ``--max-pixels``) into
 the same ``--out`` is an error (``OUT/PREFIX.manifest.json`` records what it was built from;
@@ -96,7 +97,8 @@ def build_record(
         raise SkipSample("bad line", "a line must be a JSON object")
     paths = _image_list(obj.pop("image", None))
     if not any(obj.get(f) for f in TEXT_FIELDS):
-        raise SkipSample("bad line", "no caption, captions, question or conversations")
+        empty = [f for f in TEXT_FIELDS if f in obj]
+        raise SkipSample("bad line", f"empty {empty[0]}" if empty else "no caption, captions, question or conversations")
     if not paths and not obj.get("conversations"):
         raise SkipSample("no image", "caption and VQA samples need an image")
     images, exts = [], []
@@ -104,6 +106,8 @@ def build_record(
         data, ext = load_image(image_root / p, resize_max=resize_max, max_pixels=max_pixels)
         images.append(data)
         exts.append(ext)
+    if paths:  # where the sample came from (describe/eval output shows keys, which are line numbers)
+        obj.setdefault("image_file", paths[0] if len(paths) == 1 else list(paths))
     rec = record_from_members(key, {"json": json.dumps(obj, ensure_ascii=False).encode("utf-8")})  # type checks
     rec.images, rec.image_exts = images, exts
     return [rec]

@@ -10,7 +10,9 @@ Output: ``KEY.jpg`` (or ``KEY.0.jpg``, ``KEY.1.jpg``... for several images) + ``
 entry. ``<image>`` placeholders are kept as they are; the key is the 0-based position in the
 array, zero-padded (``000000042``), because LLaVA ids are neither unique nor dot-free.
 A missing or undecodable image, or an entry that breaks the schema (e.g. a role other than
-human/gpt, placeholder count != image count), is skipped with its reason. An empty array is an
+human/gpt, ``<image>`` placeholders that are not one per image, ``<image>`` in a gpt turn), is skipped
+with its reason (an entry with images and no placeholder at all is kept: its images go before the first
+human turn's text). An empty array is an
 error, and so is a re-run with another json (or other ``--images``, ``--resize-max``,
 ``--max-pixels``) into the same ``--out`` (``OUT/PREFIX.manifest.json`` records what it was built
 from; ``--overwrite`` starts afresh). Usage::

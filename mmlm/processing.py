@@ -288,6 +288,10 @@ class Processor:
         except (OSError, ValueError) as e:  # missing or damaged tokenizer files: transformers' many-line message
             raise ValueError(f"{path}: cannot load the tokenizer ({' '.join(str(e).split())}); a checkpoint holds "
                              "the tokenizer files that Processor.save_pretrained writes") from None
+        if tokenizer.eos_token_id is None and not (config.stop_tokens and tokenizer.pad_token_id is not None):
+            # generation would never stop, and batches could not be padded (a traceback in the first pad)
+            raise ValueError(f"{path}: the tokenizer has no end-of-sequence token (is tokenizer_config.json "
+                             "missing?): a checkpoint holds the tokenizer files that Processor.save_pretrained writes")
         template_file = path / "chat_template.jinja"
         template = template_file.read_text() if template_file.is_file() else None
         if template is None and not getattr(tokenizer, "chat_template", None):

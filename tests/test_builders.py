@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -88,10 +90,13 @@ def test_from_jsonl(tmp_path, images, capsys):
     out = tmp_path / "out"
     src = _jsonl(tmp_path)
     argv = ["--jsonl", str(src), "--image-root", str(images), "--out", str(out), "--shard-size", "2"]
-    assert from_jsonl.main(argv + ["--workers", "2"]) == 0
+    assert from_jsonl.main(argv + ["--workers", "2"]) == 2  # 7 of 12 lines skipped: over --max-skip-fraction 0.5
+    assert "7 of 12 inputs skipped" in capsys.readouterr().err and len(_read(out)) == 5  # the good ones kept
+    assert from_jsonl.main(argv + ["--workers", "2", "--overwrite", "--max-skip-fraction", "0.6"]) == 0
     recs = _read(out)
     assert sorted(recs) == ["000000001", "000000002", "000000003", "000000004", "000000005"]
-    assert recs["000000001"].caption == "a red image" and recs["000000001"].meta == {"id": "r1"}
+    assert recs["000000001"].caption == "a red image" and recs["000000001"].meta == {"id": "r1", "image_file": "red.png"}
+    assert recs["000000003"].meta == {"image_file": ["red.png", "sub/green.jpg"]} and recs["000000004"].meta == {}
     assert recs["000000001"].images == [(images / "red.png").read_bytes()]  # original bytes, no re-encode
     assert recs["000000002"].answers == ["green", "green"] and recs["000000002"].image_exts == ["jpg"]
     assert recs["000000002"].images == [(images / "sub" / "green.jpg").read_bytes()]
@@ -181,7 +186,8 @@ def test_from_jsonl_resize_max(tmp_path, images):
 def test_rerun_after_lost_shard_and_crash(tmp_path, images, monkeypatch):
     src = _jsonl(tmp_path)
     out = tmp_path / "out"
-    argv = ["--jsonl", str(src), "--image-root", str(images), "--out", str(out), "--shard-size", "2", *OPTS]
+    argv = ["--jsonl", str(src), "--image-root", str(images), "--out", str(out), "--shard-size", "2", *OPTS,
+            "--max-skip-fraction", "0.6"]
     assert from_jsonl.main(argv) == 0
     full = _read(out)
     # 1. a shard disappears: the re-run redoes exactly its samples
@@ -206,6 +212,23 @@ def test_rerun_after_lost_shard_and_crash(tmp_path, images, monkeypatch):
     assert from_jsonl.main(argv) == 0
     assert _read(out) == full
     assert sum(_skips(out).values()) == 7  # skips are re-reported, not lost
+    # 3. SIGTERM (a scheduler, `timeout`) unwinds as Ctrl-C does: exit 143, no temporaries, then resume
+    for p in out.glob("*.tar"):
+        p.unlink()
+    calls.clear()
+
+    def terminated_write(self, rec):
+        calls.append(rec.key)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_write(self, rec)
+
+    monkeypatch.setattr(ShardWriter, "write", terminated_write)
+    assert from_jsonl.main(argv) == 143
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGTERM) is not from_jsonl.cli.__globals__["_raise_terminated"]  # put back
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    assert from_jsonl.main(argv) == 0 and _read(out) == full
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, images, capsys):
@@ -272,7 +295,8 @@ def test_from_coco_captions_format(tmp_path, images):
     src = tmp_path / "captions_val2014.json"
     src.write_text(json.dumps(ann))
     out = tmp_path / "per_image"
-    assert from_coco.main(["--annotations", str(src), "--images", str(d / "val2014"), "--out", str(out), *OPTS]) == 0
+    assert from_coco.main(["--annotations", str(src), "--images", str(d / "val2014"), "--out", str(out), *OPTS,
+                           "--max-skip-fraction", "0.9"]) == 0  # mostly malformed on purpose
     recs = _read(out)
     assert sorted(recs) == ["000000000001", "000000000002"]
     r1 = recs["000000000001"]
@@ -499,7 +523,7 @@ def test_from_vqav2_malformed_answers_are_skipped_not_split_or_crashing(tmp_path
     ap.write_text(json.dumps({"annotations": anns}))
     out = tmp_path / "out"
     args = ["--questions", str(qp), "--annotations", str(ap), "--images", str(d / "val2014"), "--split", "val2014"]
-    assert from_vqav2.main(args + ["--out", str(out), *OPTS]) == 0
+    assert from_vqav2.main(args + ["--out", str(out), *OPTS, "--max-skip-fraction", "0.9"]) == 0  # mostly malformed on purpose
     assert {k: r.answers for k, r in _read(out).items()} == {"3": ["red"]}
     assert _skips(out) == {"bad annotation": 2}
 

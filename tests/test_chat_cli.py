@@ -135,3 +135,14 @@ def test_chat_missing_image_is_a_clear_error(ckpt, capsys):
     rc = main(["chat", str(ckpt / "nope.png"), "--model", str(ckpt / "model")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "nope.png" in err and err.count("\n") == 1
+
+
+def test_a_typed_image_placeholder_is_refused_and_the_chat_goes_on(ckpt, monkeypatch, capsys):
+    """`<image>` in a later message would move the chat's image into that turn: refused, the next message works."""
+    root = ckpt
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"look at <image> again\n{QUESTION}\n"))
+    assert main(["chat", str(root / "blue.png"), "--model", str(root / "model"), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "<image> marks where the image goes" in captured.out + captured.err
+    assert sum(line.startswith("model> ") for line in captured.out.split("\n")) == 1

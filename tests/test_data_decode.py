@@ -112,6 +112,19 @@ def test_error_budget_logs_each_skip_without_sleeping(monkeypatch, caplog):
     assert "4 of 7 samples were bad" in msg and "too_long=2" in msg and "max_bad_fraction" in msg and "key4" in msg
 
 
+def test_error_budget_logs_the_first_skips_of_a_reason_then_counts_quietly(caplog):
+    from mmlm.data.errors import LOG_FIRST
+
+    budget = ErrorBudget(max_bad_fraction=None)
+    with caplog.at_level(logging.WARNING, logger="mmlm.data"):
+        for i in range(LOG_FIRST + 5):
+            budget.skip(BadSample(f"k{i}", "too_long"))
+        budget.skip(BadSample("other", "corrupt_image"))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == LOG_FIRST + 2 and "the next ones are logged at DEBUG level only" in msgs[LOG_FIRST]
+    assert "'other'" in msgs[-1] and budget.counts == {"too_long": LOG_FIRST + 5, "corrupt_image": 1}
+
+
 def test_budget_rule_and_classification():
     assert budget_violation(10, 0, max_bad_fraction=0.0, max_bad=None, min_samples=0) is None
     assert budget_violation(90, 10, max_bad_fraction=0.05, max_bad=None, min_samples=200) is None  # too few seen

@@ -143,6 +143,25 @@ def test_glob_prints_path_tab_text(ckpt, capsys):
     assert lines == [f"{p}\t{t}" for p, t in zip(paths, escaped)]
 
 
+def test_a_closed_stdout_pipe_stops_quietly(ckpt, monkeypatch, capsys):
+    """`mmlm describe ... | head -1`: the reader went away; exit 141 (SIGPIPE) with no error message."""
+    import sys
+
+    root, _ = ckpt
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return sys.__stdout__.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    monkeypatch.setattr(os, "dup2", lambda *a: None)  # (the real stdout stays open for pytest)
+    assert main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--batch-size", "1"]) == 141
+    assert "error" not in capsys.readouterr().err
+
+
 def test_shards_describe_each_samples_first_image(ckpt, tmp_path, capsys):
     root, pair = ckpt
 

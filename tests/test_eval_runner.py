@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmlm.cli import eval as eval_cli
 from mmlm.evaluation import runner
-from mmlm.evaluation.benchmarks import load_benchmark
+from mmlm.evaluation.benchmarks import BenchmarkError, load_benchmark
 
 FAST = ["--tokenizer", "python", "--skip-metrics", "METEOR,SPICE"]
 
@@ -382,6 +382,11 @@ def test_cache_of_other_data_files_is_not_reused(tmp_path):
         runner.evaluate(bench, fake_predict(answers), out, progress=False, n_resamples=0)
     assert runner.evaluate(bench, fake_predict(answers), out, progress=False, n_resamples=0,
                            resume=False)["accuracy"] == 0.0
+    # a run that failed before predicting anything holds no predictions to protect: the fixed command just runs
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "predictions.cache.jsonl").write_text(json.dumps({"fingerprint": {"data": "another file"}}) + "\n")
+    assert runner.evaluate(bench, fake_predict(answers), failed, progress=False, n_resamples=0)["accuracy"] == 0.0
 
 
 def test_bad_images_are_skipped_and_counted(tmp_path):
@@ -578,3 +583,14 @@ def test_real_tiny_checkpoint(tmp_path):
                "--max-new-tokens", "4", "--device", "cpu", "--compile") == 0
     assert load(compiled / "metrics.json")["generation"]["compile"] is True
     assert load(compiled / "predictions.json") == load(out / "predictions.json")
+
+
+def test_shards_with_no_question_say_so_and_not_split(tmp_path):
+    """`eval vqa` has no --split: the message names what the shards hold instead."""
+    shard = write_tar(tmp_path / "s" / "s-000000.tar", [
+        (f"k{i}", png(None, i), {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+        for i in range(2)
+    ])
+    with pytest.raises(BenchmarkError, match=r"no items to evaluate \(skipped 2 shard sample\(s\) without a question; "
+                                             r"check the files and --limit\)$"):
+        load_benchmark("vqa", "shards", shards=str(shard))

@@ -209,7 +209,7 @@ def test_refuses_what_llava_cannot_represent(tmp_path, capsys):
     with pytest.raises(ExportError, match=r"pixel_shuffle.*Idefics3.*mlp2x_gelu"):
         check_exportable(vlm)
     # the plain from-scratch timm ViT (class token, no pre-norm) and a conv stem
-    with pytest.raises(ExportError, match=r"no pre-norm.*vision.backend='hf'"):
+    with pytest.raises(ExportError, match=r"no pre-norm.*vision.class_token false.*vision.backend='hf'"):
         check_exportable(tiny_pair()[0])
     conv = VLM.from_preset("tiny", image_token_id=5)
     with pytest.raises(ExportError, match="conv stem"):

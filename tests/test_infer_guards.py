@@ -120,6 +120,20 @@ def test_truncated_weights_file_is_a_one_line_cli_error(ckpt, tmp_path, capsys):
     assert len(err) == 1 and "model.safetensors cannot be read" in err[0]
 
 
+def test_a_tokenizer_without_its_config_is_refused_as_one_line(ckpt, tmp_path, capsys):
+    """Without tokenizer_config.json the tokenizer loads with no eos/pad token: describe, chat and eval ended in a
+    traceback in the first pad, and mmlm.load returned a model whose generation would never stop."""
+    (ckpt / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="the tokenizer has no end-of-sequence token") as e:
+        Processor.from_pretrained(ckpt)
+    assert "\n" not in str(e.value)
+    img = tmp_path / "red.png"
+    image().save(img)
+    assert main(["describe", str(img), "--model", str(ckpt), "--device", "cpu", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "tokenizer_config.json missing?" in err
+
+
 def test_damaged_processor_files_are_clear_errors(ckpt):
     (ckpt / "tokenizer.json").unlink()
     (ckpt / "tokenizer_config.json").unlink()

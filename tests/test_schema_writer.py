@@ -174,6 +174,10 @@ def test_check_record():
     with pytest.raises(SchemaError, match="empty caption"):
         check_record(Record("k", [b"a"], ["png"], caption="  "))
     assert check_record(Record("k", [b"a"], ["png"], question="q?")) == "vqa"  # test splits: no answers
+    # an image in the model's reply: the processor refuses it, so builders and inspect must too
+    in_reply = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<image>\nthere"}]
+    with pytest.raises(SchemaError, match=r"conversations\[1\] \(gpt\) holds <image>"):
+        check_record(Record("k", [b"a"], ["png"], conversations=in_reply))
 
 
 def test_record_to_members_rejects_bad_records():

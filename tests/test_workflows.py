@@ -172,3 +172,9 @@ def test_a_resumed_run_keeps_its_checkpoint_s_warmup_and_a_warmup_longer_than_th
     # step 4 follows the checkpoint's 2-step warmup redrawn over 5 steps (as the full run), not a 50-step warmup
     # (0.04x of the peak; step 3 still runs at the rate the checkpoint's scheduler set for it)
     assert b[4] == pytest.approx(a[4], rel=1e-6) and b[4] > 0.2 * max(a.values())
+
+
+def test_a_learning_rate_for_a_frozen_part_warns(tmp_path):
+    with pytest.warns(UserWarning, match="model.vision_lr is set but stage 'instruct' keeps the vision frozen"):
+        assert fit.main(fit_args(tmp_path / "run", "--model.stage", "instruct", "--model.vision_lr", "1e-4",
+                                 "--data.val", "null", steps=1)) == 0

@@ -108,6 +108,11 @@ class Chat:
         from mmlm.generation import generate
         from mmlm.inference import StreamPrinter
 
+        from mmlm.processing import IMAGE_TOKEN
+
+        if IMAGE_TOKEN in message:  # it would move the chat's image into this turn (placeholders place images)
+            raise ValueError(f"{IMAGE_TOKEN} marks where the image goes and the chat has placed it already; "
+                             "to talk about another image use /image PATH")
         enc = self._encode(message)
         room = self.positions - enc["input_ids"].numel()
         config = dataclasses.replace(self.config, max_new_tokens=min(self.config.max_new_tokens, room))

@@ -29,7 +29,8 @@ benchmarks and files:
   flickr30k      --annotations dataset_flickr30k.json --images flickr30k-images/ [--split test|val]
   coco           --annotations captions_val2014.json --images val2014/
   nocaps         --annotations nocaps_val_4500_captions.json --images DIR  (adds perDomain scores)
-  shards         --shards 'data/test-{000000..000003}.tar' (samples with "captions"; images inside)
+  shards         --shards 'data/test-{000000..000003}.tar' (samples with "captions" or a caption,
+                 KEY.txt or "caption": the references; images inside)
 
 metrics (pycocoevalcap scorers, its PTB tokenizer; fractions as pycocoevalcap reports them):
   Bleu_1..Bleu_4, METEOR (needs Java), ROUGE_L, CIDEr, SPICE (only when Stanford CoreNLP 3.6.0 is

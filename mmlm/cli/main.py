@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module under mmlm.cli (loaded lazily so `mmlm --help` is fast)
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # `mmlm describe ... | head`: the reader is gone; stop quietly, as Unix tools do
+        try:  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 128 + 13  # SIGPIPE
     except (UserError, FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

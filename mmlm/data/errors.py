@@ -7,8 +7,9 @@ Contract:
   per reason. Exceptions of other layers are mapped to reasons by :func:`classify`
   (``SchemaError`` -> ``schema_error`` or ``empty_caption``, ``ImageSpanTruncated`` ->
   ``too_long``, tar/OS errors -> ``bad_shard``).
-* :class:`ErrorBudget` counts good and bad samples and logs every bad one (python ``logging``,
-  logger ``mmlm.data``, WARNING, with the key, shard, reason and detail). Reasons in
+* :class:`ErrorBudget` counts good and bad samples and logs each bad one (python ``logging``,
+  logger ``mmlm.data``, with the key, shard, reason and detail): the first :data:`LOG_FIRST` of
+  each reason at WARNING, then (said once per reason) the rest at DEBUG. Reasons in
   :data:`FILTERED` (``no_target``: the record lacks what ``sample_mode`` asks for, e.g. a VQA
   record in a caption-only run) are deliberate filtering, not broken data: they are counted and
   logged at DEBUG level but do not count against the budget. It never sleeps
@@ -118,6 +119,10 @@ def budget_message(why: str, counts: Mapping[str, int], last: str | None = None,
     return msg + ". Fix or filter the data, or raise max_bad_fraction / max_bad."
 
 
+LOG_FIRST = 10
+"""Bad samples of one reason logged at WARNING by one :class:`ErrorBudget` (a loader worker), the rest at DEBUG."""
+
+
 class ErrorBudget:
     """Counts good and bad samples, logs each bad one, stops past the budget (see module doc)."""
 
@@ -156,7 +161,15 @@ class ErrorBudget:
             return
         self.bad += 1
         self.last = text
-        self.logger.warning("skipped sample %s", text)
+        n = self.counts[error.reason]
+        if n <= LOG_FIRST:
+            self.logger.warning("skipped sample %s", text)
+            if n == LOG_FIRST:
+                self.logger.warning("%d samples skipped as %s%s: the next ones are logged at DEBUG level only (all "
+                                    "are counted: data/skipped in the logs)", n, error.reason,
+                                    f" in {self.where}" if self.where else "")
+        else:
+            self.logger.debug("skipped sample %s", text)
         self.check()
 
     def check(self) -> None:

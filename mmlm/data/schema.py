@@ -329,8 +329,9 @@ def check_record(rec: Record) -> str:
     Checks: it has a kind; a caption or VQA sample has an image (a conversation may be text only);
     caption text is not empty when the sample is a caption sample;
     a VQA question is not empty (answers may be missing: test splits); a conversation has a
-    human and a gpt turn, non-empty gpt values, and either no ``<image>`` placeholder (images,
-    if any, go before the first human turn) or exactly one per image.
+    human and a gpt turn, non-empty gpt values, ``<image>`` placeholders in human turns only (the
+    processor refuses an image in the model's own reply), and either none (images, if any, go before
+    the first human turn) or exactly one per image.
     """
     kind = rec.kind()
     key = rec.key
@@ -354,6 +355,8 @@ def check_record(rec: Record) -> str:
         for i, t in enumerate(rec.conversations):
             if t["from"] == "gpt" and not t["value"].strip():
                 raise SchemaError(key, f"conversations[{i}] (gpt) is empty")
+            if t["from"] == "gpt" and IMAGE_PLACEHOLDER in t["value"]:
+                raise SchemaError(key, f"conversations[{i}] (gpt) holds {IMAGE_PLACEHOLDER}: images go in human turns")
     return kind
 
 

@@ -308,7 +308,10 @@ def load_benchmark(
     else:
         raise BenchmarkError(f"unknown task {task!r} (expected caption or vqa)")
     if not bench.items:
-        raise BenchmarkError(f"{name}: no items to evaluate (check the files, --split and --limit)")
+        hint = "the files, --split and --limit" if task == "caption" else "the files and --limit"
+        skipped = [n for n in notices if n.startswith("skipped ")]  # e.g. shards of conversations, no questions
+        raise BenchmarkError(f"{name}: no items to evaluate ({'; '.join(skipped) + '; ' if skipped else ''}"
+                             f"check {hint})")
     seen: set[str] = set()
     for it in bench.items:  # predictions are keyed by id: a repeated id would be scored with another's answer
         if it.id in seen:

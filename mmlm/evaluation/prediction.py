@@ -81,6 +81,8 @@ def _open_cache(path: Path, fingerprint: dict, resume: bool) -> dict[str, str]:
     fingerprint = json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists, ...)
     if path.exists() and resume:
         old, done, clean = _read_cache(path)
+        if old is not None and old != fingerprint and not done:  # a run that failed before any prediction
+            old, clean = None, False
         if old is not None and old != fingerprint:
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             raise EvalError(

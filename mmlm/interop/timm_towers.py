@@ -96,7 +96,9 @@ def timm_to_hf_vision(encoder) -> tuple[dict, dict[str, torch.Tensor], int]:
             "the timm vision tower cannot be exported: transformers' LLaVA reads a tower's hidden_states as "
             "(B, tokens, D), which TimmWrapperModel does not give (timm feature maps (B, D, H, W) without the "
             "class token), so mmlm converts timm ViTs into transformers CLIP/SigLIP towers; this one has "
-            + ", ".join(why) + ". A transformers CLIP/SigLIP tower (vision.backend='hf') would be needed."
+            + ", ".join(why) + ". A from-scratch ViT exports with SigLIP's layout (vision.stem 'patch', "
+            "vision.class_token false, vision.reg_tokens 0); otherwise a timm ViT of CLIP's or SigLIP's layout or a "
+            "transformers CLIP/SigLIP tower (vision.backend='hf') would be needed."
         )
     embed = vit.patch_embed
     dim = int(vit.embed_dim)

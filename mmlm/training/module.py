@@ -439,6 +439,10 @@ class VLMModule(pl.LightningModule):
         # them: with a loss scale and clipping, use the non-fused kernel (bf16-mixed: see below).
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         fused = False if scaled and (self.trainer.gradient_clip_val or 0) > 0 else None
+        for option, part in (("vision_lr", "vision"), ("projector_lr", "projector"), ("lm_lr", "lm")):
+            if hp.get(option) is not None and not any(p.requires_grad for p in getattr(self.vlm, part).parameters()):
+                rank_zero_warn(f"model.{option} is set but stage {hp.stage!r} keeps the {part} frozen: it trains "
+                               "nothing (see the pre-flight table of what trains)")
         optimizer = build_optimizer(self.vlm, lr=hp.lr, vision_lr=hp.vision_lr, projector_lr=hp.projector_lr,
                                     lm_lr=hp.lm_lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas), eps=hp.eps,
                                     fused=fused)
