@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipelines import _common, from_coco, from_jsonl, from_llava, from_vqav2, synthetic
+from data_pipelines import _common, from_coco, from_csv, from_jsonl, from_llava, from_vqav2, synthetic
 from data_pipelines import inspect as inspect_cli
 from mmlm.data.schema import Record, iter_tar_records
 from mmlm.data.writer import ShardWriter
@@ -114,6 +114,53 @@ def test_from_jsonl(tmp_path, images, capsys):
     summary = capsys.readouterr().out
     assert "wrote 5 samples" in summary and "missing image" in summary
     _inspect_ok(out)
+
+
+def test_from_csv_captions_and_a_tsv_of_questions(tmp_path, images, capsys):
+    """The two commonest custom tables: image,caption (quoted commas, a BOM, extra columns kept) and a TSV of
+    questions with several answers; bad rows skipped with their reason; resume and the manifest as from_jsonl."""
+    src = tmp_path / "captions.csv"
+    src.write_text('\ufeffimage,caption,image_id\n'
+                   'red.png,"a red image, square",42\n'
+                   'sub/green.jpg,a green one,7\n'
+                   '\n'
+                   'missing.png,not there,8\n'
+                   'red.png,,9\n'
+                   'red.png,too,many,fields\n', encoding="utf-8")
+    out = tmp_path / "caps"
+    argv = ["--csv", str(src), "--image-root", str(images), "--out", str(out), *OPTS, "--max-skip-fraction", "0.7"]
+    assert from_csv.main(argv) == 0
+    recs = _read(out)
+    assert sorted(recs) == ["000000001", "000000002"]
+    assert recs["000000001"].caption == "a red image, square"
+    assert recs["000000001"].meta == {"image_id": 42, "image_file": "red.png"}
+    assert recs["000000001"].images == [(images / "red.png").read_bytes()]
+    assert _skips(out) == {"missing image": 1, "bad line": 2}  # the empty caption and the row of 4 fields
+    assert from_csv.main(argv) == 0 and _read(out) == recs  # a re-run resumes: nothing to add
+    _inspect_ok(out)
+
+    tsv = tmp_path / "vqa.tsv"
+    tsv.write_text("image\tquestion\tanswers\nred.png\twhat color?\tred|red| crimson\n"
+                   "sub/green.jpg\tshape?\t\n")
+    out2 = tmp_path / "vqa"
+    assert from_csv.main(["--csv", str(tsv), "--image-root", str(images), "--out", str(out2), *OPTS]) == 0
+    recs = _read(out2)
+    assert recs["000000001"].question == "what color?" and recs["000000001"].answers == ["red", "red", "crimson"]
+    assert recs["000000002"].answers == []  # a test split: questions without answers
+    capsys.readouterr()
+    # tables mmlm cannot build from: one line, exit 2, nothing written
+    for text, message in (("path,caption\nred.png,x\n", "no 'image' column"),
+                          ("image,label\nred.png,x\n", "no 'caption' or 'question' column"),
+                          ("image;caption\nred.png;x\n", "set --delimiter"),
+                          ("image,caption\n", "has no data row")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        assert from_csv.main(["--csv", str(bad), "--image-root", str(images), "--out", str(tmp_path / "x"), *OPTS]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (text, err)
+        assert not (tmp_path / "x").exists()
+    assert from_csv.main(["--csv", str(tmp_path / "semi.csv"), "--image-root", str(images), "--out",
+                          str(tmp_path / "x"), *OPTS]) == 2
 
 
 def test_from_jsonl_bom_and_lines_that_are_not_utf8(tmp_path, images):
@@ -600,7 +647,7 @@ def test_interrupted_synthetic_build_leaves_no_temporaries(tmp_path, monkeypatch
 
 
 def test_every_builder_explains_itself(capsys):
-    for mod in (from_jsonl, from_coco, from_llava, from_vqav2, inspect_cli, synthetic):
+    for mod in (from_jsonl, from_csv, from_coco, from_llava, from_vqav2, inspect_cli, synthetic):
         with pytest.raises(SystemExit) as e:
             mod.main(["--help"])
         assert e.value.code == 0
