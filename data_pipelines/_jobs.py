@@ -203,6 +203,7 @@ class BuildStats:
 
     written: int = 0
     already_present: int = 0
+    unanswered: int = 0  # questions written without answers (a test split's): not trainable, not scorable
     skipped: Counter = field(default_factory=Counter)
     shards: list[Path] = field(default_factory=list)
     seconds: float = 0.0
@@ -220,6 +221,9 @@ class BuildStats:
             lines.append(f"resumed: {self.already_present} samples were already present")
         if self.resumed is not None and self.resumed.removed_tmp:
             lines.append(f"removed {len(self.resumed.removed_tmp)} unfinished temporary shard(s)")
+        if self.unanswered:
+            lines.append(f"note: {self.unanswered} question(s) have no answers (kept, as a test split's): training "
+                         "skips them (no_answer) and eval cannot score them")
         if self.skipped:
             lines.append(f"skipped {self.n_skipped} (see {out / 'skipped.jsonl'}):")
             lines.extend(f"  {n:8d}  {reason}" for reason, n in self.skipped.most_common())
@@ -326,6 +330,7 @@ def run_jobs(
                         seen.add(r.key)
                         writer.write(r)
                         stats.written += 1
+                        stats.unanswered += r.kind() == "vqa" and not r.answers
                 if processed >= 100 and stats.n_skipped > args.max_skip_fraction * processed:
                     top = stats.skipped.most_common(1)[0][0]
                     raise BuildError(

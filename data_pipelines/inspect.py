@@ -79,6 +79,7 @@ class Report:
         self.n_image_errors = 0
         self.n_shard_errors = 0
         self.n_duplicate_keys = 0
+        self.n_unanswered = 0  # questions without answers (a test split's): a note, not an error
         self.lengths: dict[str, LengthStats] = {}
         self.examples: list[dict] = []
 
@@ -106,6 +107,7 @@ class Report:
             "image_errors": self.n_image_errors,
             "shard_errors": self.n_shard_errors,
             "duplicate_keys": self.n_duplicate_keys,
+            "unanswered_questions": self.n_unanswered,
             "lengths": {k: v.summary() for k, v in sorted(self.lengths.items())},
             "errors": self.errors,
             "examples": self.examples,
@@ -167,6 +169,7 @@ def inspect_shards(
                     rep.error("schema", key, e.reason, path)
                     continue
                 rep.kinds[kind] += 1
+                rep.n_unanswered += kind == "vqa" and not rec.answers
                 rep.images_per_sample[len(rec.images)] += 1
                 sizes = []
                 for i, data in enumerate(rec.images):
@@ -230,6 +233,9 @@ def format_report(rep: Report) -> str:
         f"schema errors: {rep.n_schema_errors}, corrupt images: {rep.n_image_errors}, "
         f"unreadable shards: {rep.n_shard_errors}, duplicate keys: {rep.n_duplicate_keys}"
     )
+    if rep.n_unanswered:
+        lines.append(f"note: {rep.n_unanswered} question(s) have no answers (a test split's?): training skips them "
+                     "(no_answer) and eval cannot score them")
     for e in rep.errors:
         lines.append(f"  {e['type']} error in {e['shard']}: {e['key']}: {e['message']}")
     lines.append("OK" if rep.ok else "FAILED")

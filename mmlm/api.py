@@ -157,7 +157,6 @@ def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | Non
     if any(not s for s in stop_strings):  # "" is in every text: every reply would be empty
         raise ValueError("stop strings must not be empty")
     batch = processor.prompt_inputs(images, prompts)
-    batch.pop("labels")
     streamer = TextStream(processor, len(prompts), on_text) if on_text else None
     new = generate(
         vlm, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], num_images=batch["num_images"],

@@ -424,8 +424,9 @@ class Processor:
 
     def __call__(self, images=None, text: str | Sequence[str] | None = None,
                  conversations: Sequence[dict] | Sequence[Sequence[dict]] | None = None) -> dict:
-        """Batch inputs. ``text`` (prompts, one per sample): left-padded generation inputs.
-        ``conversations`` (one or a list): right-padded training inputs with labels.
+        """Batch inputs. ``text`` (prompts, one per sample): left-padded generation inputs, no labels.
+        ``conversations`` (one or a list): right-padded training inputs with labels; a batch in which no
+        token is labelled (no assistant turn anywhere) is refused, as its loss would be NaN.
         ``images``: one image, a list (one per sample), or a list of lists (several per sample)."""
         if (text is None) == (conversations is None):
             raise ValueError("pass exactly one of text= (prompts) or conversations=")
@@ -445,7 +446,15 @@ class Processor:
         if dropped:
             raise ImageSpanTruncated(f"sample {dropped[0]}: overflows max_length={self.config.max_length} inside an "
                                      "image span")
-        return self.pad(samples, "left" if generating else "right")
+        if generating:
+            batch = self.pad(samples, "left")
+            del batch["labels"]  # generation prompts supervise nothing
+            return batch
+        batch = self.pad(samples, "right")
+        if not bool((batch["labels"] != -100).any()):
+            raise ValueError("no token of the batch is labelled (no conversation has an assistant turn), so its "
+                             "loss would be NaN; for generation inputs pass text= (prompts)")
+        return batch
 
     def prompt_inputs(self, images: Sequence[Image.Image | Sequence[Image.Image]], prompts: Sequence[str | None]) -> dict:
         """Left-padded generation inputs; a None prompt means the caption prompt."""

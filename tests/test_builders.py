@@ -175,6 +175,21 @@ def test_from_jsonl_bom_and_lines_that_are_not_utf8(tmp_path, images):
     assert _skips(out) == {"bad line": 1}
 
 
+def test_questions_without_answers_are_kept_and_noted_by_the_builder_and_inspect(tmp_path, images, capsys):
+    """A test split ships questions only: kept, but the build and inspect say that nothing trains or scores them."""
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in (
+        {"image": "red.png", "question": "what color?", "answers": []},
+        {"image": "red.png", "question": "which shape?"},
+        {"image": "red.png", "question": "what color?", "answers": ["red"]})))
+    out = tmp_path / "out"
+    assert from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(out), *OPTS]) == 0
+    assert "note: 2 question(s) have no answers" in capsys.readouterr().out
+    assert sorted(len(r.answers) for r in _read(out).values()) == [0, 0, 1]
+    assert inspect_cli.main([str(out), "--no-progress", "--samples", "0"]) == 0  # a note, not a failure
+    assert "note: 2 question(s) have no answers" in capsys.readouterr().out
+
+
 def test_high_bit_depth_tiffs_are_kept_and_scaled_like_training():
     import numpy as np
 

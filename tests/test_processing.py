@@ -133,6 +133,20 @@ def test_batch_errors_name_the_sample(pair):
         proc(conversations=[])
 
 
+def test_prompts_carry_no_labels_and_an_unlabelled_training_batch_is_refused(pair):
+    """Generation prompts have nothing to supervise: no labels key, so ``vlm(**batch)`` gives no (NaN) loss.
+    A conversations batch in which no sample has an assistant turn would train on nothing: refused."""
+    vlm, proc = pair
+    batch = proc(images=[image()], text=["what color is the star?"])
+    assert "labels" not in batch and vlm(**batch).loss is None
+    ask = [{"role": "user", "content": "<image>what color?"}]
+    with pytest.raises(ValueError, match=r"^no token of the batch is labelled .* pass text="):
+        proc(images=[image(), image()], conversations=[ask, ask])
+    # one labelled sample is enough: the other is a valid (unsupervised) row
+    mixed = proc(images=[image(), image()], conversations=[ask, [*ask, {"role": "assistant", "content": "red"}]])
+    assert (mixed["labels"][0] == -100).all() and torch.isfinite(vlm(**mixed).loss)
+
+
 def test_a_template_that_masks_every_label_raises_naming_the_sample():
     from mmlm.processing import DEFAULT_CHAT_TEMPLATE, Processor
 

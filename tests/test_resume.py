@@ -80,6 +80,19 @@ def test_schedule_change_says_what_a_longer_run_does_to_the_learning_rate():
     assert "spans 12 steps where the checkpoint's run had 6" in msg and "from 0.1x to 0.689x of its peak" in msg
 
 
+def test_a_longer_resumed_run_trains_its_first_step_at_the_redrawn_schedule_s_rate(tmp_path):
+    """The restored optimizer holds the old schedule's rate for the resumed step; the new one's is used."""
+    from mmlm.training.optim import resolve_warmup, warmup_cosine
+
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, "--model.warmup", "2", steps=4)) == 0
+    assert fit.main(fit_args(run, "--model.warmup", "2", "--ckpt_path", "last", steps=8)) == 0
+    lrs = read_metrics(run)["lr/lm"]
+    for step in range(4, 8):  # tiny-cpu: lr 5e-4, min_lr_ratio 0.1
+        want = 5e-4 * warmup_cosine(8, resolve_warmup(2, 8), 0.1)(step)
+        assert abs(lrs[step] - want) <= 1e-6 * want, (step, lrs[step], want)
+
+
 def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path, capsys):
     run = tmp_path / "fresh"
     assert fit.main(fit_args(run, "--ckpt_path", "last", steps=1)) == 0

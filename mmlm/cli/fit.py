@@ -133,6 +133,8 @@ def _cli_classes():
 
     class FitCLI(LightningCLI):
         parse_only = False
+        created_root: str | None = None  # the run directory this fit creates (set on the per-call subclass)
+        made_trainer = None  # the Trainer, once instantiated
 
         def init_parser(self, **kwargs):
             self.parser_class = FitParser
@@ -181,6 +183,8 @@ def _cli_classes():
                 export = cfg.get("export")
                 check_new_run_dir(str(root), cfg.checkpoint.dirpath,
                                   (export.get("dirname") if export is not None else None) or "model")
+            if not os.path.exists(str(root)):
+                type(self).created_root = str(root)
 
         def _parse_ckpt_path(self) -> None:
             # a --ckpt_path that is no checkpoint file is a bad argument, reported before anything is
@@ -205,7 +209,8 @@ def _cli_classes():
             if tcfg.get("enable_progress_bar", True) is not False and not any(
                     isinstance(c, ProgressBar) for c in callbacks):
                 tcfg["callbacks"] = [*callbacks, default_progress_bar()]
-            return super().instantiate_trainer(**kwargs)
+            type(self).made_trainer = trainer = super().instantiate_trainer(**kwargs)
+            return trainer
 
         def before_fit(self) -> None:
             cfg = self.config_init[self.subcommand]
@@ -401,6 +406,26 @@ def make_cli(argv: list[str] | None = None, *, datamodule_class=None, parse_only
             )
         except ParsedOnly as parsed:
             return parsed.config
+        except (Exception, KeyboardInterrupt):
+            remove_untrained_run_dir(cli_class.created_root, cli_class.made_trainer)
+            raise
+
+
+def remove_untrained_run_dir(root: str | None, trainer) -> None:
+    """Delete the run directory a failed fit created (``root``; None: it existed before) when the failure came
+    before the first training step (a bad tokenizer source, a SIGTERM during set-up) and it holds only the
+    configs written at start (config.yaml, the loggers' hparams): they record nothing, and would leave a
+    directory that looks like a run. Anything else keeps it: a run that trained (its logs show how it
+    failed), a checkpoint, or a pre-flight report (``preflight.json`` says why the pre-flight refused)."""
+    if root is None or not os.path.isdir(root):
+        return
+    if trainer is not None and int(getattr(trainer, "global_step", 0) or 0) > 0:
+        return
+    if any(p.is_file() and p.name not in ("config.yaml", "hparams.yaml") for p in Path(root).rglob("*")):
+        return
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def parse_config(argv: list[str], *, datamodule_class=None):

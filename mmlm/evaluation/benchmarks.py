@@ -289,7 +289,7 @@ def load_benchmark(
                     f"{' (first ' + str(len(items)) + ' questions)' if limit is not None else ''}; "
                     "are the questions and annotations files of the same split?")
             if annotations is not None and missing:
-                notices.append(f"{missing} question(s) have no annotation and are not scored")
+                notices.append(f"{missing} question(s) have no annotation (or an empty answers list) and are not scored")
         elif name == "vizwiz":
             items = _take(_vizwiz(annotations, questions, images, suffix), limit)
             bench = Benchmark(name, "vqa", "vqa", items, VIZWIZ_FORMAT, notices, sources)

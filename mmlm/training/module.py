@@ -330,6 +330,22 @@ class VLMModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._keep_frozen_in_eval()
+        if self._resumed_schedule is not None and self._resumed_schedule[0] != self._schedule_steps:
+            self._resync_learning_rates()
+
+    def _resync_learning_rates(self) -> None:
+        """After a resume that redrew the schedule (a changed max_steps), set each group's learning rate to the
+        new schedule's value at the resumed step: the restored optimizer holds the old schedule's, which the
+        first step would otherwise train at."""
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            lambdas = getattr(sched, "lr_lambdas", None)
+            if lambdas is None:
+                continue
+            lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, lambdas)]
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self._pending_rng is not None:
