@@ -174,7 +174,9 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
              **generation) -> list[str]:
     """Describe (or answer ``prompt`` about) each image; returns one text per image.
 
-    ``model``: a checkpoint directory or a ``(vlm, processor)`` pair. ``prompt``: one for all
+    ``images``: paths, binary files or PIL images; an entry that is a list or tuple holds several images
+    for one prompt (its ``<image>`` placeholders, one per image, place them; without any, they go before
+    the prompt). ``model``: a checkpoint directory or a ``(vlm, processor)`` pair. ``prompt``: one for all
     images or one per image (None: the checkpoint's caption prompt). ``generation``: the
     fields of ``GenerationConfig`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...).
     """
@@ -197,7 +199,8 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
 
         starts = tqdm(starts, total=len(starts), unit="batch", desc="describe")
     for start in starts:
-        chunk = [open_image(im) for im in images[start:start + batch_size]]
+        chunk = [[open_image(x) for x in im] if isinstance(im, (list, tuple)) else open_image(im)
+                 for im in images[start:start + batch_size]]
         cb = (lambda row, delta, _s=start: on_text(_s + row, delta)) if on_text else None
         keys = range(start, start + len(chunk))  # sampling seeds by image index: the same at any batch_size
         texts += generate_texts(vlm, processor, chunk, prompts[start:start + batch_size], config, stop_strings, cb,

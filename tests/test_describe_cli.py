@@ -319,6 +319,25 @@ def test_python_api_opens_images_as_training_decodes_them_and_refuses_empty_stop
         describe([Image.new("RGB", (8, 8))], model=pair, stop_strings=[".", ""], max_new_tokens=2)
 
 
+def test_python_api_takes_several_images_for_one_prompt(ckpt):
+    """An entry that is a list holds one prompt's images (placed by its <image>s): the same texts batched
+    or one by one, and as the low-level path gives them; a placeholder count that differs is refused."""
+    from mmlm.api import generate_texts, open_image
+    from mmlm.generation import GenerationConfig
+
+    root, pair = ckpt
+    red, blue = _images(root)[1], _images(root)[0]
+    prompts = ["<image> and <image>: which one is red?", None]
+    texts = describe([[red, blue], red], model=pair, prompt=prompts, batch_size=2, max_new_tokens=6)
+    assert texts == [describe([entry], model=pair, prompt=[p], batch_size=1, max_new_tokens=6)[0]
+                     for entry, p in zip([(red, blue), red], prompts)]
+    vlm, proc = pair
+    assert generate_texts(vlm, proc, [[open_image(red), open_image(blue)]], prompts[:1],
+                          GenerationConfig(max_new_tokens=6)) == texts[:1]
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) in the text but 2 image\(s\)"):
+        describe([[red, blue]], model=pair, prompt="<image> which one is red?", max_new_tokens=2)
+
+
 def test_help_explains_with_an_example(capsys):
     with pytest.raises(SystemExit) as e:
         main(["describe", "--help"])
