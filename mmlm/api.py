@@ -13,6 +13,7 @@ does) and refuses a processor whose image tokens are not the model's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,13 +68,32 @@ def cast_model(vlm, dtype: torch.dtype):
 def check_pair(vlm, processor, where: str | Path = "") -> None:
     """A ``ValueError`` naming ``where`` when the processor's image tokens do not match the model's (a
     processor_config.json from another model): every image would fail later with a per-sample count error."""
+    from mmlm.processing import check_vocabulary
+
     at = f"{where}: " if where else ""
+    try:
+        check_vocabulary(vlm, processor.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{at}{e}") from None
     if processor.config.num_image_tokens != vlm.num_image_tokens:
         raise ValueError(f"{at}the processor expands <image> to {processor.config.num_image_tokens} tokens but the "
                          f"model makes {vlm.num_image_tokens} per image: processor_config.json is not this model's")
     if processor.image_token_id != vlm.config.image_token_id:
         raise ValueError(f"{at}the tokenizer's <image> id is {processor.image_token_id} but the model's "
                          f"image_token_id is {vlm.config.image_token_id}: the tokenizer is not this model's")
+
+
+def model_pair(model) -> tuple:
+    """``model`` checked to be a ``(VLM, Processor)`` pair that belong together (``check_pair``)."""
+    from mmlm.modeling.vlm import VLM
+    from mmlm.processing import Processor
+
+    if not (isinstance(model, (tuple, list)) and len(model) == 2 and isinstance(model[0], VLM)
+            and isinstance(model[1], Processor)):
+        raise TypeError(f"model= must be a checkpoint directory or a (VLM, Processor) pair, got "
+                        f"{type(model).__name__}" + (" (pass (vlm, processor))" if isinstance(model, VLM) else ""))
+    check_pair(model[0], model[1])
+    return model[0], model[1]
 
 
 def load(path: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"):
@@ -92,7 +112,7 @@ def load(path: str | Path, device: str | torch.device | None = "auto", dtype: st
 
 
 def open_image(source) -> Image.Image:
-    """A path, binary file or PIL image -> an RGB PIL image exactly as training decodes one: EXIF
+    """A path, binary file, PIL image or numpy array -> an RGB PIL image exactly as training decodes one: EXIF
     orientation applied (files), then :func:`mmlm.data.decode.to_rgb` (alpha composited on white,
     16-bit and float images scaled to 8 bits; a plain ``convert("RGB")`` would turn a 16-bit
     grayscale PNG white and show whatever colour transparent pixels store). Any format PIL reads."""
@@ -100,6 +120,11 @@ def open_image(source) -> Image.Image:
 
     if isinstance(source, Image.Image):
         return to_rgb(source)
+    if type(source).__module__ == "numpy":  # (H, W) or (H, W, 3|4) uint8, as PIL reads arrays
+        return to_rgb(Image.fromarray(source))
+    if isinstance(source, torch.Tensor):
+        raise TypeError("an image tensor is ambiguous (layout, scale): pass a path, a PIL image or an (H, W, 3) "
+                        "uint8 array (torchvision.transforms.functional.to_pil_image converts a tensor)")
     with Image.open(source) as im:
         return to_rgb(ImageOps.exif_transpose(im))
 
@@ -178,11 +203,15 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
     for one prompt (its ``<image>`` placeholders, one per image, place them; without any, they go before
     the prompt). ``model``: a checkpoint directory or a ``(vlm, processor)`` pair. ``prompt``: one for all
     images or one per image (None: the checkpoint's caption prompt). ``generation``: the
-    fields of ``GenerationConfig`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ...).
+    fields of ``GenerationConfig`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ``seed``, ...); with a
+    ``seed``, an image given by its path samples as ``mmlm describe PATH --seed`` does, whatever its place.
     """
     if model is None:
         raise ValueError("describe needs model= (a checkpoint directory or a (vlm, processor) pair)")
-    vlm, processor = load(model, device, dtype) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)):
+        vlm, processor = load(model, device, dtype)
+    else:
+        vlm, processor = model_pair(model)
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     images = list(images)
@@ -202,7 +231,9 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
         chunk = [[open_image(x) for x in im] if isinstance(im, (list, tuple)) else open_image(im)
                  for im in images[start:start + batch_size]]
         cb = (lambda row, delta, _s=start: on_text(_s + row, delta)) if on_text else None
-        keys = range(start, start + len(chunk))  # sampling seeds by image index: the same at any batch_size
+        # sampling seeds by the image's path (as the CLI), else its index: the same at any batch_size
+        keys = [os.fspath(im) if isinstance(im, (str, os.PathLike)) else i
+                for i, im in enumerate(images[start:start + batch_size], start)]
         texts += generate_texts(vlm, processor, chunk, prompts[start:start + batch_size], config, stop_strings, cb,
                                 seed_keys=keys)
     return texts

@@ -2,13 +2,15 @@
 
 ``generate(vlm, input_ids, pixel_values, attention_mask, ...)`` takes left-padded prompts
 (the processor's generation inputs; a row that ends in padding is a ``ValueError``) and returns
-the new tokens only, (B, T) padded with ``pad_token_id`` after each row's end. Decoding: greedy,
+the new tokens only, (B, T) padded with ``pad_token_id`` after each row's end (default: the first eos id,
+which a tokenizer's ``decode(skip_special_tokens=True)`` drops; never a text token such as GPT-2's id 0, "!"). Decoding: greedy,
 sampling (temperature, top-k, top-p; seeded per sample, see :func:`sample_seed`), or beam search (``num_beams`` > 1, delegated to
 transformers' beam search over the same input embeddings). A row ends at an eos token, when ``stop(generated)``
 says so (stop strings are checked by the caller, who has the tokenizer), at
 ``max_new_tokens``, or at the LM's last position (``max_position_embeddings``: no token is generated
 past the positions the model has; a prompt that already fills them is a ``ValueError``).
-``on_tokens(next_ids)`` is called after every step (streaming). Beam search calls neither ``stop``
+``on_tokens(next_ids)`` is called after every step (streaming). The model runs in eval mode (no dropout)
+whatever mode it is in; its modules' modes are restored afterwards. Beam search calls neither ``stop``
 nor ``on_tokens``: its rows end at eos or ``max_new_tokens`` and come back whole (callers cut the
 text at stop strings afterwards, as ``mmlm.api.generate_texts`` does).
 ``compile=True`` runs the one-token decode step compiled (static cache; CUDA graphs on a GPU).
@@ -20,6 +22,7 @@ The model is never asked about the tokenizer: ids in, ids out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -49,7 +52,7 @@ class GenerationConfig:
     seed: int | None = None
     """Seed for sampling (reproducible outputs): each sample draws from its own stream, seeded by
     :func:`sample_seed` from this seed and the sample's identity (its row, or what the caller names
-    it by: ``describe`` uses the image's path or index), so a sample's text does not depend on the
+    it by: ``describe`` uses the image's path, else its index), so a sample's text does not depend on the
     batch it is generated in, its place in that batch, or a resumed run."""
     use_cache: bool = True
     """Reuse keys/values of past tokens (False recomputes the whole sequence each step)."""
@@ -169,6 +172,25 @@ def _fit_positions(vlm, cfg: GenerationConfig, positions: torch.Tensor) -> Gener
 
 
 @torch.no_grad()
+def in_eval_mode(fn):
+    """Run ``fn(vlm, ...)`` with every module of ``vlm`` in eval mode (no dropout: a model fresh from
+    ``from_preset`` or a training loop is in train mode), each module's own mode restored afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(vlm, *args, **kwargs):
+        training = [m for m in vlm.modules() if m.training]
+        for m in training:
+            m.training = False
+        try:
+            return fn(vlm, *args, **kwargs)
+        finally:
+            for m in training:
+                m.training = True
+
+    return wrapper
+
+
+@in_eval_mode
 def generate(
     vlm,
     input_ids: torch.Tensor,  # (B, L) left-padded
@@ -178,7 +200,7 @@ def generate(
     num_images: torch.Tensor | None = None,
     config: GenerationConfig | None = None,
     eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     seed_keys: Sequence[int | str] | None = None,
@@ -202,6 +224,8 @@ def generate(
         pixel_values = pixel_values.to(device)
     eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
                        dtype=torch.long, device=device)
+    if pad_token_id is None:  # without eos no row ends early, so nothing is padded
+        pad_token_id = int(eos[0]) if eos.numel() else 0
     embeds = vlm.embed(input_ids, pixel_values, num_images)  # (B, L, D)
     # the prompt's LM positions (B, L), each new token the last one + 1; shared image positions repeat one
     shared = vlm.config.image_positions == "shared"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmlm.config import ImageTransformConfig
+from mmlm.data.decode import to_rgb
 from mmlm.pixels import normalize_pixels
 
 __all__ = ["ImageTransform", "pil_resizes_vertically_first", "torch_resize_is_fast"]
@@ -80,10 +81,10 @@ class ImageTransform:
         """Whether ``to_uint8`` resamples with torch (``resize_kernel`` resolved on this machine)."""
 
     def plan(self, image: Image.Image) -> tuple[Image.Image, tuple[int, int], tuple[int, int, int, int] | None]:
-        """The geometry: (the RGB image, padded to a square in ``pad`` mode), the size (w, h) to
+        """The geometry: (the RGB image (:func:`mmlm.data.decode.to_rgb`), padded to a square in ``pad`` mode), the size (w, h) to
         resize it to, and the centre-crop box (left, top, right, bottom) after that, or None."""
         cfg, size = self.cfg, self.cfg.size
-        image = image.convert("RGB") if image.mode != "RGB" else image
+        image = to_rgb(image)  # as training and describe decode: alpha on white, 16-bit scaled (not clipped)
         if cfg.resize_mode == "pad":
             w, h = image.size
             if w != h:

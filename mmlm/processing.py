@@ -14,7 +14,8 @@ Contract:
   ``caption_prompt``.
 - Each ``<image>`` token is expanded to exactly ``num_image_tokens`` copies, the count the
   model produces. A sample longer than ``max_length`` is truncated on the right, but never
-  inside (or before the end of) an image span: then it raises ``ImageSpanTruncated`` or, with
+  inside (or before the end of) an image span, nor where it would remove every answer token: then it
+  raises ``ImageSpanTruncated`` or ``AnswerTruncated`` (both ``SampleTooLong``) or, with
   ``on_overflow="drop"``, ``encode`` returns None. The error names the sample. Generation prompts
   (``add_generation_prompt``) are never cut: a cut removes the assistant's header, and the model
   would continue the question instead of answering it (``mmlm chat`` drops old turns instead).
@@ -79,8 +80,16 @@ _GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # {% generation %}
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class ImageSpanTruncated(ValueError):
+class SampleTooLong(ValueError):
+    """A sample longer than ``max_length`` that cannot be cut there (see the subclasses)."""
+
+
+class ImageSpanTruncated(SampleTooLong):
     """``max_length`` would cut into an image span."""
+
+
+class AnswerTruncated(SampleTooLong):
+    """``max_length`` would cut every answer token of the sample: it would train on nothing."""
 
 
 # ---------------------------------------------------------------------------------- text
@@ -188,8 +197,8 @@ class ProcessorConfig:
     LLaVA) or ``after_text`` (at the end of the turn: the image tokens attend to the question, and the
     answer is at a fixed distance from each of them; measured on the tiny quickstart in the README's status)."""
     on_overflow: str = "raise"
-    """A sample longer than max_length whose cut would fall inside an image span:
-    ``raise`` or ``drop`` (``encode`` returns None)."""
+    """A sample longer than max_length whose cut would fall inside an image span or remove every answer
+    token: ``raise`` or ``drop`` (``encode`` returns None)."""
     stop_tokens: list[str] = field(default_factory=list)
     """Extra tokens that end generation (besides the tokenizer's eos)."""
     vqa_suffix: str | None = None
@@ -244,6 +253,7 @@ class Processor:
         ``image_token_id`` must be the tokenizer's ``<image>`` id (else its images would meet no placeholder)."""
         cfg = ProcessorConfig(image_transform=model.image_transform(), num_image_tokens=model.num_image_tokens, **config)
         processor = cls(tokenizer, cfg, chat_template)
+        check_vocabulary(model, tokenizer)
         model_id = model.config.image_token_id
         if model_id != processor.image_token_id:
             raise ValueError(f"the model's image_token_id={model_id} is not the tokenizer's {IMAGE_TOKEN} id "
@@ -314,14 +324,16 @@ class Processor:
         return messages
 
     def encode(self, conversation: Sequence[dict], images: Sequence[Image.Image] = (), *,
-               add_generation_prompt: bool = False, key: str | int | None = None, pixel_dtype: str = "float") -> dict | None:
+               add_generation_prompt: bool = False, key: str | int | None = None, pixel_dtype: str = "float",
+               on_overflow: str | None = None) -> dict | None:
         """One sample -> ``{input_ids (L,), labels (L,), pixel_values (n, 3, H, W) | None, num_images}``.
 
         ``pixel_dtype="float"``: pixel values normalised as the image transform says (float32);
         ``"uint8"``: the fitted RGB images, not normalised (the model normalises them on its device,
         see ``mmlm.pixels``; what the training data pipeline sends). Returns None only when the
-        sample overflows into an image span and on_overflow="drop". Errors name the sample by ``key``
-        (``__call__`` passes each sample's index in the batch).
+        sample cannot be cut to max_length (an image span, every answer token) and ``on_overflow``
+        (default: the config's) is "drop". Errors name the sample by ``key`` (``__call__`` passes each
+        sample's index in the batch).
         """
         check_pixel_dtype(pixel_dtype)
         messages = self._with_system(place_images(normalize_messages(conversation, key), len(images), key,
@@ -333,9 +345,12 @@ class Processor:
                              "inside {% generation %}...{% endgeneration %}, so the sample has nothing to learn")
         ids, labels = self._expand_images(ids, np.where(mask, ids, -100))
         if not add_generation_prompt:  # a prompt is never cut (see the module docstring)
-            ids, labels = self._truncate(ids, labels, key)
-        if ids is None:
-            return None
+            try:
+                ids, labels = self._truncate(ids, labels, key)
+            except SampleTooLong:
+                if (on_overflow or self.config.on_overflow) == "drop":
+                    return None
+                raise
         pixel_values = None
         if images:
             to_tensor = self.image_transform.to_uint8 if pixel_dtype == "uint8" else self.image_transform
@@ -388,11 +403,16 @@ class Processor:
             return ids, labels
         img_pos = (ids == self.image_token_id).nonzero().flatten()
         if img_pos.numel() and int(img_pos[-1]) >= max_len:
-            if self.config.on_overflow == "drop":
-                return None, None
             raise ImageSpanTruncated(
                 f"{_name(key)}{ids.numel()} tokens exceed max_length={max_len} and the cut would fall inside an "
                 f"image span (last image token at {int(img_pos[-1])}); raise max_length or use on_overflow='drop'"
+            )
+        labelled = (labels != -100).nonzero().flatten()
+        if labelled.numel() and int(labelled[0]) >= max_len:
+            raise AnswerTruncated(
+                f"{_name(key)}{ids.numel()} tokens exceed max_length={max_len} and the cut would remove every answer "
+                f"token (the first at {int(labelled[0])}); raise max_length, shorten the prompt or use "
+                "on_overflow='drop'"
             )
         return ids[:max_len], labels[:max_len]
 
@@ -440,12 +460,9 @@ class Processor:
         per_sample = _images_per_sample(images, len(convs))
         generating = text is not None
         # errors name the sample by its index in the batch
-        samples = [self.encode(c, ims, add_generation_prompt=generating, key=i)
+        # a batch has no row to drop: a sample that cannot be cut raises, whatever on_overflow says
+        samples = [self.encode(c, ims, add_generation_prompt=generating, key=i, on_overflow="raise")
                    for i, (c, ims) in enumerate(zip(convs, per_sample))]
-        dropped = [i for i, s in enumerate(samples) if s is None]
-        if dropped:
-            raise ImageSpanTruncated(f"sample {dropped[0]}: overflows max_length={self.config.max_length} inside an "
-                                     "image span")
         if generating:
             batch = self.pad(samples, "left")
             del batch["labels"]  # generation prompts supervise nothing
@@ -468,12 +485,33 @@ class Processor:
         return [self.decode(row) for row in ids]
 
 
+def check_vocabulary(model, tokenizer) -> None:
+    """A ``ValueError`` when the tokenizer has ids past the model's input embeddings: the first forward would
+    fail with a bare ``IndexError`` (a device-side assert on a GPU)."""
+    rows = model.lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
+                         "build the model with text={'hf_config': {'vocab_size': len(tokenizer)}}")
+
+
 def _images_per_sample(images, n: int) -> list[list[Image.Image]]:
     if images is None:
         return [[] for _ in range(n)]
     if isinstance(images, Image.Image):
         images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(_NOT_AN_IMAGE.format(type(images).__name__))
     images = list(images)
     if len(images) != n:
         raise ValueError(f"{len(images)} image entries for {n} samples (pass one entry per sample)")
-    return [[im] if isinstance(im, Image.Image) else list(im or []) for im in images]
+    out = [[im] if isinstance(im, Image.Image) else list(im or []) if isinstance(im, (list, tuple, type(None)))
+           else im for im in images]
+    for entry in out:
+        bad = [x for x in (entry if isinstance(entry, list) else [entry]) if not isinstance(x, Image.Image)]
+        if bad:
+            raise TypeError(_NOT_AN_IMAGE.format(type(bad[0]).__name__))
+    return out
+
+
+_NOT_AN_IMAGE = ("images must be PIL images (one per sample, or a list per sample), got {}: open files with "
+                 "mmlm.api.open_image (it decodes as training does), arrays with PIL.Image.fromarray")

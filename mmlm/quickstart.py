@@ -86,6 +86,19 @@ def learning_curve(workdir: Path) -> list[dict[str, float]]:
     return rows
 
 
+class TrainingFailed(RuntimeError):
+    """``mmlm fit`` exited with ``exit_code``: a signal (>= 128; its ``last.ckpt`` is saved, a re-run resumes)
+    or an error (its message is in the log above)."""
+
+    def __init__(self, exit_code: int):
+        self.exit_code = exit_code
+        if exit_code >= 128:
+            super().__init__(f"training stopped by signal {exit_code - 128}; re-run the same command to resume "
+                             "from its last checkpoint")
+        else:
+            super().__init__(f"training failed (mmlm fit exit code {exit_code}); its log is above")
+
+
 def train(workdir: Path, data: Path, config: Path, extra_args: list[str]) -> float:
     """Run ``mmlm fit`` on the synthetic data; returns its wall time in seconds."""
     from mmlm.cli.fit import main as fit_main
@@ -102,7 +115,7 @@ def train(workdir: Path, data: Path, config: Path, extra_args: list[str]) -> flo
     start = time.perf_counter()
     code = fit_main(argv)
     if code != 0:
-        raise RuntimeError(f"training failed (mmlm fit exit code {code}); its log is above")
+        raise TrainingFailed(code)
     return time.perf_counter() - start
 
 

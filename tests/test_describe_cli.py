@@ -112,7 +112,8 @@ def test_compiled_decoding_writes_the_same_texts(ckpt, tmp_path, capsys):
 
 def test_sampled_texts_are_seeded_per_image_whatever_the_batching(ckpt, tmp_path, capsys):
     """--do-sample --seed: an image's text depends on the seed and its path only, not on --batch-size, the
-    images around it, or whether it was described alone (streamed); the API seeds by image index likewise."""
+    images around it, or whether it was described alone (streamed); the API seeds an image path as the CLI does
+    (whatever its place in the list), an image without a path by its index."""
     root, pair = ckpt
     sample = ["--do-sample", "--temperature", "2", "--seed", "11"]
     texts = {}
@@ -129,7 +130,9 @@ def test_sampled_texts_are_seeded_per_image_whatever_the_batching(ckpt, tmp_path
     paths = _images(root)
     api = [describe(paths, model=pair, batch_size=b, max_new_tokens=6, do_sample=True, temperature=2.0, seed=11)
            for b in (1, 4)]
-    assert api[0] == api[1]
+    assert api[0] == api[1] == [texts["1"][p] for p in paths]  # the CLI's texts, path for path
+    reordered = describe(paths[::-1], model=pair, max_new_tokens=6, do_sample=True, temperature=2.0, seed=11)
+    assert reordered == api[0][::-1]
 
 
 def test_glob_prints_path_tab_text(ckpt, capsys):

@@ -209,3 +209,36 @@ def test_static_cache_length_is_bucketed_only_when_compiled():
     assert static_cache_length(30, 12, compiled=False) == 42
     assert static_cache_length(30, 12, compiled=True) == CACHE_BUCKET
     assert static_cache_length(CACHE_BUCKET, 1, compiled=True) == 2 * CACHE_BUCKET
+
+
+def test_rows_that_end_early_are_padded_with_eos_by_default_and_vlm_generate_guards_its_inputs(pair):
+    """No pad id given: a finished row is filled with its first eos id (dropped by decode), not id 0, which is a
+    text token in GPT-2's and Qwen's vocabularies ("!"). ``vlm.generate`` refuses training inputs and warns
+    when it has no eos to stop at."""
+    vlm, proc = pair
+    batch = proc(images=IMAGES[:2], text=PROMPTS[:2])
+    inputs = dict(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                  attention_mask=batch["attention_mask"], num_images=batch["num_images"])
+    first = generate(vlm, **inputs, max_new_tokens=1)[0, 0].item()  # row 0's first token ends it
+    other = proc.stop_token_ids[0]
+    out = generate(vlm, **inputs, eos_token_id=[first, other], max_new_tokens=5)
+    assert out[0, 0] == first and (out[0, 1:] == min(first, other)).all()  # the first (lowest) eos id
+    with pytest.warns(UserWarning, match="generate without eos_token_id"):
+        vlm.generate(**batch, max_new_tokens=2)
+    train = proc(images=IMAGES[:1], conversations=[[{"role": "user", "content": "<image>what?"},
+                                                    {"role": "assistant", "content": "red"}]])
+    with pytest.raises(ValueError, match=r"generate takes prompts \(processor\(text=\.\.\.\)\)"):
+        vlm.generate(**train, eos_token_id=proc.stop_token_ids)
+
+
+def test_generation_runs_in_eval_mode_and_restores_each_module_s_mode():
+    """A model in train mode (fresh from from_preset, or a training loop) decodes without dropout, and the
+    modes come back as they were (a frozen part kept in eval stays so)."""
+    vlm, proc = tiny_pair()
+    seen = []
+    vlm.lm.register_forward_pre_hook(lambda mod, args: seen.append(any(m.training for m in mod.modules())))
+    vlm.train()
+    vlm.vision.eval()  # as training keeps a frozen tower
+    _gen(vlm, proc, IMAGES, PROMPTS, max_new_tokens=3)
+    assert seen and not any(seen)  # no module of the LM was in train mode at any step
+    assert vlm.lm.training and vlm.projector.training and not any(m.training for m in vlm.vision.modules())

@@ -7,7 +7,7 @@ from PIL import Image
 from _tiny import image, pair, tiny_pair  # noqa: F401
 from mmlm.config import ImageTransformConfig
 from mmlm.image_transform import ImageTransform
-from mmlm.processing import ImageSpanTruncated
+from mmlm.processing import ImageSpanTruncated, SampleTooLong
 
 
 def _labelled_text(proc, enc):
@@ -123,8 +123,8 @@ def test_batch_errors_name_the_sample(pair):
     with pytest.raises(ImageSpanTruncated, match=r"^sample 2: .* inside an image span"):
         proc(images=[image(), image(), image()], conversations=[ok, ok, long])
     dropping = Processor(proc.tokenizer, replace(proc.config, on_overflow="drop"))
-    with pytest.raises(ImageSpanTruncated, match=r"^sample 1: overflows max_length=128 inside an image span$"):
-        dropping(images=[image(), image()], conversations=[ok, long])
+    with pytest.raises(ImageSpanTruncated, match=r"^sample 1: \d+ tokens exceed max_length=128 .* inside an image"):
+        dropping(images=[image(), image()], conversations=[ok, long])  # a batch has no row to drop
     with pytest.raises(ValueError, match=r"^sample 1: 2 <image> placeholder\(s\) in the text but 1 image\(s\)$"):
         proc(images=[image(), image()], text=["what?", "<image> or <image>?"])
     with pytest.raises(ValueError, match=r"^sample 1: the conversation has no turns$"):
@@ -245,9 +245,9 @@ def test_system_prompt_from_config():
 def test_truncation_never_cuts_an_image_span():
     vlm, proc = tiny_pair()
     conv = [{"role": "user", "content": "<image>what color is the star?"}, {"role": "assistant", "content": "red " * 40}]
-    proc.config.max_length = 30  # the image span (16 tokens) fits, the long answer is cut
+    proc.config.max_length = 34  # the image span (16 tokens) fits, the long answer is cut
     enc = proc.encode(conv, [image()])
-    assert enc["input_ids"].numel() == 30
+    assert enc["input_ids"].numel() == 34 and (enc["labels"] != -100).any()
     assert int((enc["input_ids"] == proc.image_token_id).sum()) == 16
     proc.config.max_length = 10  # the cut would fall inside the image span
     with pytest.raises(ImageSpanTruncated, match="sample 's7'.*inside an image span"):
@@ -485,9 +485,10 @@ def _old_encode(proc, conversation, images, add_generation_prompt=False, key=Non
             out_labels.append(lab)
     ids, labels = torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_labels, dtype=torch.long)
     if not add_generation_prompt:  # generation prompts are never cut (the cut would remove the assistant header)
-        ids, labels = proc._truncate(ids, labels, key)
-    if ids is None:
-        return None
+        try:
+            ids, labels = proc._truncate(ids, labels, key)
+        except SampleTooLong:  # on_overflow="drop"
+            return None
     tf = proc.image_transform
     old = [(torch.from_numpy(np.asarray(tf.fit(im), dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
             - tf._mean) / tf._std for im in images]
@@ -515,7 +516,7 @@ def test_encode_is_byte_identical_to_the_old_path():
             images = [_noise((30 + 7 * j, 25), seed=10 * i + j) for j in range(n)]
             new = proc.encode(conv, images, add_generation_prompt=gen)
             old = _old_encode(proc, conv, images, add_generation_prompt=gen)
-            if old is None:  # max_length 30 cuts into an image span
+            if old is None:  # max_length 30 cuts into an image span (or past every answer token)
                 assert new is None and max_length == 30
                 continue
             truncated += int(old["input_ids"].numel() == max_length)
@@ -526,3 +527,60 @@ def test_encode_is_byte_identical_to_the_old_path():
                 else:
                     assert new[k].dtype == old[k].dtype and torch.equal(new[k], old[k]), (i, k)
     assert truncated  # a cut after the image span was compared too
+
+
+def test_the_processor_converts_odd_modes_as_training_and_describe_do(pair):
+    """Alpha composited on white and 16-bit scaled to 8 bits (``to_rgb``), not PIL's plain convert("RGB"),
+    which kept a transparent pixel's colour and clipped 16-bit values to white."""
+    from mmlm.api import open_image
+
+    _, proc = pair
+    conv = [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "red"}]
+    for im in (Image.new("RGBA", (40, 40), (255, 0, 0, 0)), Image.new("I;16", (40, 40), 30000),
+               Image.new("LA", (40, 40), (0, 0))):
+        direct = proc(images=[im], conversations=[conv])["pixel_values"]
+        decoded = proc(images=[open_image(im)], conversations=[conv])["pixel_values"]
+        assert torch.equal(direct, decoded), im.mode
+        plain = proc(images=[im.convert("RGB")], conversations=[conv])["pixel_values"]
+        assert not torch.equal(direct, plain), im.mode  # the case the conversion is for
+
+
+def test_a_cut_that_would_remove_every_answer_token_raises_or_drops(pair):
+    """A long question and a short answer: cut to max_length, the sample would train on nothing (in a batch,
+    silently). It raises naming the sample (``too_long`` in the training stream) or, with drop, is dropped."""
+    from dataclasses import replace
+
+    from mmlm.data.errors import TOO_LONG, classify
+    from mmlm.processing import AnswerTruncated, Processor
+
+    _, proc = pair
+    ok = [{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]
+    long = [{"role": "user", "content": "<image>" + "what color is the star? " * 30}, ok[1]]
+    with pytest.raises(AnswerTruncated, match=r"^sample 1: \d+ tokens exceed max_length=128 and the cut would remove "
+                                              r"every answer token \(the first at \d+\)"):
+        proc(images=[image(), image()], conversations=[ok, long])
+    with pytest.raises(AnswerTruncated) as err:
+        proc.encode(long, [image()], key="s3")
+    assert classify(err.value, "s3").reason == TOO_LONG
+    dropping = Processor(proc.tokenizer, replace(proc.config, on_overflow="drop"))
+    assert dropping.encode(long, [image()]) is None
+    # an answer that starts inside max_length is cut, as before: it keeps its first tokens
+    cut = proc.encode([ok[0], {"role": "assistant", "content": "red " * 200}], [image()])
+    assert cut["input_ids"].numel() == 128 and (cut["labels"] != -100).any()
+
+
+def test_images_that_are_not_pil_images_are_a_clear_type_error(pair):
+    """A path string was iterated as characters ("27 images"); arrays gave "truth value ... ambiguous"."""
+    import numpy as np
+
+    from mmlm.api import open_image
+
+    _, proc = pair
+    for bad in ("photo.jpg", [np.zeros((8, 8, 3), np.uint8)], [[image(), "b.png"]]):
+        with pytest.raises(TypeError, match=r"^images must be PIL images .* got (str|ndarray): open files with"):
+            proc(images=bad, text=["what?"])
+    arr = np.zeros((8, 8, 3), np.uint8)
+    arr[..., 0] = 255
+    assert np.array_equal(np.asarray(open_image(arr)), arr)  # describe takes arrays through open_image
+    with pytest.raises(TypeError, match="image tensor is ambiguous"):
+        open_image(torch.zeros(3, 8, 8))

@@ -97,3 +97,18 @@ def test_the_benchmark_runs_one_quickstart_per_seed(tmp_path, capsys):
     assert "worst" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # a seed twice
         bench.main(["--seeds", "1", "1"])
+
+
+def test_a_stopped_or_failed_training_is_one_line_and_its_exit_code(tmp_path, capsys, monkeypatch):
+    """SIGTERM stops `mmlm fit` with 143 after saving last.ckpt: the quickstart says a re-run resumes (it raised
+    a traceback); a failure points at the log above."""
+    import mmlm.cli.fit
+
+    work = tmp_path / "qs"
+    for code, said in ((143, "training stopped by signal 15; re-run the same command to resume"),
+                       (1, "error: training failed (mmlm fit exit code 1); its log is above")):
+        monkeypatch.setattr(mmlm.cli.fit, "main", lambda argv, code=code: code)
+        assert main(["quickstart", "--workdir", str(work), "--train-images", "8", "--test-images", "4",
+                     "--no-progress"]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(said) and not any("Traceback" in line for line in err)

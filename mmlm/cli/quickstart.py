@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from mmlm.quickstart import format_results, run_quickstart
+    from mmlm.quickstart import TrainingFailed, format_results, run_quickstart
 
     for name in ("train_images", "test_images"):
         if getattr(args, name) < 1:
@@ -66,9 +67,13 @@ def run(args) -> int:
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")  # Lightning would pick a random one
     fit_args = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
-    results = run_quickstart(args.workdir, recipes=args.recipes,
-                             train_images=args.train_images, test_images=args.test_images, fit_args=fit_args,
-                             progress=not args.no_progress, seed=args.seed)
+    try:
+        results = run_quickstart(args.workdir, recipes=args.recipes,
+                                 train_images=args.train_images, test_images=args.test_images, fit_args=fit_args,
+                                 progress=not args.no_progress, seed=args.seed)
+    except TrainingFailed as e:
+        print(("" if e.exit_code >= 128 else "error: ") + str(e), file=sys.stderr)
+        return e.exit_code
     print(format_results(results))
     print(f"\nmodel: {results['model']}    results: {args.workdir}/results.json")
     return 0

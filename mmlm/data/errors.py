@@ -5,8 +5,8 @@ Contract:
 * A sample that cannot become a training sample is a :class:`BadSample` (``key``, ``reason``,
   ``detail``). ``reason`` is one of :data:`REASONS`, a short snake_case category; counts are kept
   per reason. Exceptions of other layers are mapped to reasons by :func:`classify`
-  (``SchemaError`` -> ``schema_error`` or ``empty_caption``, ``ImageSpanTruncated`` ->
-  ``too_long``, tar/OS errors -> ``bad_shard``).
+  (``SchemaError`` -> ``schema_error`` or ``empty_caption``, ``SampleTooLong`` (an image span
+  or every answer token past max_length) -> ``too_long``, tar/OS errors -> ``bad_shard``).
 * :class:`ErrorBudget` counts good and bad samples and logs each bad one (python ``logging``,
   logger ``mmlm.data``, with the key, shard, reason and detail): the first :data:`LOG_FIRST` of
   each reason at WARNING, then (said once per reason) the rest at DEBUG. Reasons in
@@ -80,12 +80,12 @@ def classify(exc: BaseException, key: str | None = None) -> BadSample:
     if isinstance(exc, BadSample):
         return exc
     from mmlm.data.schema import SchemaError
-    from mmlm.processing import ImageSpanTruncated
+    from mmlm.processing import SampleTooLong
 
     if isinstance(exc, SchemaError):
         reason = EMPTY_CAPTION if "empty caption" in exc.reason else SCHEMA_ERROR
         return BadSample(exc.key if key is None else key, reason, exc.reason)
-    if isinstance(exc, ImageSpanTruncated):
+    if isinstance(exc, SampleTooLong):
         return BadSample(key, TOO_LONG, str(exc))
     if isinstance(exc, (tarfile.TarError, EOFError, OSError)):
         return BadSample(key, BAD_SHARD, f"{type(exc).__name__}: {exc}")

@@ -306,7 +306,8 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
             if item.error is None:
                 max_len = processor.config.max_length
                 if enc is None:
-                    item.error = BadSample(item.key, TOO_LONG, f"overflows max_length={max_len} inside an image span")
+                    item.error = BadSample(item.key, TOO_LONG, f"cannot be cut to max_length={max_len} (an image "
+                                                               "span or every answer token is past it)")
                 elif enc["input_ids"].numel() >= max_len and not bool((enc["labels"] != -100).any()):
                     # truncation cut every answer token (a template that masks every label makes the
                     # processor raise: an encode_error naming the template; the trainer's preflight

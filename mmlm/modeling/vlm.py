@@ -27,6 +27,8 @@ This module holds nn.Modules only: no tokenizer, no data code, no file I/O but w
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,9 +302,17 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, num_images=None, **kwargs):
-        """Batched, KV-cached generation; see ``mmlm.generation.generate`` for the options."""
+        """Batched, KV-cached generation; see ``mmlm.generation.generate`` for the options. The model knows no
+        tokenizer: pass ``eos_token_id=processor.stop_token_ids`` (without it every row runs to
+        ``max_new_tokens``, with a warning)."""
         from mmlm.generation import generate
 
+        if "labels" in kwargs:
+            raise ValueError("generate takes prompts (processor(text=...)), not training inputs with labels "
+                             "(processor(conversations=...))")
+        if kwargs.get("eos_token_id") is None:
+            warnings.warn("generate without eos_token_id: every row runs to max_new_tokens; pass "
+                          "eos_token_id=processor.stop_token_ids", stacklevel=2)
         return generate(self, input_ids, pixel_values, attention_mask, num_images=num_images, **kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
