@@ -243,6 +243,9 @@ class Processor:
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:  # batches could not be padded: a TypeError in a loader worker
+                raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token: batches cannot be "
+                                 "padded and generation cannot stop; set tokenizer.eos_token (and save it)")
             tokenizer.pad_token = tokenizer.eos_token
         self.image_transform = ImageTransform(config.image_transform)
 

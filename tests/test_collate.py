@@ -83,6 +83,20 @@ def test_pack_collate_contract(pair):
     assert b["total_tokens"] == b["input_ids"].numel()
 
 
+def test_packed_padding_positions_stay_below_the_longest_sample(pair):
+    """A short row's padding tail counted on from 0 to the row's end: past a learned position table (GPT-2's,
+    OPT's) when the packed rows are longer than it, an IndexError. It restarts before the longest sample's length."""
+    _, proc = pair
+    samples = _samples(proc, 8)
+    longest = max(s["input_ids"].numel() for s in samples)
+    b = PackCollate(proc, max_length=4 * longest).collate_rows([samples[:6], samples[6:7]])
+    row = b["position_ids"][1]
+    n = samples[6]["input_ids"].numel()
+    assert row[:n].tolist() == list(range(n)) and int(row.max()) < longest
+    tail = row[n:].tolist()  # the padding: segments restarting at 0, each counting up by one
+    assert tail[0] == 0 and all(b == a + 1 or b == 0 for a, b in zip(tail, tail[1:])) and tail.count(0) >= 2
+
+
 def test_collates_keep_uint8_pixels_and_refuse_a_dtype_mix(pair):
     _, proc = pair
     convs = [[{"role": "user", "content": "<image>what color?"}, {"role": "assistant", "content": "red"}]] * 3

@@ -252,3 +252,15 @@ def test_image_processor_matches_the_transform(mode, pct, size):
     assert theirs.shape == ours.shape == (3, 32, 32)
     diff = (theirs - ours).abs()  # torchvision vs PIL resampling: the same geometry, rounding apart
     assert diff.mean() < 0.01 and diff.max() < 0.2
+
+
+def test_export_says_when_its_centre_crop_can_be_a_pixel_off():
+    """transformers floors the crop offset where mmlm (as timm) rounds it: an odd excess is one pixel off."""
+    from mmlm.interop.export import crop_difference
+
+    assert crop_difference(ImageTransformConfig(size=64, resize_mode="squash")) is None
+    assert crop_difference(ImageTransformConfig(size=64, resize_mode="pad")) is None
+    odd = crop_difference(ImageTransformConfig(size=64, resize_mode="crop", crop_pct=0.95))  # 67 - 64 = 3
+    assert "one pixel off mmlm's for every image" in odd and "resize_mode squash exports exactly" in odd
+    even = crop_difference(ImageTransformConfig(size=32, resize_mode="crop", crop_pct=0.875))  # 36 - 32 = 4
+    assert "non-square images" in even

@@ -496,11 +496,11 @@ def test_preflight_counts_packed_samples_not_the_rows_padding():
                 "pixel_values": None}
 
     pack = PackCollate(SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0)), max_length=16)
-    batch = pack.collate_rows([[sample(5), sample(6)], [sample(4)]])  # row 1 ends in 7 padding tokens
+    batch = pack.collate_rows([[sample(5), sample(6)], [sample(4)]])  # row 1 ends in 7 padding tokens (2 segments)
     rep = analyse_batches([batch], image_token_id=99, num_image_tokens=0, max_length=16, pad_token_id=0)
     assert rep.samples == batch["num_samples"] == 3 and rep.samples_without_labels == 0 and not rep.warnings
     unaware = analyse_batches([batch], image_token_id=99, num_image_tokens=0, max_length=16)
-    assert unaware.samples == 4 and unaware.samples_without_labels == 1  # what the report said before
+    assert unaware.samples == 5 and unaware.samples_without_labels == 2  # what the report said before
 
 
 def test_memory_estimate_follows_precision_stage_and_checkpointing():

@@ -6,6 +6,8 @@ for what maps to what."""
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 _EXPORT_HELP = (
     "Write an mmlm checkpoint as a stock transformers LLaVA directory (LlavaForConditionalGeneration + "
@@ -56,8 +58,12 @@ def run(args) -> int:
 
     try:
         if args.command == "export":
-            out = interop.export_hf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                out = interop.export_hf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
             print(f"wrote transformers LLaVA checkpoint to {out}")
+            for w in caught:  # what the export does differently, as one line each (not a warning's source line)
+                print(f"note: {w.message}", file=sys.stderr)
         else:
             if args.max_length is not None and args.max_length < 1:
                 raise ValueError(f"--max-length must be >= 1, got {args.max_length}")

@@ -10,8 +10,10 @@ Batch contract (both collates), a dict:
 ``labels``            (B, L) long; -100 on padding and on every non-assistant token
 ``attention_mask``    (B, L) long (1 = real token) when padding; None when packing
 ``position_ids``      None when padding; (B, L) long when packing, restarting at 0 for each
-                      sample (and for the trailing padding), so that transformers keeps
-                      attention within each sample (its packed-sequence masks)
+                      sample (and for the trailing padding, which restarts again each time it
+                      would reach the longest sample's length), so that transformers keeps
+                      attention within each sample (its packed-sequence masks) and no position
+                      exceeds what the samples alone use
 ``pixel_values``      (N, 3, H, W), the images in the order their placeholders appear,
                       row-major; None when the batch has no image. The samples' dtype: uint8
                       RGB (the stream's default; ``VLM.encode_images`` normalises them) or
@@ -208,6 +210,7 @@ class PackCollate:
         if max(row_lengths) > self.max_length:
             raise ValueError(f"a packed row of {max(row_lengths)} tokens exceeds max_length={self.max_length}")
         batch, length = len(rows), max(row_lengths)
+        longest = max(_length(s) for r in rows for s in r)  # no position reaches it
         pad_id = self.processor.tokenizer.pad_token_id
         input_ids = torch.full((batch, length), pad_id, dtype=torch.long)  # (B, L)
         labels = torch.full((batch, length), -100, dtype=torch.long)  # (B, L)
@@ -227,7 +230,9 @@ class PackCollate:
                 num_images[r] += int(s["num_images"])
                 if s["pixel_values"] is not None:
                     pixels.append(s["pixel_values"])
-            position_ids[r, off:] = torch.arange(length - off)  # padding is a segment of its own
+            # padding: segments of its own, positions below the longest sample's (a row may be longer than
+            # the LM's position table, as samples restart at 0; padding counting on would run past its end)
+            position_ids[r, off:] = torch.arange(length - off) % longest
         return {
             "input_ids": input_ids,
             "labels": labels,

@@ -63,6 +63,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -172,6 +173,20 @@ def image_processor_for(transform: ImageTransformConfig):
     if transform.resize_mode == "pad":
         return LlavaImageProcessor(size={"height": s, "width": s}, do_center_crop=False, do_pad=True, **common)
     return CLIPImageProcessor(size={"height": s, "width": s}, do_center_crop=False, **common)
+
+
+def crop_difference(transform: ImageTransformConfig) -> str | None:
+    """What the export's image processor does differently from ``transform``, when it can: a centre crop whose
+    excess is odd (the shorter side's when floor(S / crop_pct) - S is odd; the longer side's for about half of
+    non-square images) is one pixel off, as transformers floors the offset where timm and mmlm round it."""
+    if transform.resize_mode != "crop":
+        return None
+    s = int(transform.size)
+    excess = math.floor(s / transform.crop_pct) - s
+    where = "every image" if excess % 2 else "non-square images whose longer side has an odd excess"
+    return (f"the export's centre crop can be one pixel off mmlm's for {where} (transformers floors the crop "
+            "offset, mmlm rounds it, as timm does): its pixels, and sometimes its greedy texts, differ slightly; a "
+            "model trained with resize_mode squash exports exactly")
 
 
 def _load_pair(model):
@@ -354,6 +369,9 @@ def export_hf(model, out: str | Path, *, dtype: str | torch.dtype | None = None,
     plan = check_exportable(vlm)
     llava = to_llava(vlm, processor, plan, _resolve_dtype(dtype))
     lp = to_llava_processor(vlm, processor, plan)
+    note = crop_difference(processor.config.image_transform)
+    if note:
+        warnings.warn(note, stacklevel=2)
 
     def write(tmp: Path) -> None:
         llava.save_pretrained(str(tmp))

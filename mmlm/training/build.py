@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -251,6 +252,21 @@ def tokenizer_from_shards(train_shards: Any, vocab_size: int, *, max_records: in
     return train_tokenizer(texts, vocab_size, prompts=prompts, records=n)
 
 
+def check_local_paths(cfg: VLMConfig, tokenizer: str | None = None) -> None:
+    """A ``ValueError`` naming the option when a part is named by a local path that does not exist (transformers
+    would answer "Repo id must be in the form ...", timm with an empty FileNotFoundError)."""
+    vision = cfg.vision.name or ""
+    named = [("model_overrides.text.name", cfg.text.name or ""), ("model.tokenizer", tokenizer or ""),
+             ("model_overrides.vision.name", vision.removeprefix("local-dir:"))]
+    for option, name in named:
+        local = name.startswith(("/", "./", "../", "~")) or (option.endswith("vision.name") and vision != name)
+        if local and not os.path.exists(os.path.expanduser(name)):
+            raise ValueError(f"{option}: no such file or directory: {name}")
+    path = cfg.vision.checkpoint_path
+    if path and "://" not in str(path) and not os.path.isfile(os.path.expanduser(str(path))):
+        raise ValueError(f"model_overrides.vision.checkpoint_path: no such file: {path}")
+
+
 def build_model_and_processor(
     *,
     preset: str = "tiny",
@@ -276,10 +292,16 @@ def build_model_and_processor(
     from mmlm.presets import get_preset
 
     if init_from:
+        ignored = [f"model.{k}" for k, v in (("tokenizer", tokenizer), ("chat_template", chat_template)) if v]
+        if ignored:
+            warnings.warn(f"{' and '.join(ignored)} ignored: a model initialised from {init_from} keeps its "
+                          "checkpoint's tokenizer and chat template (its embeddings were trained with them)",
+                          stacklevel=2)
         return build_from_checkpoint(init_from, model_overrides=model_overrides, max_length=max_length,
                                      caption_prompt=caption_prompt, system_prompt=system_prompt,
                                      image_placement=image_placement)
     cfg = get_preset(preset).updated(**(model_overrides or {}))
+    check_local_paths(cfg, tokenizer)
     from_scratch = not cfg.text.name and tokenizer is None
     opts = _processor_options({}, max_length, caption_prompt, system_prompt, image_placement)
     opts.setdefault("max_length", DEFAULT_MAX_LENGTH_SCRATCH if from_scratch else DEFAULT_MAX_LENGTH_PRETRAINED)

@@ -241,7 +241,15 @@ class VLMModule(pl.LightningModule):
                 chat_template=hp.chat_template, log=rank_zero_info,
             )
         except OSError as e:  # a hub name that cannot be reached or a missing file (transformers' message spans lines)
-            raise ValueError(f"cannot build the model: {' '.join(str(e).split())}") from e
+            reason = " ".join(str(e).split()) or f"{type(e).__name__}: {getattr(e, 'filename', None) or 'no message'}"
+            raise ValueError(f"cannot build the model: {reason}") from e
+        except RuntimeError as e:  # weights that do not fit the configured shapes (torch's message spans lines)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            if not any("size mismatch" in ln or "Error(s) in loading state_dict" in ln for ln in lines):
+                raise
+            detail = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+            raise ValueError(f"cannot build the model: its weights do not fit the configured shapes ({detail}); "
+                             "check the checkpoint's model options (e.g. vision.timm_kwargs)") from e
         if _get_attr_or_hparam(dm, "sample_mode") in QUESTION_MODES:  # eval asks questions as this run trains them
             processor.config.vqa_suffix = _get_attr_or_hparam(dm, "vqa_suffix") or ""
         self._install(vlm, processor, processor_files(processor))

@@ -123,7 +123,7 @@ def _human(n: int) -> str:
 def _segments(batch: dict, pad_token_id: int | None = None) -> list[tuple[int, int, int]]:
     """``(row, start, end)`` of each sample: rows of a padded batch, or the packed samples
     delimited by ``position_ids`` restarting at 0 (a packed row's trailing padding restarts them
-    too: with ``pad_token_id``, a last segment made of padding alone is not a sample)."""
+    too, once or more: with ``pad_token_id``, segments of padding alone up to the row's end are no sample)."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     pos = batch.get("position_ids")
@@ -133,8 +133,8 @@ def _segments(batch: dict, pad_token_id: int | None = None) -> list[tuple[int, i
             starts = (pos[r] == 0).nonzero().flatten().tolist() or [0]
             bounds = starts + [ids.shape[1]]
             for s, e in zip(bounds[:-1], bounds[1:]):
-                padding = pad_token_id is not None and bool((ids[r, s:e] == pad_token_id).all())
-                if e == ids.shape[1] and s > 0 and padding:
+                padding = pad_token_id is not None and bool((ids[r, s:] == pad_token_id).all())
+                if s > 0 and padding:
                     continue  # the row's padding
                 out.append((r, s, e))
         else:
