@@ -86,6 +86,19 @@ def test_a_lightning_checkpoint_loads_on_its_own(run_dir):
     module = VLMModule.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
     assert module.vlm is not None and module.processor.config.max_length == 160
     assert module.hparams.preset == "tiny" and module.hparams.stage == "full"
+    # the README's recipe for the model of a checkpoint other than the final one; load() points at it
+    import torch
+
+    import mmlm
+
+    with pytest.raises(FileNotFoundError, match=r"is a training checkpoint, not a model directory: .*load_from_checkpoint"):
+        mmlm.load(run_dir / "checkpoints" / "last.ckpt")
+    out = run_dir.parent / "from-last-ckpt"
+    module.vlm.save_pretrained(out)
+    module.processor.save_pretrained(out)
+    vlm, _ = mmlm.load(out, device="cpu", dtype="float32")
+    final, _ = mmlm.load(run_dir / "model", device="cpu", dtype="float32")  # last.ckpt holds the final step
+    assert all(torch.equal(a, b) for a, b in zip(vlm.state_dict().values(), final.state_dict().values()))
 
 
 def test_progress_bar_reads_the_metrics_every_n_steps(monkeypatch):
