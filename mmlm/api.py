@@ -196,14 +196,15 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
              prompt: str | Sequence[str | None] | None = None, *, batch_size: int = 16,
              device: str | None = "auto", dtype: str | None = "auto", stop_strings: Sequence[str] = (),
              on_text: Callable[[int, str], None] | None = None, progress: bool = False,
-             **generation) -> list[str]:
+             config: GenerationConfig | None = None, **generation) -> list[str]:
     """Describe (or answer ``prompt`` about) each image; returns one text per image.
 
     ``images``: paths, binary files or PIL images; an entry that is a list or tuple holds several images
     for one prompt (its ``<image>`` placeholders, one per image, place them; without any, they go before
     the prompt). ``model``: a checkpoint directory or a ``(vlm, processor)`` pair. ``prompt``: one for all
     images or one per image (None: the checkpoint's caption prompt). ``generation``: the
-    fields of ``GenerationConfig`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ``seed``, ...); with a
+    fields of ``GenerationConfig`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ``seed``, ...), or
+    ``config=`` a ``GenerationConfig``; with a
     ``seed``, an image given by its path samples as ``mmlm describe PATH --seed`` does, whatever its place.
     """
     if model is None:
@@ -220,7 +221,9 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    config = GenerationConfig(**generation)
+    if config is not None and generation:
+        raise ValueError("pass either config= or generation options, not both")
+    config = config or GenerationConfig(**generation)
     texts: list[str] = []
     starts = range(0, len(images), batch_size)
     if progress:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,10 @@ class Processor:
     def for_model(cls, model, tokenizer, chat_template: str | None = None, **config: Any) -> "Processor":
         """A processor matching ``model``'s image transform and tokens per image. The model's
         ``image_token_id`` must be the tokenizer's ``<image>`` id (else its images would meet no placeholder)."""
+        known = {f.name for f in fields(ProcessorConfig)} - {"image_transform", "num_image_tokens"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise TypeError(f"unknown processor option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         cfg = ProcessorConfig(image_transform=model.image_transform(), num_image_tokens=model.num_image_tokens, **config)
         processor = cls(tokenizer, cfg, chat_template)
         check_vocabulary(model, tokenizer)

@@ -21,9 +21,12 @@ transformers 5, only a processor's ``apply_chat_template(..., tokenize=True)`` d
 prompt starts with it); ``processor(text=prompt)`` and ``tokenizer(prompt)`` add a second one.
 So an export's tokenizer is written not to add special tokens
 (:func:`mmlm.interop.export.prompt_tokenizer`), and every way of calling it gives mmlm's ids.
+A named template without ``bos_token`` (``chatml``) on an LM whose tokenizer adds one gets it written
+first (:func:`with_bos`; :func:`renders_bos` tells whether a template writes it).
 
 ``choose_chat_template(tokenizer, name)`` picks, in order: the template named ``name``; the
-tokenizer's own template if it already has generation marks; the named template whose markers
+tokenizer's own template if it already has generation marks (its stop token: the special token that ends
+its generation span, when not eos, found by rendering a probe conversation); the named template whose markers
 the tokenizer's template (or, without one, its vocabulary) shows; else it raises an error that
 says how to name one from each entry point (``TEMPLATE_OPTIONS``: ``mmlm fit --model.chat_template
 NAME``, ``mmlm import hf --chat-template NAME``, Python ``chat_template=NAME``; this module knows
@@ -33,7 +36,7 @@ them as text only).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmlm.processing import DEFAULT_CHAT_TEMPLATE
 
@@ -170,17 +173,73 @@ def detect_template(tokenizer) -> str | None:
     return None
 
 
+_PROBES = (  # a user turn and an answer, with string and with transformers' list contents
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+    [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}],
+)
+
+
+def _render_probe(tokenizer, template: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """A probe conversation rendered with ``template`` and its generation spans ([lo, hi) characters);
+    None when the template renders neither probe."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for probe in _PROBES:
+        try:
+            rendered, spans = render_jinja_template(conversations=[probe], chat_template=template,
+                                                    return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError):
+            continue
+        return rendered[0], list(spans[0])
+    return None
+
+
+def end_of_turn_tokens(tokenizer, template: str) -> tuple[str, ...]:
+    """The token that ends the assistant's ``{% generation %}`` span in ``template`` (trailing whitespace
+    aside), as a 1-tuple, when it is one of ``tokenizer``'s special or added tokens and not its eos; else ().
+
+    Labels train that token, so generation must stop at it (``ProcessorConfig.stop_tokens``): Gemma's
+    ``<end_of_turn>``, ChatML's ``<|im_end|>``... A span that ends with eos, or with plain text, needs none;
+    so does a template that a probe conversation cannot render."""
+    probe = _render_probe(tokenizer, template)
+    if probe is None or not probe[1]:
+        return ()
+    text, spans = probe
+    lo, hi = spans[-1]
+    span = text[lo:hi].rstrip()
+    added = (t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
+    known = sorted({t for t in (*tokenizer.all_special_tokens, *added) if t}, key=len, reverse=True)
+    end = next((t for t in known if span.endswith(t)), None)
+    return () if end is None or end == tokenizer.eos_token else (end,)
+
+
+def renders_bos(tokenizer, template: str) -> bool:
+    """Whether ``template`` writes ``tokenizer``'s BOS token into a probe conversation (True when it cannot
+    be rendered: nothing to say then)."""
+    probe = _render_probe(tokenizer, template)
+    return probe is None or bool(tokenizer.bos_token and tokenizer.bos_token in probe[0])
+
+
+def with_bos(template: ChatTemplate) -> ChatTemplate:
+    """``template`` writing ``bos_token`` first (when the tokenizer has one), as ``vicuna_v1`` and ``llama3``
+    do: for an LM whose tokenizer adds a BOS that a named template does not write (``chatml`` on Gemma)."""
+    return replace(template, template=_BOS + template.template)
+
+
 def choose_chat_template(tokenizer, name: str | None = None, *, source: str | None = None) -> ChatTemplate:
     """The template to train and prompt ``tokenizer``'s LM with (see the module docstring).
 
     ``source`` names the LM in the error message. The tokenizer's own template comes back as
-    ``ChatTemplate("tokenizer", ...)`` with no extra tokens.
+    ``ChatTemplate("tokenizer", ...)`` with no extra tokens; its stop token is the one that ends its
+    generation span when that is not eos (:func:`end_of_turn_tokens`).
     """
     if name:
         return get_template(name)
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and has_generation_marks(own):
-        return ChatTemplate("tokenizer", own)
+        return ChatTemplate("tokenizer", own, stop_tokens=end_of_turn_tokens(tokenizer, own))
     detected = detect_template(tokenizer)
     if detected:
         return TEMPLATES[detected]

@@ -337,6 +337,7 @@ def test_python_api_takes_several_images_for_one_prompt(ckpt):
     vlm, proc = pair
     assert generate_texts(vlm, proc, [[open_image(red), open_image(blue)]], prompts[:1],
                           GenerationConfig(max_new_tokens=6)) == texts[:1]
+    assert describe([[red, blue]], model=pair, prompt=prompts[:1], config=GenerationConfig(max_new_tokens=6)) == texts[:1]
     with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) in the text but 2 image\(s\)"):
         describe([[red, blue]], model=pair, prompt="<image> which one is red?", max_new_tokens=2)
 

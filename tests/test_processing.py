@@ -584,3 +584,11 @@ def test_images_that_are_not_pil_images_are_a_clear_type_error(pair):
     assert np.array_equal(np.asarray(open_image(arr)), arr)  # describe takes arrays through open_image
     with pytest.raises(TypeError, match="image tensor is ambiguous"):
         open_image(torch.zeros(3, 8, 8))
+
+
+def test_an_unknown_processor_option_names_the_known_ones(pair):
+    from mmlm.processing import Processor
+
+    vlm, proc = pair
+    with pytest.raises(TypeError, match=r"^unknown processor option\(s\) max_lenght; known: .*max_length"):
+        Processor.for_model(vlm, proc.tokenizer, max_lenght=10)

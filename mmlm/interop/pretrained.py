@@ -6,11 +6,15 @@
   chat template's own special tokens) are added to the tokenizer when missing and the LM's
   embeddings grow to match (to a multiple of 64); ``config.text.hf_config["vocab_size"]`` and
   ``image_token_id`` follow, so the checkpoint saves and reloads. The chat template is chosen
-  by ``mmlm.templates.choose_chat_template`` (the LM's own when it marks ``{% generation %}``).
-  The processor's ``max_length`` stays within the LM's positions (as ``import_hf``).
+  by ``mmlm.templates.choose_chat_template`` (the LM's own when it marks ``{% generation %}``; then the
+  token that ends its generation span, when not eos, is a stop token). When the LM's tokenizer adds a
+  BOS that the template never writes, a named template writes it first (with a warning; the LM's own
+  template only gets the warning). The processor's ``max_length`` stays within the LM's positions (as ``import_hf``).
 - ``vision_config_for(name)``: the ``VisionConfig`` of a pretrained tower (``backend`` None guesses:
-  a timm model name -> timm, else transformers). A transformers tower also records the image
-  transform of its checkpoint's own image processor when mmlm can mirror it (else its family's).
+  a timm model name or ``local-dir:DIR``/``DIR`` with timm's ``config.json`` -> timm, else transformers).
+  A transformers tower records the image transform of its checkpoint's own image processor when mmlm can
+  mirror it (else its family's), whether it comes by name or as a ``VisionConfig``
+  (``mmlm.modeling.hf_vision.resolve_hf_vision_config``).
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ from typing import Any
 
 from mmlm.config import ProjectorConfig, TextConfig, VisionConfig, VLMConfig
 from mmlm.interop._common import _max_length_for
-from mmlm.interop.import_ import _transform_from_image_processor
+from mmlm.interop.export import adds_special_tokens
 from mmlm.processing import IMAGE_TOKEN, Processor
-from mmlm.templates import choose_chat_template, missing_special_tokens
+from mmlm.templates import ChatTemplate, choose_chat_template, missing_special_tokens, renders_bos, with_bos
 
 __all__ = ["build_from_pretrained", "vision_config_for"]
 
 
 def _looks_like_hf_vision(name: str) -> bool:
     from mmlm.modeling.hf_vision import FAMILIES, FULL_MODELS
+    from mmlm.modeling.vision import timm_config_file
 
+    if name.startswith(("timm/", "hf-hub:", "hf_hub:", "local-dir:")) or timm_config_file(name) is not None:
+        return False  # timm names, and timm's local directories (config.json with "architecture")
     path = Path(name)
     if path.is_dir():
         cfg = path / "config.json"
@@ -39,8 +46,6 @@ def _looks_like_hf_vision(name: str) -> bool:
             return False
         model_type = json.loads(cfg.read_text()).get("model_type")
         return model_type in FAMILIES or model_type in FULL_MODELS
-    if name.startswith(("timm/", "hf-hub:", "hf_hub:")):
-        return False
     try:
         import timm
 
@@ -51,55 +56,101 @@ def _looks_like_hf_vision(name: str) -> bool:
     return True
 
 
+def _timm_geometry(name: str) -> tuple[int, int]:
+    """(image size, patch size) of a timm model name or ``local-dir:DIR`` (timm's ``config.json`` there:
+    ``model_args``, else ``pretrained_cfg``, else its architecture's); the ``VisionConfig`` defaults when unknown."""
+    import re
+
+    from timm.models import get_pretrained_cfg
+
+    from mmlm.modeling.vision import timm_config_file
+
+    size = patch = None
+    arch = name
+    local = timm_config_file(name) if name.startswith("local-dir:") else None
+    if local is not None:
+        data = json.loads(local.read_text())
+        arch = str(data["architecture"])
+        args = data.get("model_args") or {}
+        size = args.get("img_size") or (data.get("pretrained_cfg") or {}).get("input_size")
+        size = size[-1] if isinstance(size, (list, tuple)) else size
+        patch = args.get("patch_size")
+        patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    if size is None:
+        pcfg = get_pretrained_cfg(arch)
+        size = pcfg.input_size[-1] if pcfg is not None and pcfg.input_size else VisionConfig.image_size
+    if patch is None:
+        found = re.search(r"patch(\d+)", arch)
+        patch = found.group(1) if found else VisionConfig.patch_size
+    return int(size), int(patch)
+
+
 def vision_config_for(name: str, *, backend: str | None = None, pretrained: bool = True,
                       feature_layer: int = -2, drop_prefix_tokens: bool = True,
                       resize_mode: str | None = None) -> VisionConfig:
-    """A ``VisionConfig`` for a pretrained tower: a timm model name, or a transformers CLIP/SigLIP
-    hub name or directory (``backend`` None guesses: a timm model name -> timm, else hf)."""
+    """A ``VisionConfig`` for a pretrained tower: a timm model name (``timm/...`` and ``hf-hub:...`` on the hub,
+    ``local-dir:DIR`` or ``DIR`` holding timm's ``config.json`` and weights), or a transformers CLIP/SigLIP
+    hub name or directory (``backend`` None guesses: a timm model name or directory -> timm, else hf)."""
     if backend is None:
         backend = "hf" if _looks_like_hf_vision(name) else "timm"
     if backend == "timm":
-        import re
+        from mmlm.modeling.vision import timm_config_file, timm_source
 
         if name.startswith("timm/"):  # a timm repo on the hub
             name = "hf-hub:" + name
+        name = timm_source(name)  # a timm directory -> local-dir:DIR
+        if name.startswith("local-dir:"):
+            if timm_config_file(name) is None:
+                raise ValueError(f"{name}: no timm config.json (with 'architecture') in that directory")
+        else:
+            import timm
 
-        import timm
-        from timm.models import get_pretrained_cfg
-
-        if not timm.is_model(name.split(".")[0]) and not name.startswith(("hf-hub:", "hf_hub:")):
-            raise ValueError(f"unknown timm model {name!r}")
-        pcfg = get_pretrained_cfg(name)
-        size = int(pcfg.input_size[-1]) if pcfg is not None and pcfg.input_size else VisionConfig.image_size
-        patch = re.search(r"patch(\d+)", name)
-        return VisionConfig(backend="timm", name=name, pretrained=pretrained, image_size=size,
-                            patch_size=int(patch.group(1)) if patch else VisionConfig.patch_size,
+            if not timm.is_model(name.split(".")[0]) and not name.startswith(("hf-hub:", "hf_hub:")):
+                where = "; a local timm model is a directory with timm's config.json" if Path(name).is_dir() else ""
+                raise ValueError(f"unknown timm model {name!r}{where}")
+        size, patch = _timm_geometry(name)
+        return VisionConfig(backend="timm", name=name, pretrained=pretrained, image_size=size, patch_size=patch,
                             feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
                             resize_mode=resize_mode)
     if backend != "hf":
         raise ValueError(f"unknown vision backend {backend!r}; known: ['hf', 'timm']")
-    from mmlm.modeling.hf_vision import hf_vision_config, record_hf_vision, resolve_hf_vision_config
+    from mmlm.modeling.hf_vision import resolve_hf_vision_config
 
-    cfg = VisionConfig(backend="hf", name=name, pretrained=pretrained, feature_layer=feature_layer,
-                       drop_prefix_tokens=drop_prefix_tokens, resize_mode=resize_mode)
-    cfg = resolve_hf_vision_config(cfg)
-    transform = _checkpoint_transform(name, cfg.image_size)
-    if transform is not None:
-        record_hf_vision(cfg, hf_vision_config(cfg), transform)
-    return cfg
+    # resolving records the tower's config and its own image processor's transform
+    return resolve_hf_vision_config(VisionConfig(backend="hf", name=name, pretrained=pretrained,
+                                                 feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
+                                                 resize_mode=resize_mode))
 
 
-def _checkpoint_transform(name: str, image_size: int) -> dict | None:
-    """The image transform of ``name``'s own image processor (None when it has none we can read)."""
-    from transformers import AutoImageProcessor
+def _adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text)`` starts every text with its BOS token (Llama, Gemma, Mistral...)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and adds_special_tokens(tokenizer) and tokenizer("a")["input_ids"][:1] == [bos]
 
-    try:
-        ip = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
-        t = _transform_from_image_processor(ip, image_size)
-    except (OSError, ValueError):  # no preprocessor_config.json, or one mmlm cannot mirror: family defaults
-        return None
-    return {"mean": list(t.mean), "std": list(t.std), "interpolation": t.interpolation,
-            "resize_mode": t.resize_mode, "crop_pct": t.crop_pct}
+
+def _keep_bos(tokenizer, template: ChatTemplate, source: str | None) -> ChatTemplate:
+    """``template``, writing the BOS token first when ``tokenizer`` adds one that the template never writes.
+
+    The rendered template is the whole input (no special tokens added around it), so a template without
+    ``bos_token`` (``chatml``) would train and prompt such an LM without the BOS it was pretrained with,
+    which Gemma, Llama and Mistral bases take badly. A named template gets BOS written first (training and
+    prompts both render it; a warning says so); the LM's own template is the LM's author's: a warning names the fix.
+    """
+    if not _adds_bos(tokenizer) or renders_bos(tokenizer, template.template):
+        return template
+    import warnings
+
+    lm = f"the tokenizer of {source}" if source else "the tokenizer"
+    bos = tokenizer.bos_token
+    if template.name == "tokenizer":
+        warnings.warn(f"{lm} adds {bos} to every text but its chat template never writes bos_token, so training and "
+                      f"prompts go without {bos}; write {{{{ bos_token }}}} at the start of the template (before "
+                      "the first message) if the LM expects it", stacklevel=3)
+        return template
+    warnings.warn(f"{lm} adds {bos} to every text but chat template {template.name!r} never writes bos_token: "
+                  f"mmlm writes {bos} before every conversation (training and prompts alike); to go without it, "
+                  "pass a tokenizer with add_bos_token=False", stacklevel=3)
+    return with_bos(template)
 
 
 def _add_tokens(tokenizer, tokens: list[str]) -> list[str]:
@@ -143,7 +194,8 @@ def build_from_pretrained(
 ):
     """``(VLM, Processor)`` from pretrained parts (see the module docstring).
 
-    ``vision``: timm name, transformers CLIP/SigLIP name or directory, or a ``VisionConfig``.
+    ``vision``: timm name or local directory (``local-dir:DIR`` or ``DIR``), transformers CLIP/SigLIP name or
+    directory, or a ``VisionConfig``.
     ``text``: transformers causal-LM name or directory, or a ``TextConfig`` (with ``name``).
     ``chat_template``: a name from ``mmlm.templates`` (None: the LM's own template when it has
     generation marks, else a named one recognised from it). ``tokenizer``: instead of the LM's.
@@ -172,7 +224,7 @@ def build_from_pretrained(
         if not tcfg.name:
             raise ValueError("text needs a name (hub name or directory) to take the tokenizer from, or pass tokenizer=")
         tokenizer = AutoTokenizer.from_pretrained(tcfg.name, trust_remote_code=False)
-    template = choose_chat_template(tokenizer, chat_template, source=tcfg.name)
+    template = _keep_bos(tokenizer, choose_chat_template(tokenizer, chat_template, source=tcfg.name), tcfg.name)
     _add_tokens(tokenizer, [IMAGE_TOKEN, *missing_special_tokens(tokenizer, template)])
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,8 +14,9 @@ The transformers vision config travels in the mmlm config (``VisionConfig.hf_con
 checkpoint rebuilds offline from ``config.json`` alone; when it is missing the encoder resolves
 it from ``name`` and records it in the config it was given. The image transform is the family's
 (CLIP: OpenAI mean/std, shorter side + centre crop; SigLIP: 0.5/0.5, squash) unless one is
-recorded (``VisionConfig.image_transform``: ``mmlm.interop`` records the checkpoint's
-``preprocessor_config.json`` there); ``VisionConfig.resize_mode`` overrides the mode.
+recorded (``VisionConfig.image_transform``: ``resolve_hf_vision_config`` records the checkpoint's
+``preprocessor_config.json`` there, whichever way the tower comes in); ``VisionConfig.resize_mode``
+overrides the mode.
 
 The module owns the tower's core (``self.tower``: embeddings, [pre-norm], encoder layers) under
 names that do not depend on the transformers version, so checkpoints stay loadable.
@@ -91,9 +92,30 @@ def _vision_part(config):
     return config
 
 
+def checkpoint_transform(source: str, image_size: int) -> dict | None:
+    """The image transform of ``source``'s own image processor (``preprocessor_config.json``) as
+    ``VisionConfig.image_transform`` fields; None when it has none that mmlm can mirror (the family's apply)."""
+    from transformers import AutoImageProcessor
+
+    from mmlm.interop.import_ import _transform_from_image_processor  # lazily: mmlm.interop imports this module
+
+    try:
+        ip = AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+        t = _transform_from_image_processor(ip, image_size)
+    except (OSError, ValueError):  # no preprocessor_config.json, or one mmlm cannot mirror: family defaults
+        return None
+    return {"mean": list(t.mean), "std": list(t.std), "interpolation": t.interpolation,
+            "resize_mode": t.resize_mode, "crop_pct": t.crop_pct}
+
+
 def resolve_hf_vision_config(cfg: VisionConfig) -> VisionConfig:
     """A copy of ``cfg`` with the transformers vision config (and image transform) recorded,
-    from ``name``/``checkpoint_path`` when not recorded yet; image_size/patch_size follow it."""
+    from ``name``/``checkpoint_path`` when not recorded yet; image_size/patch_size follow it.
+
+    Resolving from the source also records the image transform of its own image processor
+    (:func:`checkpoint_transform`; fields the user set in ``cfg.image_transform`` win), so that
+    every way in (``vision_config_for``, a ``VisionConfig`` given to ``build_from_pretrained`` or to
+    ``mmlm fit``'s ``model_overrides``, the encoder itself) normalises and resizes as the tower's own."""
     cfg = copy.deepcopy(cfg)
     hf = hf_vision_config(cfg)
     transform = dict(cfg.image_transform)
@@ -106,6 +128,8 @@ def resolve_hf_vision_config(cfg: VisionConfig) -> VisionConfig:
         config = _vision_part(AutoConfig.from_pretrained(source, trust_remote_code=False))
         hf = {k: v for k, v in config.to_dict().items() if k not in _DROP_KEYS}
     config_object(hf)  # validates the model type
+    if not hf_vision_config(cfg):  # resolved from the source: its own image processor too (the user's fields win)
+        transform = {**(checkpoint_transform(source, int(hf["image_size"])) or {}), **transform}
     record_hf_vision(cfg, hf, transform)
     return cfg
 

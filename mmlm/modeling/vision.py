@@ -9,18 +9,54 @@ transformers' ``hidden_states``), with class/register tokens dropped when config
 Blocks past the feature layer are pruned: they would cost compute and never be used.
 A named timm model keeps its own input and patch size (``timm_kwargs={"img_size": N}`` changes
 them); configured ones that differ are replaced by the model's, with a warning, so that the
-config (and ``config.json``) says what the model does.
+config (and ``config.json``) says what the model does. A local timm model is named
+``local-dir:DIR`` (or ``DIR``) as timm names it: a directory with timm's ``config.json``
+(``architecture``, ``model_args``, ``pretrained_cfg``) and its weights. SigLIP towers squash images
+to the input size unless ``resize_mode`` says otherwise (timm records a generic centre crop for them).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from mmlm.config import ImageTransformConfig, VisionConfig
+
+
+def timm_config_file(name: str) -> Path | None:
+    """The timm ``config.json`` (one with ``architecture``) of a local model, named ``local-dir:DIR`` or
+    ``DIR``; None for anything else (a timm or hub name, a transformers directory)."""
+    path = Path(name[len("local-dir:"):] if name.startswith("local-dir:") else name).expanduser()
+    file = path / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return file if isinstance(data, dict) and "architecture" in data else None
+
+
+def timm_source(name: str) -> str:
+    """The name timm's ``create_model`` takes for ``name``: a directory holding a timm ``config.json``
+    becomes ``local-dir:DIR`` (as timm names it); anything else stays as it is."""
+    if not name.startswith("local-dir:") and timm_config_file(name) is not None:
+        return "local-dir:" + str(Path(name).expanduser().resolve())
+    return name
+
+
+def is_siglip(name: str | None, pretrained_cfg: dict | None = None) -> bool:
+    """Whether a timm model is a SigLIP tower: by its name, or (a local model, whose directory name says
+    nothing) by the architecture its pretrained config records."""
+    local = bool(name) and (name.startswith("local-dir:") or Path(name).expanduser().is_dir())
+    arch = str((pretrained_cfg or {}).get("architecture") or "")
+    return "siglip" in f"{'' if local else name or ''} {arch}".lower()
+
 
 def resolve_feature_block(feature_layer: int, depth: int) -> int:
     """Map a transformers-style ``hidden_states`` index to a 0-based timm block index.
@@ -72,7 +108,7 @@ class TimmViTEncoder(nn.Module):
             kwargs = dict(cfg.timm_kwargs)
             if cfg.checkpoint_path:
                 kwargs["pretrained_cfg_overlay"] = {"file": cfg.checkpoint_path}
-            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **kwargs)
+            model = timm.create_model(timm_source(cfg.name), pretrained=cfg.pretrained, num_classes=0, **kwargs)
             if not isinstance(model, VisionTransformer) and not hasattr(model, "forward_intermediates"):
                 raise ValueError(f"timm model {cfg.name!r} does not support forward_intermediates")
             native = (int(model.patch_embed.img_size[0]), int(model.patch_embed.patch_size[0]))
@@ -125,11 +161,14 @@ class TimmViTEncoder(nn.Module):
 
     def image_transform(self) -> ImageTransformConfig:
         """The transform from timm's pretrained config (or ViT defaults from scratch), with
-        ``VisionConfig.image_transform`` overrides applied."""
+        ``VisionConfig.image_transform`` overrides applied. Without a ``resize_mode``, a named model
+        centre-crops when timm records a ``crop_pct`` < 1, except SigLIP towers (:func:`is_siglip`),
+        which squash as SigLIP's own preprocessing does (timm records its generic crop_pct=0.9 for them)."""
         pcfg = dict(getattr(self.vit, "pretrained_cfg", None) or {})
         mode = self.cfg.resize_mode
         if mode is None:
-            mode = "crop" if self.cfg.name and float(pcfg.get("crop_pct", 1.0)) < 1.0 else "squash"
+            crops = self.cfg.name and float(pcfg.get("crop_pct", 1.0)) < 1.0 and not is_siglip(self.cfg.name, pcfg)
+            mode = "crop" if crops else "squash"
         fields = {"size": self._image_size, "resize_mode": mode}
         if self.cfg.name:
             fields.update(
