@@ -29,9 +29,13 @@ _EXPORTS: dict[str, str] = {
     "Processor": "mmlm.processing",
     "ProcessorConfig": "mmlm.processing",
     "train_bpe_tokenizer": "mmlm.processing",
+    "SampleTooLong": "mmlm.processing",
+    "ImageSpanTruncated": "mmlm.processing",
+    "AnswerTruncated": "mmlm.processing",
     "GenerationConfig": "mmlm.generation",
     "load": "mmlm.api",
     "describe": "mmlm.api",
+    "open_image": "mmlm.api",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -50,8 +54,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from mmlm.api import describe, load
+    from mmlm.api import describe, load, open_image
     from mmlm.config import ImageTransformConfig, ProjectorConfig, TextConfig, VisionConfig, VLMConfig
     from mmlm.generation import GenerationConfig
     from mmlm.modeling.vlm import VLM
-    from mmlm.processing import Processor, ProcessorConfig, train_bpe_tokenizer
+    from mmlm.processing import (
+        AnswerTruncated,
+        ImageSpanTruncated,
+        Processor,
+        ProcessorConfig,
+        SampleTooLong,
+        train_bpe_tokenizer,
+    )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -82,6 +83,12 @@ class GenerationConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("choose beam search or sampling, not both")
+        unused = [f"{name}={value}" for name, value, default in (
+            ("temperature", self.temperature, 1.0), ("top_p", self.top_p, 1.0), ("top_k", self.top_k, 0),
+            ("seed", self.seed, None)) if value != default]
+        if unused and not self.do_sample:
+            warnings.warn(f"{', '.join(unused)} apply to sampling only: set do_sample (decoding is greedy or beam "
+                          "search now)", stacklevel=3)
         if self.cache not in ("dynamic", "static"):
             raise ValueError(f"unknown cache {self.cache!r}; known: ['dynamic', 'static']")
         if self.compile:

@@ -173,6 +173,14 @@ def test_bad_options_are_clear():
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0)
+    with pytest.warns(UserWarning, match=r"^temperature=0.5, seed=3 apply to sampling only: set do_sample"):
+        GenerationConfig(temperature=0.5, seed=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GenerationConfig()
+        GenerationConfig(do_sample=True, temperature=0.5, seed=3)
 
 
 def test_static_cache_equals_dynamic_cache(pair):

@@ -84,6 +84,13 @@ def test_bf16_load_keeps_the_rotary_frequencies_float32(ckpt):
     assert {p.dtype for p in vlm.parameters()} == {torch.bfloat16}
     assert set(vlm.state_dict()) == set(ref.state_dict())  # still non-persistent: not saved
     assert len(describe([image()], model=(vlm, proc), max_new_tokens=2)) == 1
+    # a cast in Python keeps them too (vlm.to, .half()), as transformers' from_pretrained(dtype=...) does
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        again, _ = load(ckpt, device="cpu", dtype="float32")
+        cast(again)
+        assert {p.dtype for p in again.parameters()} != {torch.float32}
+        assert all(b.dtype == torch.float32 and torch.equal(b, ref_buffers[n])
+                   for n, b in again.named_buffers() if n.endswith("inv_freq"))
 
 
 def test_a_processor_from_another_model_is_refused_at_load(ckpt):

@@ -277,6 +277,16 @@ def test_writer_is_atomic(tmp_path):
     assert [r.key for r in iter_tar_records(out)] == ["k0000", "k0001", "k0002"]
 
 
+def test_the_writer_refuses_a_record_that_breaks_the_schema(tmp_path):
+    """Caught when written, not skipped when read (a caption sample without its image)."""
+    out = tmp_path / "out"
+    with ShardWriter(out) as w:
+        w.write(_records(1)[0])
+        with pytest.raises(SchemaError, match="a caption sample without an image"):
+            w.write(Record(key="noimage", caption="a red star"))
+    assert [r.key for r in iter_tar_records(out)] == ["k0000"]
+
+
 def test_writer_drops_the_unfinished_shard_on_error(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):

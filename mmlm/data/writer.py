@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import IMAGE_EXTS, Record, SchemaError, record_to_members, split_member
+from .schema import IMAGE_EXTS, Record, SchemaError, check_record, record_to_members, split_member
 
 __all__ = ["ShardWriter", "ResumeState", "resume_state", "shard_name", "tmp_name", "member_order"]
 
@@ -159,7 +159,10 @@ class ShardWriter:
 
     # -- writing
     def write(self, record: Record) -> None:
-        """Write one :class:`Record` (converted with :func:`record_to_members`)."""
+        """Write one :class:`Record` (converted with :func:`record_to_members`) after :func:`check_record`: a
+        record that breaks the schema raises :class:`SchemaError` here, not a skip when it is read.
+        (``write_members`` writes raw members unchecked: img2dataset-style shards, test fixtures.)"""
+        check_record(record)
         self.write_members(record.key, record_to_members(record))
 
     def write_members(self, key: str, members: Mapping[str, bytes]) -> None:

@@ -184,6 +184,14 @@ class VLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _apply(self, fn, recurse=True):
+        # a cast of the whole model (vlm.to(torch.bfloat16), .half(), Lightning's *-true precisions) keeps the
+        # rotary frequencies float32, as transformers' from_pretrained(dtype=...) does (see FLOAT32_BUFFERS)
+        keep = float32_buffers(self)
+        out = super()._apply(fn, recurse)
+        restore_float32_buffers(self, keep)
+        return out
+
     # ------------------------------------------------------------------ forward
     def encode_images(self, pixel_values: torch.Tensor, vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """(N, 3, H, W) -> (N, T, D_text) image tokens. ``pixel_values``: float, normalised as
