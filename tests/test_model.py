@@ -293,3 +293,13 @@ def test_an_attention_kernel_the_lm_lacks_names_mmlm_s_option():
     with pytest.raises(ValueError, match=r"^text\.attn_implementation='flashy': .*flashy.*"
                                          r"--model\.model_overrides\.text\.attn_implementation eager\)$"):
         VLM(cfg)
+
+
+def test_pixel_values_of_another_size_are_a_clear_error():
+    """timm answered with an AssertionError about its own input size; an (N, H, W, 3) uint8 batch with a
+    broadcasting error in the normalisation."""
+    vlm, proc = tiny_pair()
+    size = vlm.image_transform().size
+    for bad in (torch.zeros(1, 3, size + 8, size), torch.zeros(1, size, size, 3, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match=rf"^pixel_values must be \(N, 3, {size}, {size}\) .* got"):
+            vlm.vision_features(bad)

@@ -216,6 +216,10 @@ class VLM(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, D_vision): the vision encoder's output (before the projector)."""
+        size = self.image_transform().size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(f"pixel_values must be (N, 3, {size}, {size}) (the processor's output for this model), "
+                             f"got {tuple(pixel_values.shape)}")
         dtype = next(self.vision.parameters()).dtype
         if pixel_values.dtype == torch.uint8:
             mean, std = self._pixel_stats(pixel_values.device)
