@@ -513,6 +513,8 @@ def test_memory_estimate_follows_precision_stage_and_checkpointing():
     assert fp32["weights"] == 4 * n and fp32["optimizer"] == 8 * n and fp32["grads"] == 4 * n
     assert half["weights"] == 2 * n and mixed["autocast"] == 2 * n and fp32["autocast"] == 0
     assert mixed["activations"] < fp32["activations"]
+    fp64 = estimate_memory(vlm, precision="64-true", **geom)
+    assert fp64["weights"] == 8 * n and fp64["activations"] == 2 * fp32["activations"]
     ckpt = estimate_memory(vlm, precision="32-true", activation_checkpointing=True, **geom)
     assert ckpt["activations"] < fp32["activations"]
     apply_stage(vlm, "align")

@@ -288,8 +288,9 @@ def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, prec
     p_train = counts["total"]["trainable"]
     half_weights = precision in _HALF
     mixed = precision.endswith("-mixed")
-    pbytes = 2 if half_weights else 4
-    abytes = 2 if (half_weights or mixed) else 4
+    full = 8 if precision.startswith("64") else 4  # "64-true"/"64": float64 weights and activations
+    pbytes = 2 if half_weights else full
+    abytes = 2 if (half_weights or mixed) else full
     weights = p_total * pbytes
     grads = p_train * pbytes
     optimizer = 2 * p_train * pbytes
