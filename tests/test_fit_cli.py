@@ -245,3 +245,31 @@ def test_an_error_in_a_loader_worker_is_reported_in_one_line(tmp_path, capsys):
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert line.startswith("error: data error budget exceeded") and "too_long" in line
     assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_a_validation_set_past_its_error_budget_keeps_the_steps_trained(tmp_path, capsys):
+    """The sanity check reads one batch, so a messy data.val stops the run at its first real validation,
+    before the step's checkpoint (which waits for that validation) was written: last.ckpt is saved first."""
+    from mmlm.data.writer import ShardWriter
+
+    val = tmp_path / "val"
+    with ShardWriter(val, max_count=64) as w:
+        for i in range(24):  # one sample in three has no image that decodes
+            members = {"txt": "a red star", "png": _png()} if i % 3 else {"txt": "a red star", "png": b"not an image"}
+            w.write_members(f"v{i:03d}", members)
+    run = tmp_path / "run"
+    rc = fit.main(fit_args(run, "--data.val", str(val), "--data.min_samples", "4", steps=4))
+    err = capsys.readouterr().err
+    assert rc == 1 and "data error budget exceeded" in err
+    assert "data.val is past its error budget: saved" in err and "resume with --ckpt_path last" in err
+    import torch
+
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def _png() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), "red").save(buf, format="PNG")
+    return buf.getvalue()

@@ -75,3 +75,19 @@ def test_init_from_says_that_it_keeps_its_checkpoint_s_tokenizer_and_template(tm
     ckpt = tiny_checkpoint(tmp_path_factory)
     with pytest.warns(UserWarning, match=r"^model.tokenizer and model.chat_template ignored: a model initialised from"):
         build_model_and_processor(init_from=ckpt, tokenizer="gpt2", chat_template="chatml")
+
+
+def test_a_from_scratch_tokenizer_reads_pipe_shards_the_data_module_allowed():
+    """The data module resolved (and so allowed) the pipe: sources; the tokenizer's corpus reader refused them."""
+    import shlex
+
+    from _training_kit import shards
+    from mmlm.training.build import tokenizer_from_shards, train_sources
+
+    tars = sorted((shards() / "train").glob("*.tar"))
+    spec = [f"pipe:cat {shlex.quote(str(t))}" for t in tars]
+    with pytest.raises(ValueError, match="allow_pipes"):
+        tokenizer_from_shards(spec, 300, log=lambda *_: None)  # a raw spec: as refused as the data module's
+    resolved = train_sources(spec, allow_pipes=True)  # what `mmlm fit --data.allow_pipes true` hands over
+    tok = tokenizer_from_shards(resolved, 300, log=lambda *_: None)
+    assert len(tok) > 100

@@ -240,14 +240,21 @@ def trains_tokenizer(*, preset: str = "tiny", init_from=None, model_overrides: d
 
 
 def tokenizer_from_shards(train_shards: Any, vocab_size: int, *, max_records: int = 20000,
-                          prompts: Iterable[str] = (), log=print):
+                          prompts: Iterable[str] = (), log=print, allow_pipes: bool = False,
+                          allow_remote: bool = False):
     """The BPE tokenizer of a from-scratch model, trained on the texts of ``train_shards`` (a shard
-    spec or resolved sources: :func:`train_sources`)."""
-    sources = train_sources(train_shards)
+    spec or resolved sources: :func:`train_sources`). ``pipe:`` and remote specs are read as the data
+    module reads them: allowed by the flags, or by having been resolved already (checked then)."""
+    from mmlm.data.sources import Source
+
+    resolved = isinstance(train_shards, (list, tuple)) and bool(train_shards) \
+        and all(isinstance(x, Source) for x in train_shards)
+    allow = dict(allow_pipes=allow_pipes or resolved, allow_remote=allow_remote or resolved)
+    sources = train_sources(train_shards, **allow)
     if not sources:
         raise ValueError("a from-scratch model trains its tokenizer on the training texts: it needs the training "
                          "shards (data.train)")
-    texts, n = corpus_from_shards(sources, max_records)
+    texts, n = corpus_from_shards(sources, max_records, **allow)
     log(f"training a {vocab_size}-token BPE tokenizer on {len(texts)} texts from {n} records")
     return train_tokenizer(texts, vocab_size, prompts=prompts, records=n)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,15 @@ class SignalCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+        from mmlm.data.errors import DataErrorBudgetExceeded
+
+        # a validation set past its error budget stops the run at a validation, before the step's checkpoint
+        # (which waits for it) is written: keep the steps trained. One process only (the save is collective)
+        if isinstance(exception, DataErrorBudgetExceeded) and trainer.validating and not trainer.sanity_checking \
+                and trainer.state.fn == "fit" and trainer.global_step > 0 and trainer.world_size == 1:
+            path = self._save(trainer).path
+            print(f"data.val is past its error budget: saved {path} at step {trainer.global_step}; fix data.val "
+                  "(or set --data.val null) and resume with --ckpt_path last", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
