@@ -470,3 +470,16 @@ def test_training_stream_with_nothing_the_sample_mode_selects_stops_instead_of_s
                        StreamConfig(split="train", batch_size=2, sample_mode="vqa"), rank=0, world_size=1)
     batches = list(itertools.islice(iter(loader(stream)), 3))
     assert all(k.startswith("q") for k in keys_of(batches)) and total_skipped(batches)["no_target"] > 0
+
+
+def test_training_stream_whose_shards_all_fail_stops_even_without_a_budget(tmp_path, proc, monkeypatch):
+    """max_bad_fraction None (no limit) and every shard unreadable (expired credentials behind pipe:): the endless
+    stream retried them forever, silently after ten warnings."""
+    import mmlm.data.stages as stages
+
+    monkeypatch.setattr(stages, "MAX_BAD_SHARDS_IN_A_ROW", 20)
+    (tmp_path / "cut-000000.tar").write_bytes(b"\0" * 10 + b"not a tar archive at all" * 40)
+    stream = VLMStream(resolve_sources(str(tmp_path)), proc, PadCollate(proc),
+                       StreamConfig(split="train", batch_size=2, max_bad_fraction=None), rank=0, world_size=1)
+    with pytest.raises(DataErrorBudgetExceeded, match=r"no training sample.*: 20 shards in a row could not be read"):
+        next(iter(loader(stream)))

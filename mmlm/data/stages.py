@@ -31,7 +31,8 @@ The stages, in pipeline order (``train:``/``eval:``: only in that split)::
     encode           conversation + images -> ``processor.encode`` sample: input_ids (L,), labels
                      (L,), pixel_values (n, 3, H, W) uint8|float or None; ``too_long`` checks
     handle_errors    counts good and bad items against the ``ErrorBudget`` (raises past it; train: also
-                     when nothing but filtered items come, see ``MAX_FILTERED_IN_A_ROW``)
+                     when nothing but filtered items or unreadable shards come, see ``MAX_FILTERED_IN_A_ROW``
+                     and ``MAX_BAD_SHARDS_IN_A_ROW``)
     batch            good samples -> collated batches with ``loader_state`` and ``skipped``
 
 Helpers: :func:`iter_tar_groups` (a tar stream -> Items, used by ``expand_tar``) and
@@ -327,6 +328,10 @@ def encode(items: Iterable[Item], ctx: StreamContext, *, processor, max_sample_l
 MAX_FILTERED_IN_A_ROW = 100_000
 """Train: this many filtered items (``no_target``) in a row, without a good one, stop the stream."""
 
+MAX_BAD_SHARDS_IN_A_ROW = 100
+"""Train: this many unreadable shards (``bad_shard``) in a row, without a good item, stop the stream whatever the
+error budget says (with ``max_bad_fraction`` None the endless stream would retry them forever, silently)."""
+
 
 def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBudget,
                   max_filtered_in_a_row: int | None = None) -> Iterator[Item]:
@@ -337,10 +342,18 @@ def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBud
     with no good item, nothing in the data has what ``sample_mode`` / ``question_pattern`` select and
     the stream would search forever: it raises ``DataErrorBudgetExceeded`` saying so."""
     limit = MAX_FILTERED_IN_A_ROW if max_filtered_in_a_row is None else int(max_filtered_in_a_row)
-    in_a_row = 0
+    in_a_row = shards_in_a_row = 0
     for item in items:
         if item.error is not None:
             budget.skip(item.error, item.url)
+            if item.error.reason == BAD_SHARD and ctx.split == "train":
+                shards_in_a_row += 1
+                if shards_in_a_row >= MAX_BAD_SHARDS_IN_A_ROW:
+                    where = f" in {budget.where}" if budget.where else ""
+                    raise DataErrorBudgetExceeded(
+                        f"no training sample{where}: {shards_in_a_row} shards in a row could not be read (last: "
+                        f"{item.url}: {item.error.detail}); check the shards and their access (pipe: commands, "
+                        "credentials)")
             if item.error.reason in FILTERED and ctx.split == "train" and limit:
                 in_a_row += 1
                 if in_a_row >= limit:
@@ -350,7 +363,7 @@ def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBud
                         f"{item.error.reason} (last: {item.error.key!r}: {item.error.detail}); the training data has "
                         "nothing that data.sample_mode and data.question_pattern select: check them and the shards")
         else:
-            in_a_row = 0
+            in_a_row = shards_in_a_row = 0
             budget.ok()
         yield item
 
