@@ -499,6 +499,9 @@ def test_preflight_counts_packed_samples_not_the_rows_padding():
     batch = pack.collate_rows([[sample(5), sample(6)], [sample(4)]])  # row 1 ends in 7 padding tokens (2 segments)
     rep = analyse_batches([batch], image_token_id=99, num_image_tokens=0, max_length=16, pad_token_id=0)
     assert rep.samples == batch["num_samples"] == 3 and rep.samples_without_labels == 0 and not rep.warnings
+    two = [{**batch, "skipped": {"no_target": 2}}, {**batch, "skipped": {"no_target": 1, "corrupt_image": 1}}]
+    summed = analyse_batches(two, image_token_id=99, num_image_tokens=0, max_length=16, pad_token_id=0)
+    assert summed.skipped == {"no_target": 3, "corrupt_image": 1}  # each batch's are the skips since the last
     unaware = analyse_batches([batch], image_token_id=99, num_image_tokens=0, max_length=16)
     assert unaware.samples == 5 and unaware.samples_without_labels == 2  # what the report said before
 

@@ -179,8 +179,9 @@ def analyse_batches(batches: Iterable[dict], *, image_token_id: int, num_image_t
         rep.image_tokens_expected += n_img * num_image_tokens
         b, length = ids.shape
         rep.batch_shape = (max(rep.batch_shape[0], b), max(rep.batch_shape[1], length))
-        if isinstance(batch.get("skipped"), dict):
-            rep.skipped = dict(batch["skipped"])
+        if isinstance(batch.get("skipped"), dict):  # the skips since the worker's previous batch: summed
+            for reason, n in batch["skipped"].items():
+                rep.skipped[reason] = rep.skipped.get(reason, 0) + int(n)
     if rep.batches == 0:
         rep.errors.append("the training data yielded no batch")
         return rep
@@ -330,7 +331,7 @@ def run_preflight(pl_module, batches: Sequence[dict], *, precision: str = "32-tr
     template_errors = check_template(processor)
     if template_errors:
         rep.errors = template_errors + [e for e in rep.errors if "masks every label" not in e]
-    if skipped:
+    if skipped:  # the data module's own count, when it kept one, covers the batches' too
         rep.skipped = dict(skipped)
     rep.parameters = parameter_counts(vlm)
     if rep.parameters["total"]["trainable"] == 0:
