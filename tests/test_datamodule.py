@@ -112,6 +112,28 @@ def test_resume_refuses_a_different_worker_count(tmp_path, proc):
     assert lenient.epoch == 1
 
 
+def test_resume_refuses_changed_data_options_that_would_move_its_position(tmp_path, proc):
+    """A saved position means the same samples only in the same stream: other shuffle_buffer, sources, weights or
+    sample_mode were accepted silently, and the old positions applied to the new stream."""
+    _shards_with_bad(tmp_path, 2, 4)
+    dm = _dm(tmp_path, proc, num_workers=0)
+    _consume(dm, 2)
+    state = dm.state_dict()
+    other = _dm(tmp_path, proc, num_workers=0, shuffle_buffer=12)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"^the training data options changed .*shuffle_buffer=12 \(checkpoint: 6\)"
+                                         r".*--data.strict_resume false"):
+        other.train_dataloader()
+    lenient = _dm(tmp_path, proc, num_workers=0, shuffle_buffer=12, strict_resume=False)
+    lenient.load_state_dict(state)
+    lenient.train_dataloader()
+    assert lenient.epoch == 1  # a fresh stream
+    same = _dm(tmp_path, proc, num_workers=0, batch_size=3)  # the batch size does not change the sample stream
+    same.load_state_dict(state)
+    same.train_dataloader()
+    assert same.epoch == 0
+
+
 def test_loader_iterator_survives_new_epochs_and_teardown(tmp_path, proc):
     _shards_with_bad(tmp_path, 2, 4)
     ref = _consume(_dm(tmp_path, proc, num_workers=0), 4)

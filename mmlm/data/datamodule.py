@@ -431,8 +431,17 @@ class VLMDataModule(pl.LightningDataModule):
             dist.all_gather_object(gathered, (rank, local))
             parts = {r: s for r, s in gathered}
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
-                "num_workers": self._logical_workers, "world_size": world,
+                "num_workers": self._logical_workers, "world_size": world, "stream": self._stream_identity(),
                 "ranks": {str(r): s for r, s in sorted(parts.items())}}
+
+    def _stream_identity(self) -> dict[str, str]:
+        """What decides which samples the training stream yields in which order (besides seed and workers): a
+        saved position means the same samples only in a stream with the same (checked on resume)."""
+        return {name: repr(value) for name, value in (
+            ("train", self.train_spec), ("shuffle_buffer", self.shuffle_buffer), ("sample_mode", self.sample_mode),
+            ("mixed_weights", self.mixed_weights), ("question_pattern", self.question_pattern),
+            ("caption_first_samples", self.caption_first_samples), ("packing", self.packing),
+            ("group_by_length", self.group_by_length), ("max_length", self.max_length))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a position saved by ``state_dict``; applied when the next train DataLoader is built."""
@@ -447,15 +456,23 @@ class VLMDataModule(pl.LightningDataModule):
         saved = (state["seed"], state["num_workers"], state["world_size"])
         now = (self.seed, self._logical_workers, world)
         part = state["ranks"].get(str(rank))
+        then, current = state.get("stream"), self._stream_identity()  # (None: a state saved before it was kept)
+        changed = [f"{k}={current.get(k)} (checkpoint: {v})" for k, v in (then or {}).items() if current.get(k) != v]
         if saved != now or part is None:
             def workers(n: int) -> str:  # one data stream per loader worker; num_workers=0: one, in the main process
                 return "num_workers=0 or 1" if n == 1 else f"num_workers={n}"
 
             msg = (f"the checkpoint's data loader state was saved with seed={saved[0]}, {workers(saved[1])}, "
                    f"world_size={saved[2]} but this run has seed={now[0]}, {workers(now[1])}, world_size={now[2]}")
+            fix = "exact resume needs the same"
+        elif changed:
+            msg = ("the training data options changed since the checkpoint's loader state was saved: "
+                   + "; ".join(changed) + ", so its position does not mean the same samples")
+            fix = "resume with the checkpoint's data options"
+        if saved != now or part is None or changed:
             if self.strict_resume:
-                raise ValueError(msg + "; exact resume needs the same (or pass --data.strict_resume false, in "
-                                       "Python strict_resume=False, to start a fresh stream at the next epoch)")
+                raise ValueError(f"{msg}; {fix} (or pass --data.strict_resume false, in Python strict_resume=False, "
+                                 "to start a fresh stream at the next epoch)")
             log.warning("%s: starting a fresh training stream at epoch %d (not an exact resume)", msg, state["epoch"] + 1)
             self.epoch = int(state["epoch"]) + 1
             self._samples = part["samples"] if part else 0
