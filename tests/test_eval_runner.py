@@ -189,6 +189,7 @@ def test_caption_shards_and_limit(tmp_path, patch_model):
                "--out", str(out), "--limit", "2", *FAST) == 0
     m = load(out / "metrics.json")
     assert m["num_items"] == m["num_scored"] == 2
+    assert "--limit 2: the first 2 items only, not the benchmark's full score" in m["notices"]  # a partial number
     assert load(out / "predictions.json") == [{"image_id": 50, "caption": CAPTIONS[0]},
                                               {"image_id": 51, "caption": CAPTIONS[1]}]
 
@@ -297,8 +298,11 @@ def test_vizwiz_textvqa_gqa_pope_and_vqa_shards(tmp_path, patch_model):
                "--images", str(images), "--out", str(out)) == 0
     m = load(out / "metrics.json")
     assert m["overall"] == 50.0 and m["perAnswerType"] == {"open": 100.0, "binary": 0.0}
-    assert load(out / "predictions.json") == [{"questionId": "201", "prediction": "Dog."},
-                                             {"questionId": "202", "prediction": "Blue"}]
+    # the submission holds the replies as scored, so GQA's eval.py (predicted == gold) gives the same number
+    assert load(out / "predictions.json") == [{"questionId": "201", "prediction": "dog"},
+                                             {"questionId": "202", "prediction": "blue"}]
+    per_item = [json.loads(x) for x in (out / "per_item.jsonl").read_text().splitlines()]
+    assert sorted(r["prediction"] for r in per_item) == ["Blue", "Dog."]  # the raw replies
 
     # POPE: jsonl {question_id, image, text, label} -> jsonl {question_id, prompt, text}
     pope = tmp_path / "pope.jsonl"

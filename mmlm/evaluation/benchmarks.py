@@ -59,12 +59,13 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmlm.io import atomic_write_text
+from mmlm.evaluation.vqa_metrics import gqa_prediction
 from mmlm.processing import DEFAULT_VQA_SUFFIX, vqa_prompt
 
 __all__ = [
@@ -110,13 +111,16 @@ class Item:
 class SubmissionFormat:
     """A results file: a JSON list (or JSON lines) of ``{key_field: id, value_field: text}``.
 
-    ``meta_fields`` are copied from ``Item.meta`` into each entry (POPE's ``prompt``)."""
+    ``meta_fields`` are copied from ``Item.meta`` into each entry (POPE's ``prompt``). ``submitted``: what the
+    file holds of a reply when the benchmark's own evaluation compares it as written (GQA's ``eval.py``:
+    ``predicted == gold``), so that the file scores what metrics.json reports; None: the reply as it is."""
 
     key_field: str
     value_field: str
     jsonl: bool = False
     meta_fields: tuple[str, ...] = ()
     alt_value_fields: tuple[str, ...] = ()
+    submitted: Callable[[str], str] | None = None
 
     @property
     def filename(self) -> str:
@@ -126,7 +130,7 @@ class SubmissionFormat:
 CAPTION_FORMAT = SubmissionFormat("image_id", "caption")
 VQA_FORMAT = SubmissionFormat("question_id", "answer")
 VIZWIZ_FORMAT = SubmissionFormat("image", "answer")
-GQA_FORMAT = SubmissionFormat("questionId", "prediction")
+GQA_FORMAT = SubmissionFormat("questionId", "prediction", submitted=gqa_prediction)
 POPE_FORMAT = SubmissionFormat("question_id", "text", jsonl=True, meta_fields=("prompt",), alt_value_fields=("answer",))
 
 
@@ -319,6 +323,8 @@ def load_benchmark(
             raise BenchmarkError(f"{name}: {key} {it.id} occurs more than once in the input; ids must be unique "
                                  "(files merged from several splits, e.g. POPE's, need distinct ids)")
         seen.add(it.id)
+    if limit is not None and len(bench.items) >= limit:  # the limit cut the benchmark (or just fit it)
+        notices.append(f"--limit {limit}: the first {len(bench.items)} items only, not the benchmark's full score")
     return bench
 
 
@@ -341,7 +347,8 @@ def write_predictions(bench: Benchmark, predictions: Mapping[str, str], path: st
         for m in fmt.meta_fields:
             if m in it.meta:
                 row[m] = it.meta[m]
-        row[fmt.value_field] = predictions[it.id]
+        reply = predictions[it.id]
+        row[fmt.value_field] = fmt.submitted(reply) if fmt.submitted is not None else reply
         rows.append(row)
     if fmt.jsonl:
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
