@@ -192,6 +192,10 @@ def test_caption_shards_and_limit(tmp_path, patch_model):
     assert "--limit 2: the first 2 items only, not the benchmark's full score" in m["notices"]  # a partial number
     assert load(out / "predictions.json") == [{"image_id": 50, "caption": CAPTIONS[0]},
                                               {"image_id": 51, "caption": CAPTIONS[1]}]
+    # an edited checkpoint (its prompt, template, transform: not its weights) is a new run, not the cached one
+    (model_dir(tmp_path) / "processor_config.json").write_text('{"caption_prompt": "Describe it."}')
+    assert cli("caption", "--benchmark", "shards", "--shards", str(shard.parent), "--model", str(model_dir(tmp_path)),
+               "--out", str(out), "--limit", "2", *FAST) == 2
 
 
 # --------------------------------------------------------------------------- VQA benchmarks
