@@ -397,14 +397,18 @@ def test_cache_of_other_data_files_is_not_reused(tmp_path):
     assert runner.evaluate(bench, fake_predict(answers), failed, progress=False, n_resamples=0)["accuracy"] == 0.0
 
 
-def test_bad_images_are_skipped_and_counted(tmp_path):
+def test_bad_images_are_counted_and_scored_as_wrong(tmp_path):
+    """The score covers every item, as the official evaluations do, and the submission holds every id (their
+    loadRes asserts it): an item whose image cannot be read counts as wrong instead of dropping out."""
     q, a, images, gold = vqav2_files(tmp_path, n=4)
     (images / f"COCO_val2014_{1:012d}.jpg").write_bytes(b"not a png")
     bench = load_benchmark("vqa", "vqav2", questions=q, annotations=a, images=images)
     report = runner.evaluate(bench, fake_predict(gold), tmp_path / "o", progress=False, n_resamples=0,
                              max_bad_fraction=0.25)
-    assert report["num_skipped"] == 1 and report["num_scored"] == 3
-    assert any("unreadable" in n for n in report["notices"])
+    assert report["num_skipped"] == 1 and report["num_scored"] == 4 and report["overall"] == 75.0
+    assert any("unreadable images are scored as wrong" in n for n in report["notices"])
+    submitted = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert len(submitted) == 4 and sum(r["answer"] == "" for r in submitted) == 1
     (images / f"COCO_val2014_{2:012d}.jpg").write_bytes(b"")
     with pytest.raises(runner.EvalError, match="unreadable images"):
         runner.evaluate(bench, fake_predict(gold), tmp_path / "o2", progress=False, max_bad_fraction=0.25)

@@ -15,7 +15,8 @@ the cache is an append-only JSON-lines file: first line ``{"fingerprint": {...}}
 same fingerprint skips the ids already there (an interrupted run resumes); a different
 fingerprint (other model/prompt/generation settings) is refused with :class:`EvalError` unless
 ``resume=False``, which starts the cache afresh. A torn last line is dropped (the cache is then
-rewritten atomically). An item whose image cannot be read is skipped and reported in ``skipped``;
+rewritten atomically). An item whose image cannot be read is skipped and reported in ``skipped`` (the
+runner then scores it as wrong, with an empty prediction);
 more than ``max_bad_fraction`` of the items (at least 1) stops the run with :class:`EvalError`,
 and so does a run in which no item at all has a prediction (every image unreadable), whatever
 the budget. The cache fingerprint is the caller's: ``mmlm eval`` puts the resolved device type

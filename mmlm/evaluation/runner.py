@@ -197,12 +197,16 @@ def evaluate(
             bench.items, predict_fn, batch_size=batch_size, cache_path=out / CACHE_NAME, fingerprint=fp,
             resume=resume, progress=progress, max_bad_fraction=max_bad_fraction, desc=f"eval {bench.name}",
         )
+        # an item whose image cannot be read is answered with nothing, so scored as wrong: the score covers the
+        # whole benchmark (as the official evaluations do) and the submission file holds every id (theirs assert it)
+        preds.update({i: "" for i in skipped_items})
         write_predictions(bench, preds, out / bench.submission.filename)
         files["predictions"] = bench.submission.filename
         files["cache"] = CACHE_NAME
         if skipped_items:
             first = next(iter(skipped_items.items()))
-            notices.append(f"skipped {len(skipped_items)} item(s) with unreadable images; first: {first[0]}: {first[1]}")
+            notices.append(f"{len(skipped_items)} item(s) with unreadable images are scored as wrong (an empty "
+                           f"prediction); first: {first[0]}: {first[1]}")
     else:
         try:
             preds = read_predictions(bench, predictions_path)
