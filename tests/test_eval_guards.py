@@ -256,3 +256,19 @@ def test_a_run_that_predicts_nothing_fails(tmp_path, fake_model, capsys, monkeyp
     items = [Item(id="a", image=str(tmp_path / "nope.png"), prompt=None)]
     with pytest.raises(runner.EvalError, match="none of the 1"):
         runner.predict(items, lambda images, prompts: ["x"] * len(images), progress=False, max_bad_fraction=1.0)
+
+
+def test_caption_annotations_that_match_no_image_id_are_an_error(tmp_path):
+    """ids written as strings in one list and numbers in the other: it scored nothing, exit 0, with the message of a
+    test split without references."""
+    from mmlm.evaluation.benchmarks import BenchmarkError, load_benchmark
+
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                               "annotations": [{"image_id": "1", "caption": "a red star"},
+                                               {"image_id": "2", "caption": "a blue disc"}]}))
+    with pytest.raises(BenchmarkError, match=r"no annotation's image_id is an id of its 'images' \(annotations: '1', "
+                                             r"images: 1; numbers written as strings\?\)"):
+        load_benchmark("caption", "coco", annotations=ann)
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}]}))  # a test split: no references
+    assert not load_benchmark("caption", "coco", annotations=ann).has_references

@@ -94,6 +94,11 @@ def _coco_captions(name: str, annotations, images, caption_prompt) -> Iterator[I
     for j, a in enumerate(data.get("annotations") or []):
         where = f"{annotations}: annotations[{j}]"
         refs.setdefault(_require(a, "image_id", where), []).append(str(_require(a, "caption", where)))
+    ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+    if refs and not any(k in ids for k in refs):  # it would score nothing, as a test split without references
+        some_ref, some_id = next(iter(refs)), next(iter(ids), None)
+        raise BenchmarkError(f"{annotations}: no annotation's image_id is an id of its 'images' (annotations: "
+                             f"{some_ref!r}, images: {some_id!r}; numbers written as strings?)")
     root = Path(images) if images else None
     for i, im in enumerate(data["images"]):
         where = f"{annotations}: images[{i}]"
