@@ -343,21 +343,19 @@ def handle_errors(items: Iterable[Item], ctx: StreamContext, *, budget: ErrorBud
     the stream would search forever: it raises ``DataErrorBudgetExceeded`` saying so."""
     limit = MAX_FILTERED_IN_A_ROW if max_filtered_in_a_row is None else int(max_filtered_in_a_row)
     in_a_row = shards_in_a_row = 0
+    where = f" in {budget.where}" if budget.where else ""
     for item in items:
         if item.error is not None:
             budget.skip(item.error, item.url)
-            if item.error.reason == BAD_SHARD and ctx.split == "train":
-                shards_in_a_row += 1
-                if shards_in_a_row >= MAX_BAD_SHARDS_IN_A_ROW:
-                    where = f" in {budget.where}" if budget.where else ""
-                    raise DataErrorBudgetExceeded(
-                        f"no training sample{where}: {shards_in_a_row} shards in a row could not be read (last: "
-                        f"{item.url}: {item.error.detail}); check the shards and their access (pipe: commands, "
-                        "credentials)")
-            if item.error.reason in FILTERED and ctx.split == "train" and limit:
+            train = ctx.split == "train"
+            shards_in_a_row += train and item.error.reason == BAD_SHARD
+            if shards_in_a_row >= MAX_BAD_SHARDS_IN_A_ROW:
+                raise DataErrorBudgetExceeded(
+                    f"no training sample{where}: {shards_in_a_row} shards in a row could not be read (last: "
+                    f"{item.url}: {item.error.detail}); check the shards and their access (pipe: commands, credentials)")
+            if item.error.reason in FILTERED and train and limit:
                 in_a_row += 1
                 if in_a_row >= limit:
-                    where = f" in {budget.where}" if budget.where else ""
                     raise DataErrorBudgetExceeded(
                         f"no training sample{where} in {in_a_row} records in a row: every one was skipped as "
                         f"{item.error.reason} (last: {item.error.key!r}: {item.error.detail}); the training data has "
