@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -606,3 +607,18 @@ def test_shards_with_no_question_say_so_and_not_split(tmp_path):
     with pytest.raises(BenchmarkError, match=r"no items to evaluate \(skipped 2 shard sample\(s\) without a question; "
                                              r"check the files and --limit\)$"):
         load_benchmark("vqa", "shards", shards=str(shard))
+
+
+def test_two_runs_into_one_out_are_kept_apart(tmp_path):
+    """A second run while the first writes its cache: refused (both appended to it, or one replaced it)."""
+    from mmlm.evaluation import prediction
+
+    q, a, images, gold = vqav2_files(tmp_path, n=4)
+    bench = load_benchmark("vqa", "vqav2", questions=q, annotations=a, images=images)
+    out = tmp_path / "o"
+    held = prediction._lock_cache(out / runner.CACHE_NAME)  # as a running eval holds it
+    with pytest.raises(runner.EvalError, match=r"^another mmlm eval is writing .*: wait for it to end, or use another"):
+        runner.evaluate(bench, fake_predict(gold), out, progress=False, n_resamples=0)
+    prediction._unlock(held)
+    assert runner.evaluate(bench, fake_predict(gold), out, progress=False, n_resamples=0)["overall"] == 100.0
+    assert not [p for p in os.listdir(out) if p.endswith(".lock")]

@@ -97,6 +97,31 @@ def _open_cache(path: Path, fingerprint: dict, resume: bool) -> dict[str, str]:
     return {}
 
 
+def _lock_cache(cache: Path):
+    """An exclusive lock on ``cache`` for this run (a lock file next to it; POSIX ``flock``): two runs into one
+    ``--out`` would append to, or one replace, the other's cache. Raises :class:`EvalError` when it is held."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: unlocked, as before
+        return None
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    path = cache.with_name(f".{cache.name}.lock")
+    fh = open(path, "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise EvalError(f"another mmlm eval is writing {cache.parent}: wait for it to end, or use another --out") from None
+    return fh, path
+
+
+def _unlock(lock) -> None:
+    if lock is not None:
+        fh, path = lock
+        path.unlink(missing_ok=True)
+        fh.close()
+
+
 def predict(
     items: Sequence[Item],
     predict_fn: PredictFn,
@@ -121,8 +146,13 @@ def predict(
 
     done: dict[str, str] = {}
     cache = Path(cache_path) if cache_path is not None else None
-    if cache is not None:
-        done = _open_cache(cache, dict(fingerprint or {}), resume)
+    lock = _lock_cache(cache) if cache is not None else None
+    try:
+        if cache is not None:
+            done = _open_cache(cache, dict(fingerprint or {}), resume)
+    except BaseException:
+        _unlock(lock)
+        raise
     todo = [it for it in items if it.id not in done]
     skipped: dict[str, str] = {}
     budget = max(1, int(max_bad_fraction * len(items)))
@@ -169,6 +199,7 @@ def predict(
     finally:
         if fh is not None:
             fh.close()
+        _unlock(lock)
     out = {it.id: done[it.id] for it in items if it.id in done}
     if items and not out:  # e.g. one item whose image is missing: within the budget, yet nothing to show
         first = next(iter(skipped.items()), None)
