@@ -175,7 +175,8 @@ class VLMDataModule(pl.LightningDataModule):
                 (its ``*.tar``), a list of them, or a list of ``{shards: ..., weight: ...}`` sources
                 mixed by weight. Read as a resampled endless stream. A weight is per shard drawn: a source
                 whose shards hold 10x the samples gives 10x the samples per unit of weight (divide its
-                weight by its samples per shard to mix by samples).
+                weight by its samples per shard to mix by samples). On the command line ``--data.train
+                '[A, B]'`` replaces the recipe's shards; ``--data.train+ X`` appends X to them.
             val: Validation shards (same forms; weights ignored), read once per validation pass; None: no validation.
             batch_size: Samples per training batch; with ``packing``, packed rows per batch.
             val_batch_size: Batch size for validation (None: ``batch_size``).
