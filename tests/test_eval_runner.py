@@ -622,3 +622,16 @@ def test_two_runs_into_one_out_are_kept_apart(tmp_path):
     prediction._unlock(held)
     assert runner.evaluate(bench, fake_predict(gold), out, progress=False, n_resamples=0)["overall"] == 100.0
     assert not [p for p in os.listdir(out) if p.endswith(".lock")]
+
+
+def test_a_failed_run_does_not_leave_an_earlier_run_s_results_as_its_own(tmp_path):
+    q, a, images, gold = vqav2_files(tmp_path, n=4)
+    bench = load_benchmark("vqa", "vqav2", questions=q, annotations=a, images=images)
+    out = tmp_path / "o"
+    runner.evaluate(bench, fake_predict(gold), out, progress=False, n_resamples=0)
+    assert (out / "metrics.json").is_file() and (out / "predictions.json").is_file()
+    for i in range(4):  # every image unreadable now: the new run fails
+        (images / f"COCO_val2014_{i:012d}.jpg").write_bytes(b"")
+    with pytest.raises(runner.EvalError):
+        runner.evaluate(bench, fake_predict(gold), out, progress=False, n_resamples=0, resume=False)
+    assert not (out / "metrics.json").exists() and not (out / "predictions.json").exists()

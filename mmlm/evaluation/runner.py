@@ -184,6 +184,13 @@ def evaluate(
     check_run(bench, model=predict_fn is not None, compare=compare)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier run's results go now, not when this one ends: a run that fails must not leave them next to
+    # its own cache as if they were its results (a --predictions file in --out itself is this run's input)
+    given = Path(predictions_path).resolve() if predictions_path is not None else None
+    compared_here = compare is not None and Path(compare).resolve().parent == out.resolve()  # read at the end
+    for name in (METRICS_NAME, PER_ITEM_NAME, COMPARISON_NAME, "predictions.json", "predictions.jsonl"):
+        if (out / name).resolve() != given and not compared_here:
+            (out / name).unlink(missing_ok=True)
     notices = list(bench.notices)
     files: dict[str, str] = {}
     skipped_items: dict[str, str] = {}
