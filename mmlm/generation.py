@@ -178,7 +178,6 @@ def _fit_positions(vlm, cfg: GenerationConfig, positions: torch.Tensor) -> Gener
     return replace(cfg, max_new_tokens=room) if cfg.max_new_tokens > room else cfg
 
 
-@torch.no_grad()
 def in_eval_mode(fn):
     """Run ``fn(vlm, ...)`` with every module of ``vlm`` in eval mode (no dropout: a model fresh from
     ``from_preset`` or a training loop is in train mode), each module's own mode restored afterwards."""
@@ -197,6 +196,7 @@ def in_eval_mode(fn):
     return wrapper
 
 
+@torch.no_grad()
 @in_eval_mode
 def generate(
     vlm,
