@@ -51,16 +51,20 @@ def _consume(dm: VLMDataModule, n: int, loader=None) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("packing,group", [(False, 1), (True, 1), (False, 3)])
-def test_exact_resume_with_two_workers(tmp_path, proc, packing, group):
+@pytest.mark.parametrize("packing,group,every", [(False, 1, 1000), (True, 1, 1000), (False, 3, 1000), (False, 1, 3),
+                                                 (True, 1, 2), (False, 3, 1), (False, 1, 0)])
+def test_exact_resume_with_two_workers(tmp_path, proc, packing, group, every):
+    """``every``: snapshot_every (1000: none is taken in so short a run; 0: off; else resumed from a snapshot)."""
     _shards_with_bad(tmp_path)
-    kw = dict(packing=packing, max_length=128 if packing else None, group_by_length=group)
+    kw = dict(packing=packing, max_length=128 if packing else None, group_by_length=group, snapshot_every=every)
     ref_dm = _dm(tmp_path, proc, **kw)
     ref = _consume(ref_dm, 11)
     first = _dm(tmp_path, proc, **kw)
     head = _consume(first, 5)  # an odd count: the resumed loader must start with worker 1
     assert [b["keys"] for b in head] == [b["keys"] for b in ref[:5]]
     state = first.state_dict()
+    snapshots = [w.get("snapshot") for w in state["ranks"]["0"]["workers"].values()]
+    assert all(snapshots) if every in (1, 2, 3) else not any(snapshots)
     path = tmp_path / "state.pt"
     torch.save(state, path)
     resumed = _dm(tmp_path, proc, **kw)

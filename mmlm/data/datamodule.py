@@ -24,7 +24,8 @@ Contract:
   all consumed batches it raises ``DataErrorBudgetExceeded``. Calling it twice for the same batch
   is harmless for positions but counts its skips twice: call it once per batch.
 * ``state_dict()`` / ``load_state_dict()`` (Lightning stores them in checkpoints) hold the seed,
-  epoch, and per rank: batches and samples consumed, each worker's position and skip counts.
+  epoch, and per rank: batches and samples consumed, each worker's position (with its newest resume
+  snapshot, ``snapshot_every``: a resume re-reads a bounded number of samples) and skip counts.
   Under ``torch.distributed`` ``state_dict()`` gathers every rank's part (it is a collective:
   all ranks call it, as Lightning does when saving). A DataLoader built after
   ``load_state_dict`` continues exactly where the saved run stopped (same samples, same order),
@@ -168,6 +169,7 @@ class VLMDataModule(pl.LightningDataModule):
         prefetch_factor: int = 2,
         strict_resume: bool = True,
         uint8_pixels: bool = True,
+        snapshot_every: int = 1000,
     ):
         """
         Args:
@@ -232,6 +234,11 @@ class VLMDataModule(pl.LightningDataModule):
                 normalise them on its device (``VLM.encode_images``, same values as the processor's): 4x
                 fewer bytes from the workers and in pinned memory, no float work in the workers. False:
                 normalised float32 pixel values, as ``Processor.encode`` returns by default.
+            snapshot_every: Every this many samples, each loader worker records where its stream stands
+                (the shard and sample it reads next, its shuffle buffer as references, the buffer's RNG);
+                checkpoints keep the newest, so a resume re-reads at most this many samples per worker plus
+                the shards its shuffle buffer held, however long the run was. 0: a resume re-reads each
+                worker's stream from the start (its cost grows with the run). Does not change the data order.
         """
         super().__init__()
         if batch_size < 1:
@@ -256,6 +263,8 @@ class VLMDataModule(pl.LightningDataModule):
             raise ValueError(f"caption_first_samples must be >= 0, got {caption_first_samples}")
         if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0 (0: no snapshots), got {snapshot_every}")
         if prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
         # check the specs' form now (clear errors at construction); expand them when loading
@@ -286,12 +295,13 @@ class VLMDataModule(pl.LightningDataModule):
         self.allow_remote = allow_remote
         self.pin_memory = pin_memory
         self.uint8_pixels = bool(uint8_pixels)
+        self.snapshot_every = int(snapshot_every)
         self.persistent_workers = persistent_workers
         self.prefetch_factor = int(prefetch_factor)
         self.strict_resume = strict_resume
         self.processor = None
         self.epoch = 0
-        self._workers: dict[int, dict] = {}  # logical worker -> {"position", "done", "emitted", "batches"}
+        self._workers: dict[int, dict] = {}  # logical worker -> {"position", "done", "emitted", "batches", "snapshot"}
         self._batches = 0
         self._samples = 0
         self._skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
@@ -335,6 +345,7 @@ class VLMDataModule(pl.LightningDataModule):
             prompt_loss_fraction=self.prompt_loss_fraction if split == "train" else 0.0,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
             allow_pipes=self.allow_pipes, allow_remote=self.allow_remote, uint8_pixels=self.uint8_pixels,
+            snapshot_every=self.snapshot_every,
         )
 
     def _loader_kwargs(self) -> dict:
@@ -381,8 +392,11 @@ class VLMDataModule(pl.LightningDataModule):
             self._skipped["val"].update(skipped)
             return
         if "worker" in state:
-            self._workers[int(state["worker"])] = {k: state[k] for k in ("position", "done", "emitted", "batches")
-                                                   if k in state}
+            worker = int(state["worker"])
+            snapshot = state.get("snapshot") or self._workers.get(worker, {}).get("snapshot")  # sent when it changes
+            self._workers[worker] = {k: state[k] for k in ("position", "done", "emitted", "batches") if k in state}
+            if snapshot is not None:
+                self._workers[worker]["snapshot"] = snapshot
         self._batches += 1
         self._samples += int(batch.get("num_samples", 0))
         self._skipped["train"].update(skipped)

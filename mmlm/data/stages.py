@@ -24,7 +24,7 @@ The stages, in pipeline order (``train:``/``eval:``: only in that split)::
                      train: raises when every shard is an empty tar (no sample to train, nothing to count)
     split_samples    eval, fewer shards than units: the samples whose index % units is this unit
     to_records       members -> ``Record`` (``mmlm.data.schema``); schema errors become item errors
-    shuffle          train: a shuffle buffer of records (not of decoded images)
+    shuffle          train: a shuffle buffer of records (not of decoded images); resume snapshots
     number           each item's position in the worker's stream; skips positions a resume consumed
     select_target    record -> the conversation to train (``mmlm.data.targets``; caption curriculum)
     decode           image bytes -> RGB PIL images (``mmlm.data.decode``; ``max_pixels``)
@@ -35,13 +35,16 @@ The stages, in pipeline order (``train:``/``eval:``: only in that split)::
                      and ``MAX_BAD_SHARDS_IN_A_ROW``)
     batch            good samples -> collated batches with ``loader_state`` and ``skipped``
 
-Helpers: :func:`iter_tar_groups` (a tar stream -> Items, used by ``expand_tar``) and
-:func:`rank_shards` (this rank's share of a source's shards). ``loader_state``, positions and
-exact resume are described in ``mmlm.data.stream``.
+Helpers: :func:`iter_tar_groups` (a tar stream -> Items) and :func:`read_shard` (a shard URL ->
+Items), used by ``expand_tar``; :func:`rank_shards` (this rank's share of a source's shards);
+:func:`shard_draws` (the endless draw of shard URLs) and :func:`fetch_items` (items read back by
+``[draw, index]``, to restore a snapshot's shuffle buffer). ``loader_state``, positions, snapshots
+and exact resume are described in ``mmlm.data.stream``.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import tarfile
@@ -61,7 +64,7 @@ from mmlm.data.targets import present_kinds, record_to_conversation
 __all__ = [
     "StreamContext", "Item", "iter_tar_groups", "rank_shards", "resample_shards", "list_shards", "split_shards",
     "expand_tar", "split_samples", "to_records", "shuffle", "number", "select_target", "decode", "encode",
-    "handle_errors", "batch",
+    "handle_errors", "batch", "shard_draws", "read_shard", "fetch_items",
 ]
 
 _WANTED_TEXT = ("txt", "json")
@@ -109,6 +112,12 @@ class Item:
     sample: dict | None = None
     error: BadSample | None = None
     position: int = -1
+    draw: int = -1
+    """Train: which shard draw of the worker's stream the item came from (0, 1, 2, ...)."""
+    index: int = -1
+    """Train: the item's index among the items of its shard (a bad shard's error item included)."""
+    snapshot: dict | None = None
+    """Train, every ``snapshot_every`` items: where the stream stands after this item (see ``shuffle``)."""
 
 
 # ------------------------------------------------------------------------------------ tar reading
@@ -140,15 +149,21 @@ def rank_shards(shards: Sequence[str], ctx: StreamContext) -> Sequence[str]:
     return shards
 
 
-def resample_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source]) -> Iterator[str]:
-    """Train: shard URLs drawn forever with replacement (source by weight, then uniformly among
-    this rank's shards of that source)."""
+def shard_draws(ctx: StreamContext, sources: Sequence[Source]) -> Iterator[str]:
+    """Train: this worker's shard URLs, drawn forever with replacement (source by weight, then
+    uniformly among this rank's shards of that source). Draw ``d`` is the same in every run."""
     rng = ctx.rng("shards")
     weights = [s.weight for s in sources]
     pools = [rank_shards(s.shards, ctx) for s in sources]
     while True:
         pool = pools[0] if len(sources) == 1 else rng.choices(pools, weights=weights)[0]
         yield pool[rng.randrange(len(pool))]
+
+
+def resample_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source], start: int = 0) -> Iterator[str]:
+    """Train: the shard draws (:func:`shard_draws`) from draw ``start`` on (a resume; the earlier
+    draws are replayed from the RNG, nothing is read)."""
+    return itertools.islice(shard_draws(ctx, sources), start, None)
 
 
 def list_shards(_: None, ctx: StreamContext, *, sources: Sequence[Source]) -> Iterator[str]:
@@ -164,25 +179,37 @@ def split_shards(urls: Iterable[str], ctx: StreamContext) -> Iterator[str]:
             yield url
 
 
-def expand_tar(urls: Iterable[str], ctx: StreamContext, *, allow_pipes: bool, allow_remote: bool,
-               max_member_size: int | None, num_shards: int = 0) -> Iterator[Item]:
-    """Shard URLs -> grouped members; an unreadable shard becomes one ``bad_shard`` item.
+def read_shard(url: str, *, allow_pipes: bool, allow_remote: bool, max_member_size: int | None) -> Iterator[Item]:
+    """One shard's items (:func:`iter_tar_groups`); an unreadable or truncated shard ends with one
+    ``bad_shard`` item after the items read before the error."""
+    try:
+        with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
+            yield from iter_tar_groups(stream, url, max_member_size=max_member_size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield Item(key=url, url=url, error=BadSample(url, BAD_SHARD, f"{type(e).__name__}: {e}; rest of shard skipped"))
 
+
+def expand_tar(urls: Iterable[str], ctx: StreamContext, *, allow_pipes: bool, allow_remote: bool,
+               max_member_size: int | None, num_shards: int = 0, first_draw: int = 0, skip: int = 0) -> Iterator[Item]:
+    """Shard URLs -> grouped members (:func:`read_shard`); an unreadable shard becomes one ``bad_shard`` item.
+
+    Train: each item gets its ``draw`` (the URL's index, counted from ``first_draw``) and its
+    ``index`` in the shard; a resume continues inside draw ``first_draw`` after its first ``skip``
+    items (they are read again, not passed on).
     ``num_shards`` (train: the number of distinct shards the endless draw picks from; 0: no check):
     when every one of them, drawn in a row, held no sample at all (empty tars, which img2dataset
     writes when all of a shard's downloads failed), the stream would spin forever without a batch
     or a skip to count: it raises ``DataErrorBudgetExceeded`` saying so."""
     empty: set[str] = set()
-    for url in urls:
+    for d, url in enumerate(urls, start=first_draw):
         got = False
-        try:
-            with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
-                for item in iter_tar_groups(stream, url, max_member_size=max_member_size):
-                    got = True
-                    yield item
-        except (tarfile.TarError, OSError, EOFError) as e:
+        for i, item in enumerate(read_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote,
+                                            max_member_size=max_member_size)):
             got = True
-            yield Item(key=url, url=url, error=BadSample(url, BAD_SHARD, f"{type(e).__name__}: {e}; rest of shard skipped"))
+            if d == first_draw and i < skip:
+                continue
+            item.draw, item.index = d, i
+            yield item
         if got:
             empty.clear()
         elif num_shards:
@@ -212,31 +239,102 @@ def to_records(items: Iterable[Item], ctx: StreamContext) -> Iterator[Item]:
         yield item
 
 
-def shuffle(items: Iterable[Item], ctx: StreamContext, *, bufsize: int) -> Iterator[Item]:
-    """Train: a shuffle buffer of ``bufsize`` items (items, not decoded images, are buffered)."""
-    if bufsize <= 1:
-        yield from items
-        return
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: list) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
+
+
+def shuffle(items: Iterable[Item], ctx: StreamContext, *, bufsize: int, snapshot_every: int = 0,
+            restore: tuple[Callable[[], list[Item]], list | None] | None = None) -> Iterator[Item]:
+    """Train: a shuffle buffer of ``bufsize`` items (items, not decoded images, are buffered).
+
+    Every ``snapshot_every`` items passed on (0: never), the item passed on carries a *snapshot*
+    of the stream's state after it: ``{"draw", "index"}`` (the next item to read: draw ``draw``'s
+    shard from its item ``index``), ``"buffer"`` (the buffered items as ``[draw, index]`` pairs) and
+    ``"rng"`` (the buffer's RNG state); ``number`` adds its ``"position"``. ``restore``
+    ``(fetch, rng)`` continues from one: ``fetch()`` returns the buffered items, read again."""
     rng = ctx.rng("shuffle")
     buf: list[Item] = []
+    if restore is not None:
+        fetch, state = restore
+        buf = fetch()
+        if state is not None:
+            _set_rng_state(rng, state)
+    shuffling = bufsize > 1
+    passed = 0
     for item in items:
-        if len(buf) < bufsize:
-            buf.append(item)
-            continue
-        j = rng.randrange(bufsize)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
+        if shuffling:
+            if len(buf) < bufsize:
+                buf.append(item)
+                continue
+            j = rng.randrange(bufsize)
+            out, buf[j] = buf[j], item
+        else:
+            out = item
+        passed += 1
+        if snapshot_every and passed % snapshot_every == 0:
+            out.snapshot = {"draw": item.draw, "index": item.index + 1, "buffer": [[b.draw, b.index] for b in buf],
+                            "rng": _rng_state(rng) if shuffling else None}
+        yield out
+    if shuffling:
+        rng.shuffle(buf)
+        yield from buf
+
+
+def fetch_items(refs: Sequence[Sequence[int]], ctx: StreamContext, *, sources: Sequence[Source], allow_pipes: bool,
+                allow_remote: bool, max_member_size: int | None) -> list[Item]:
+    """Train, resume: the items ``[draw, index]`` of this worker's stream, read again (each shard once, up to
+    the last item wanted) and made records; an item its shard no longer holds is a ``bad_shard`` error."""
+    wanted: dict[int, set[int]] = {}
+    for d, i in refs:
+        wanted.setdefault(int(d), set()).add(int(i))
+    urls = list(itertools.islice(shard_draws(ctx, sources), max(wanted) + 1)) if wanted else []
+    found: dict[tuple[int, int], Item] = {}
+    for d in sorted(wanted):
+        last = max(wanted[d])
+        shard = read_shard(urls[d], allow_pipes=allow_pipes, allow_remote=allow_remote, max_member_size=max_member_size)
+        for i, item in enumerate(shard):
+            if i in wanted[d]:
+                item.draw, item.index = d, i
+                found[(d, i)] = item
+            if i >= last:
+                break
+        shard.close()
+    out = []
+    for d, i in refs:
+        item = found.get((int(d), int(i)))
+        if item is None:
+            url = urls[int(d)]
+            item = Item(key=url, url=url, draw=int(d), index=int(i), error=BadSample(
+                url, BAD_SHARD, f"its item {i} is gone: the shard changed since the checkpoint was saved"))
+        out.append(item)
+    return list(to_records(out, ctx))
 
 
 def number(items: Iterable[Item], ctx: StreamContext, *, resume: dict | None) -> Iterator[Item]:
-    """Give each item its position; skip (before any decoding) the positions a resumed run consumed."""
+    """Give each item its position; skip (before any decoding) the positions a resumed run consumed.
+
+    A resume from a snapshot counts from the snapshot's position (the stages before restored its
+    state); a snapshot on a skipped item travels on with the next item passed on."""
+    snapshot = (resume or {}).get("snapshot")
+    base = int(snapshot["position"]) if snapshot else 0
     start = int(resume["position"]) if resume else 0
     done = set(resume.get("done", ())) if resume else set()
-    for pos, item in enumerate(items):
+    carried: list[dict] = []
+    for pos, item in enumerate(items, start=base):
+        if item.snapshot is not None:
+            item.snapshot["position"] = pos + 1
+            carried.append(item.snapshot)
+            item.snapshot = None
         if pos < start or pos in done:
             continue
+        if carried:
+            item.snapshot, carried = carried[-1], []
         item.position = pos
         yield item
 
@@ -375,6 +473,9 @@ def batch(items: Iterable[Item], ctx: StreamContext, *, collate, batch_size: int
     done: set[int] = set(resume.get("done", ())) if resume else set()
     emitted = int(resume.get("emitted", 0)) if resume else 0
     batches = int(resume.get("batches", 0)) if resume else 0
+    snapshot = resume.get("snapshot") if resume else None  # the newest one at or before the frontier
+    sent = snapshot  # the last one a batch carried (or the resume's)
+    snapshots: dict[int, dict] = {}  # position -> snapshot, beyond the frontier still
     last_seen = frontier - 1
     pending: list[Item] = []
     pending_tokens = 0
@@ -382,11 +483,16 @@ def batch(items: Iterable[Item], ctx: StreamContext, *, collate, batch_size: int
     held: dict | None = None
 
     def advance() -> None:
-        nonlocal frontier, done
+        nonlocal frontier, done, snapshot
         frontier = max(frontier, min(i.position for i in pending) if pending else last_seen + 1)
         while frontier in done:
             frontier += 1
         done = {p for p in done if p >= frontier}
+        reached = [p for p in snapshots if p <= frontier]
+        if reached:
+            snapshot = snapshots[max(reached)]
+            for p in reached:
+                del snapshots[p]
 
     def form() -> dict:
         nonlocal emitted, batches, skipped, pending_tokens
@@ -405,12 +511,19 @@ def batch(items: Iterable[Item], ctx: StreamContext, *, collate, batch_size: int
         return out
 
     def state() -> dict:
-        return {"split": ctx.split, "rank": ctx.rank, "world_size": ctx.world_size, "worker": ctx.worker,
-                "num_workers": ctx.num_workers, "seed": ctx.seed, "epoch": ctx.epoch, "position": frontier,
-                "done": sorted(done), "emitted": emitted, "batches": batches}
+        nonlocal sent
+        out = {"split": ctx.split, "rank": ctx.rank, "world_size": ctx.world_size, "worker": ctx.worker,
+               "num_workers": ctx.num_workers, "seed": ctx.seed, "epoch": ctx.epoch, "position": frontier,
+               "done": sorted(done), "emitted": emitted, "batches": batches}
+        if snapshot is not sent:  # only the batch that reaches a new snapshot carries it (10-20 kB)
+            out["snapshot"] = sent = snapshot
+        return out
 
     for item in items:
         last_seen = item.position
+        if item.snapshot is not None:
+            snapshots[item.snapshot["position"]] = item.snapshot
+            item.snapshot = None
         if item.error is not None:
             skipped[item.error.reason] += 1
             done.add(item.position)

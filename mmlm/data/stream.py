@@ -44,7 +44,8 @@ in the worker's stream (0, 1, 2, ...). Each batch carries::
                     "position": p,      # every position < p is consumed (emitted or skipped)
                     "done": [...],      # positions >= p consumed already (packing reorders)
                     "emitted": n,       # samples this worker has emitted in total
-                    "batches": b}       # batches this worker has emitted in total
+                    "batches": b,       # batches this worker has emitted in total
+                    "snapshot": {...}}  # only in the batch whose position first reaches a new snapshot
     skipped = {reason: count}           # bad samples since this worker's previous batch
 
 ``worker`` is the *logical* worker: DataLoader worker ``i`` plays logical worker
@@ -54,6 +55,20 @@ stopped. Restoring ``resume={worker: {"position", "done", "emitted"}}`` makes ea
 the consumed positions before anything is decoded (the tar is re-read, images are not decoded),
 so the resumed stream yields exactly the batches the uninterrupted one would have.
 Mixed-mode choices are seeded per position, never by a running RNG, so skipping is exact.
+
+Snapshots bound the cost of a resume. Without one, a resumed worker re-reads its stream from the
+start (only decoding is skipped), which grows with the run. Every ``StreamConfig.snapshot_every``
+items, ``shuffle`` records the state of everything before ``number`` after the item it passes on:
+the shard draw and the index in that shard of the next item to read, the shuffle buffer as
+``[draw, index]`` references, and the buffer's RNG state; ``number`` adds its ``position``. A
+batch carries the newest snapshot at or before its ``position`` once (the consumer keeps the last
+one it got: ``VLMDataModule.record_consumed``). Restoring ``resume={worker: {..., "snapshot"}}``
+replays the shard draws from the RNG (nothing read), reads back the buffered items (each referenced
+shard up to its last wanted item), continues in the snapshot's shard after its consumed items and
+numbers from the snapshot's position; ``number`` then skips the positions consumed after it. The
+resumed stream is the same stream, and the re-read is bounded by ``snapshot_every`` plus the shards
+the buffer referenced. A buffered item its shard no longer holds (the shard was rewritten since the
+checkpoint) comes back as a ``bad_shard`` error, counted, not fatal.
 """
 
 from __future__ import annotations
@@ -71,8 +86,8 @@ from mmlm.data.decode import DEFAULT_MAX_PIXELS
 from mmlm.data.errors import ErrorBudget
 from mmlm.data.sources import Source
 from mmlm.data.stages import (  # StreamContext, Item, iter_tar_groups: re-exported
-    Item, StreamContext, batch, decode, encode, expand_tar, handle_errors, iter_tar_groups, list_shards, number,
-    rank_shards, resample_shards, select_target, shuffle, split_samples, split_shards, to_records,
+    Item, StreamContext, batch, decode, encode, expand_tar, fetch_items, handle_errors, iter_tar_groups, list_shards,
+    number, rank_shards, resample_shards, select_target, shuffle, split_samples, split_shards, to_records,
 )
 from mmlm.data.targets import (  # record_to_conversation, vqa_answer, SAMPLE_MODES: re-exported
     SAMPLE_MODES, check_mixed_weights, check_sample_mode, compile_question_pattern, record_to_conversation,
@@ -129,6 +144,12 @@ class StreamConfig:
     """The per-worker error budget (see ``mmlm.data.errors``)."""
     allow_pipes: bool = False
     allow_remote: bool = False
+    snapshot_every: int = 1000
+    """Train: every this many samples a worker passes on, its stream records where it stands (the shard
+    and sample it reads next, the shuffle buffer's content as references, the buffer's RNG), and the
+    batches carry the newest such snapshot in their ``loader_state``: a resume re-reads at most this many
+    samples plus the shuffle buffer's, however long the run was. 0: none (a resume re-reads the stream
+    from its start). Snapshots do not change the stream."""
     uint8_pixels: bool = True
     """Batches carry ``pixel_values`` as uint8 RGB (the fitted images, not normalised), which
     ``VLM.encode_images`` normalises on the model's device: 4x fewer bytes from the loader workers
@@ -145,6 +166,8 @@ class StreamConfig:
         compile_question_pattern(self.question_pattern)
         if self.caption_first_samples < 0:
             raise ValueError(f"caption_first_samples must be >= 0, got {self.caption_first_samples}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {self.snapshot_every}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
@@ -173,7 +196,7 @@ class VLMStream(IterableDataset):
         collate: ``PadCollate`` or ``PackCollate``.
         config: a :class:`StreamConfig`.
         rank, world_size: this process's place; None detects them (``detect_rank_world``).
-        resume: ``{logical worker: {"position", "done", "emitted", "batches"}}`` to continue from.
+        resume: ``{logical worker: {"position", "done", "emitted", "batches"[, "snapshot"]}}`` to continue from.
         worker_offset: DataLoader worker ``i`` plays logical worker ``(i + worker_offset) % num_workers``.
 
     Everything it holds pickles (DataLoader workers under ``spawn`` get a copy).
@@ -219,21 +242,29 @@ class VLMStream(IterableDataset):
         resume = self.resume.get(ctx.worker) if cfg.split == "train" else None
         train = cfg.split == "train"
         shard_level = not train and self.num_shards() >= ctx.units
+        snapshot = (resume or {}).get("snapshot")  # train: restore the stages before `number` from it
+        read = dict(allow_pipes=cfg.allow_pipes, allow_remote=cfg.allow_remote, max_member_size=cfg.max_member_size)
         out: list[tuple[str, Callable]] = []
         if train:
-            out.append(("resample_shards", P(resample_shards, ctx=ctx, sources=self.sources)))
+            out.append(("resample_shards", P(resample_shards, ctx=ctx, sources=self.sources,
+                                             start=snapshot["draw"] if snapshot else 0)))
         else:
             out.append(("list_shards", P(list_shards, ctx=ctx, sources=self.sources)))
             if shard_level:
                 out.append(("split_shards", P(split_shards, ctx=ctx)))
         drawn = len({u for src in self.sources for u in rank_shards(src.shards, ctx)}) if train else 0
-        out.append(("expand_tar", P(expand_tar, ctx=ctx, allow_pipes=cfg.allow_pipes, allow_remote=cfg.allow_remote,
-                                    max_member_size=cfg.max_member_size, num_shards=drawn)))
+        out.append(("expand_tar", P(expand_tar, ctx=ctx, **read, num_shards=drawn,
+                                    first_draw=snapshot["draw"] if snapshot else 0,
+                                    skip=snapshot["index"] if snapshot else 0)))
         if not train and not shard_level:
             out.append(("split_samples", P(split_samples, ctx=ctx)))
         out.append(("to_records", P(to_records, ctx=ctx)))
         if train:
-            out.append(("shuffle", P(shuffle, ctx=ctx, bufsize=cfg.shuffle_buffer)))
+            restore = None
+            if snapshot:
+                restore = (P(fetch_items, snapshot["buffer"], ctx, sources=self.sources, **read), snapshot["rng"])
+            out.append(("shuffle", P(shuffle, ctx=ctx, bufsize=cfg.shuffle_buffer, snapshot_every=cfg.snapshot_every,
+                                     restore=restore)))
         out.append(("number", P(number, ctx=ctx, resume=resume)))
         out.append(("select_target", P(select_target, ctx=ctx, mode=cfg.sample_mode, vqa_suffix=cfg.vqa_suffix,
                                        caption_conversation=self.processor.caption_conversation,
