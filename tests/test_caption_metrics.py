@@ -173,3 +173,20 @@ def test_bleu_from_totals_and_groups():
     assert res.per_group["perDomain"]["a"]["Bleu_4"] == pytest.approx(alone.metrics["Bleu_4"])
     with pytest.raises(ValueError, match="no prediction"):
         cm.score_captions(REFS, {1: "x"}, tokenizer="python")
+
+
+@pytest.mark.skipif(not cm.java_available(), reason="needs Java (METEOR)")
+def test_breakdowns_have_meteor_when_the_overall_has_it():
+    """nocaps perDomain had every metric but METEOR; each subset is its own corpus, as for the other metrics."""
+    groups = {i: {"perDomain": "in-domain" if i < 3 else "out-domain"} for i in REFS}
+    res = cm.score_captions(REFS, PREDS, tokenizer="python", skip=["SPICE"], groups=groups)
+    assert "METEOR" in res.metrics
+    domains = res.per_group["perDomain"]
+    alone = cm.score_captions({i: REFS[i] for i in (1, 2)}, PREDS, tokenizer="python", skip=["SPICE"])  # a JVM each
+    assert domains["in-domain"]["METEOR"] == pytest.approx(alone.metrics["METEOR"], abs=1e-12)
+    assert domains["in-domain"]["CIDEr"] == pytest.approx(alone.metrics["CIDEr"])
+    assert 0 < domains["out-domain"]["METEOR"] < 1 and domains["out-domain"]["METEOR"] != res.metrics["METEOR"]
+    assert all(list(s) == [m for m in cm.CAPTION_METRICS if m in s] for s in domains.values())  # the official order
+    # skipped overall, skipped per domain
+    res = cm.score_captions(REFS, PREDS, tokenizer="python", skip=["METEOR", "SPICE"], groups=groups)
+    assert all("METEOR" not in s for s in res.per_group["perDomain"].values())

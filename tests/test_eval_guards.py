@@ -1,12 +1,15 @@
 """`mmlm eval` guards and fixes: VQAv2 test-dev images, GQA's exact match as LLaVA scores it,
 images decoded as describe/training decode them, bad --device/--dtype/--skip-metrics/--tokenizer
 refused before the model loads, the resume fingerprint's resolved numerics and absolute shard
-paths, and a run where nothing could be predicted failing."""
+paths, a run where nothing could be predicted failing, the contents of edited data files in the
+fingerprint, and prediction ids of another type than the benchmark's."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -272,3 +275,102 @@ def test_caption_annotations_that_match_no_image_id_are_an_error(tmp_path):
         load_benchmark("caption", "coco", annotations=ann)
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}]}))  # a test split: no references
     assert not load_benchmark("caption", "coco", annotations=ann).has_references
+
+
+# --------------------------------------------------------------------------- 9. data file contents
+
+
+def test_a_data_file_edited_in_place_is_not_resumed(tmp_path, fake_model, capsys, monkeypatch):
+    """The cache fingerprint held the questions file's path only: edited in place (same path, same size, even
+    the same mtime), its old answers were taken for the new questions."""
+    model, record = fake_model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    q = vqav2_questions(tmp_path, "val2014", image_id=1)
+    png(tmp_path / "val2014" / "COCO_val2014_000000000001.jpg")
+    out = tmp_path / "out"
+    base = ["vqa", "--benchmark", "vqav2", "--model", str(model), "--questions", str(q),
+            "--images", str(tmp_path / "val2014"), "--out", str(out)]
+    assert cli(*base) == 0 and record["images"] == 1
+    assert cli(*base) == 0 and record["images"] == 1  # unchanged: resumed, nothing predicted again
+    stat = q.stat()
+    q.write_text(q.read_text().replace("is it red?", "is it tan?"))
+    os.utime(q, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert q.stat().st_size == stat.st_size
+    capsys.readouterr()
+    assert cli(*base) == 2 and record["images"] == 1
+    line = one_error_line(capsys)
+    assert "different run (differs in: data_sha256.questions)" in line and "--no-resume" in line
+    assert cli(*base, "--no-resume") == 0 and record["images"] == 2  # the edited questions, predicted afresh
+    fingerprint = json.loads((out / runner.CACHE_NAME).read_text().splitlines()[0])["fingerprint"]
+    assert fingerprint["data_sha256"] == {"questions": runner.file_sha256(q)}
+    assert runner.file_sha256(q) == hashlib.sha256(q.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- 10. prediction id types
+
+
+def test_prediction_ids_must_have_the_benchmark_s_type(tmp_path, capsys):
+    """"123" for 123 matched by coercion (and 123 for GQA's "123"): the official tools match neither."""
+    q = vqav2_questions(tmp_path, "val2014", image_id=1)  # question_id 1000 (an integer)
+    a = tmp_path / "annotations.json"
+    a.write_text(json.dumps({"annotations": [{"question_id": 1000, "image_id": 1, "answer_type": "yes/no",
+                                              "question_type": "is it", "answers": ["yes"] * 10}]}))
+    p = tmp_path / "p.json"
+    base = ["vqa", "--benchmark", "vqav2", "--predictions", str(p), "--questions", str(q), "--annotations", str(a),
+            "--bootstrap", "0"]
+    p.write_text(json.dumps([{"question_id": "1000", "answer": "yes"}]))
+    assert cli(*base, "--out", str(tmp_path / "o1")) == 2
+    assert one_error_line(capsys) == (f"error: {p}: entry 0: question_id \"1000\" is a string; vqav2 expects an "
+                                      "integer question_id (as its own files have it)")
+    # an id outside the evaluated set is checked too (against the set's type), so is a float
+    p.write_text(json.dumps([{"question_id": 1000, "answer": "yes"}, {"question_id": 7.0, "answer": "no"}]))
+    assert cli(*base, "--out", str(tmp_path / "o2")) == 2
+    assert "entry 1: question_id 7.0 is a number with a fraction; vqav2 expects an integer" in one_error_line(capsys)
+    p.write_text(json.dumps([{"question_id": 1000, "answer": "yes"}]))
+    assert cli(*base, "--out", str(tmp_path / "o3")) == 0
+
+    # GQA: questionIds are strings in its files (and in its eval.py)
+    g = tmp_path / "gqa.json"
+    g.write_text(json.dumps({"20": {"imageId": "n1", "question": "q?", "answer": "yes"}}))
+    p.write_text(json.dumps([{"questionId": 20, "prediction": "yes"}]))
+    gqa = ["vqa", "--benchmark", "gqa", "--predictions", str(p), "--questions", str(g), "--bootstrap", "0"]
+    assert cli(*gqa, "--out", str(tmp_path / "g1")) == 2
+    assert "entry 0: questionId 20 is an integer; gqa expects a string questionId" in one_error_line(capsys)
+    p.write_text(json.dumps([{"questionId": "20", "prediction": "yes"}]))
+    assert cli(*gqa, "--out", str(tmp_path / "g2")) == 0
+
+    # COCO captions: image_id an integer
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                               "annotations": [{"image_id": 1, "caption": "a red star"}]}))
+    p.write_text(json.dumps([{"image_id": "1", "caption": "a red star"}]))
+    assert cli("caption", "--benchmark", "coco", "--predictions", str(p), "--annotations", str(ann),
+               "--out", str(tmp_path / "c1"), "--tokenizer", "python", "--skip-metrics", "METEOR,SPICE") == 2
+    assert "image_id \"1\" is a string; coco expects an integer image_id" in one_error_line(capsys)
+
+
+def test_shard_ids_keep_their_own_types(tmp_path):
+    """Shards: a sample's question_id as its JSON has it, else its key (a string); what eval writes reads back."""
+    from mmlm.evaluation.benchmarks import BenchmarkError, read_predictions, write_predictions
+
+    shard = tmp_path / "s-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+        for key, meta in (("k0", {"question_id": 77}), ("k1", {})):
+            for name, data in ((f"{key}.png", buf.getvalue()),
+                               (f"{key}.json", json.dumps({"question": "red?", "answers": ["yes"], **meta}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    bench = load_benchmark("vqa", "shards", shards=str(shard))
+    p = tmp_path / "p.json"
+    write_predictions(bench, {"77": "yes", "k1": "no"}, p)
+    assert json.loads(p.read_text()) == [{"question_id": 77, "answer": "yes"}, {"question_id": "k1", "answer": "no"}]
+    assert read_predictions(bench, p) == {"77": "yes", "k1": "no"}
+    p.write_text(json.dumps([{"question_id": "77", "answer": "yes"}]))
+    with pytest.raises(BenchmarkError, match="entry 0: question_id \"77\" is a string; shards expects an integer"):
+        read_predictions(bench, p)
+    p.write_text(json.dumps([{"question_id": None, "answer": "yes"}]))
+    with pytest.raises(BenchmarkError, match="question_id is null; shards expects a string or an integer"):
+        read_predictions(bench, p)

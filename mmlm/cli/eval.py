@@ -6,7 +6,9 @@ before any model is loaded: ``--skip-metrics`` and ``--tokenizer ptb`` (Java) ar
 arguments, ``--device``/``--dtype`` as ``mmlm describe`` checks them (``check_model_args``: CUDA
 asked for but absent is an error, not a traceback). The resume fingerprint holds the resolved
 device type and dtype (``auto`` -> e.g. ``cuda``/``bfloat16``), so a cached run is never continued
-with other numerics. A run in which no item could be predicted fails (exit 2).
+with other numerics, and (added by the runner) the SHA-256 of the ``--questions``/``--annotations`` files, so
+one edited in place is refused ("differs in: data_sha256.questions"; ``--no-resume`` starts afresh).
+A run in which no item could be predicted fails (exit 2).
 Outputs (all written atomically) in ``--out``: ``predictions.json`` (``.jsonl`` for POPE) in the
 benchmark's submission format, ``metrics.json`` (official metric names and scales, 95% bootstrap
 intervals under ``ci95``), ``per_item.jsonl`` (per-item scores, read by ``--compare``),
@@ -98,7 +100,9 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="DIR", help="checkpoint directory to evaluate (mmlm.load)")
     src.add_argument("--predictions", metavar="FILE",
-                     help="score this existing predictions file (the benchmark's submission format) instead of a model")
+                     help="score this existing predictions file (the benchmark's submission format, ids typed "
+                          "as in its files: e.g. integer question_id for VQAv2, string questionId for GQA) instead "
+                          "of a model")
     p.add_argument("--annotations", metavar="FILE", help="annotation file (references / human answers; see below)")
     if task == "vqa":
         p.add_argument("--questions", metavar="FILE", help="questions file (VQAv2/OK-VQA questions, GQA, POPE)")
@@ -147,7 +151,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Evaluate a checkpoint (--model) or an existing predictions file (--predictions) on standard "
             "captioning and VQA benchmarks with the official metrics. Writes metrics.json (official names and "
             "scales, 95% bootstrap intervals), per_item.jsonl and the predictions in the benchmark's "
-            "submission format. Predictions are cached per batch: rerunning the same command resumes."
+            "submission format. Predictions are cached per batch: rerunning the same command resumes (a changed "
+            "model, option or data file, contents included, is refused: pass --no-resume to start afresh)."
         ),
         formatter_class=fmt,
     )

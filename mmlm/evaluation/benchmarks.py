@@ -50,6 +50,12 @@ as LLaVA scores GQA (``vqa_metrics.gqa_accuracy``; + ``perAnswerType`` open/bina
 structural and semantic types); pope -> POPE's
 yes/no metrics (+ ``perCategory`` when the file has ``category``).
 
+:func:`read_predictions` reads a results file keyed as :func:`write_predictions` writes it: each id of
+the JSON type the benchmark's own files give it (integers for COCO ``image_id`` and VQAv2/OK-VQA/TextVQA/
+POPE ``question_id``, strings for GQA ``questionId`` and VizWiz ``image``; shards: the ``image_id``/
+``question_id`` as written in the sample's JSON, else the key string). Another type (``"123"`` for 123) is
+an error naming the first such entry, as the official tools would not match it either.
+
 Bad input raises :class:`BenchmarkError` (a ``ValueError``) with a one-line reason naming the file.
 Writes go through :func:`atomic_write_text` (temporary file + ``os.replace``).
 """
@@ -357,19 +363,47 @@ def write_predictions(bench: Benchmark, predictions: Mapping[str, str], path: st
     return len(rows)
 
 
+_JSON_TYPE = {int: "an integer", str: "a string", float: "a number with a fraction", bool: "a boolean",
+              type(None): "null", list: "a list", dict: "an object"}
+
+
+def _check_id_type(bench: Benchmark, key: Any, types: Mapping[str, type], all_types: set[type], where: str) -> None:
+    """A prediction's id must have the JSON type the benchmark's own files give that item's id (COCO ``image_id``,
+    VQA ``question_id``: integers; GQA ``questionId``, VizWiz ``image``: strings; shards: either), as the official
+    evaluations compare them (pycocotools' and VQA's ``loadRes`` assert the result ids are the dataset's, GQA's
+    ``eval.py`` looks predictions up by the string): ``"123"`` for 123 would match by coercion here only."""
+    expected = types.get(str(key))
+    if type(key) is expected or (expected is None and type(key) in all_types):
+        return
+    want = expected or next(iter(all_types), str)  # an id outside the evaluated set: the set's type(s)
+    if expected is None and len(all_types) > 1:
+        names = " or ".join(sorted(_JSON_TYPE.get(t, t.__name__) for t in all_types))
+    else:
+        names = _JSON_TYPE.get(want, want.__name__)
+    field_name = bench.submission.key_field
+    given = "is null" if key is None else \
+        f"{json.dumps(key, ensure_ascii=False)} is {_JSON_TYPE.get(type(key), type(key).__name__)}"
+    raise BenchmarkError(f"{where}: {field_name} {given}; {bench.name} expects {names} {field_name} "
+                         "(as its own files have it)")
+
+
 def read_predictions(bench: Benchmark, path: str | os.PathLike) -> dict[str, str]:
     """Read a results file in the benchmark's submission format -> ``{item id: text}``.
 
     Accepts a JSON list or JSON lines either way. Raises :class:`BenchmarkError` on a malformed
-    entry or a duplicated id."""
+    entry, a duplicated id, or an id of another JSON type than the benchmark's own files give it
+    (:func:`_check_id_type`)."""
     fmt = bench.submission
     rows = _read_json_or_jsonl(path, "--predictions")
+    types = {it.id: type(_key_value(it, fmt)) for it in bench.items}
+    all_types = set(types.values())
     out: dict[str, str] = {}
     for i, r in enumerate(rows):
         where = f"{path}: entry {i}"
         if not isinstance(r, dict) or fmt.key_field not in r:
             raise BenchmarkError(f"{where}: expected an object with {fmt.key_field!r} (format: "
                                  f"{{{fmt.key_field!r}: ..., {fmt.value_field!r}: ...}})")
+        _check_id_type(bench, r[fmt.key_field], types, all_types, where)
         value = r.get(fmt.value_field)
         for alt in fmt.alt_value_fields:
             if value is None:

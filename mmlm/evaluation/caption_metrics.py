@@ -41,8 +41,9 @@ Per-item statistics (for confidence intervals and paired tests, see :mod:`.boots
     shows each run's reported value (an approximation, noted in metrics.json).
 
 Breakdowns (e.g. nocaps ``perDomain``): each subset is re-scored as its own corpus with BLEU,
-ROUGE_L, CIDEr (document frequencies of the subset, like the official nocaps evaluation) and the
-SPICE mean; METEOR is not broken down.
+METEOR (the same Meteor 1.5 scorer, in the same JVM as the overall score; only when the overall
+METEOR is computed: Java present, not skipped), ROUGE_L, CIDEr (document frequencies of the subset,
+like the official nocaps evaluation) and the SPICE mean.
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ class CaptionScores:
     tokenized: dict[Hashable, str] = field(default_factory=dict)
 
 
-def _subset_scores(keys: list[Hashable], gts, res, per_item) -> dict[str, float]:
+def _subset_scores(keys: list[Hashable], gts, res, per_item, meteor: float | None = None) -> dict[str, float]:
     from pycocoevalcap.cider.cider import Cider
 
     sub_g = {k: gts[k] for k in keys}
@@ -331,6 +332,8 @@ def _subset_scores(keys: list[Hashable], gts, res, per_item) -> dict[str, float]
     out: dict[str, float] = {}
     bleu, _, _ = _bleu(sub_g, sub_r)
     out.update({f"Bleu_{i + 1}": float(b) for i, b in enumerate(bleu)})
+    if meteor is not None:
+        out["METEOR"] = meteor
     out["ROUGE_L"] = float(np.mean([per_item[k]["ROUGE_L"] for k in keys]))
     out["CIDEr"] = float(Cider().compute_score(sub_g, sub_r)[0])
     if all("SPICE" in per_item[k] for k in keys):
@@ -391,6 +394,13 @@ def score_captions(
             per_item[k][f"Bleu_{n + 1}"] = float(v)
     bleu_stats = {k: [float(x) for x in row] for k, row in zip(keys, stats)}
 
+    by: dict[str, dict[str, list[Hashable]]] = {}  # breakdown -> value -> keys (e.g. nocaps perDomain)
+    for k in keys:
+        for name, value in ((groups or {}).get(k) or {}).items():
+            if value is not None:
+                by.setdefault(name, {}).setdefault(str(value), []).append(k)
+
+    group_meteor: dict[tuple[str, str], float] = {}
     if "METEOR" in skip_set:
         skipped["METEOR"] = "skipped on request"
     elif not java_available():
@@ -399,15 +409,20 @@ def score_captions(
         try:
             from pycocoevalcap.meteor.meteor import Meteor
 
-            meteor = Meteor()
+            meteor = Meteor()  # one JVM for the corpus and every subset of a breakdown
             try:
                 score, scores = meteor.compute_score(gts, res)
+                for name, values in by.items():  # each subset its own corpus, as its official evaluation
+                    for v, ks in values.items():
+                        sub = meteor.compute_score({k: gts[k] for k in ks}, {k: res[k] for k in ks})[0]
+                        group_meteor[name, v] = float(sub)
             finally:
                 del meteor
             metrics["METEOR"] = float(score)
             for k, v in zip(keys, scores):
                 per_item[k]["METEOR"] = float(v)
         except Exception as e:
+            group_meteor = {}
             skipped["METEOR"] = f"METEOR failed: {type(e).__name__}: {e}"
 
     score, scores = Rouge().compute_score(gts, res)
@@ -437,14 +452,9 @@ def score_captions(
             skipped["SPICE"] = f"SPICE failed: {type(e).__name__}: {e}"
 
     per_group: dict[str, dict[str, dict[str, float]]] = {}
-    if groups:
-        by: dict[str, dict[str, list[Hashable]]] = {}
-        for k in keys:
-            for name, value in (groups.get(k) or {}).items():
-                if value is not None:
-                    by.setdefault(name, {}).setdefault(str(value), []).append(k)
-        for name, values in by.items():
-            per_group[name] = {v: _subset_scores(ks, gts, res, per_item) for v, ks in values.items()}
+    for name, values in by.items():
+        per_group[name] = {v: _subset_scores(ks, gts, res, per_item, group_meteor.get((name, v)))
+                           for v, ks in values.items()}
 
     ordered = {m: metrics[m] for m in CAPTION_METRICS if m in metrics}
     return CaptionScores(

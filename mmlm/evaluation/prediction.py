@@ -13,14 +13,16 @@ directory (``mmlm.load``) or a ``(vlm, processor)`` pair, greedy by default, and
 the cache is an append-only JSON-lines file: first line ``{"fingerprint": {...}}``, then one
 ``{"id", "prediction"}`` line per item, flushed and fsync-ed after every batch. A rerun with the
 same fingerprint skips the ids already there (an interrupted run resumes); a different
-fingerprint (other model/prompt/generation settings) is refused with :class:`EvalError` unless
-``resume=False``, which starts the cache afresh. A torn last line is dropped (the cache is then
+fingerprint (other model/prompt/generation settings, other data files or contents) is refused with
+:class:`EvalError`, naming the keys that differ (``data_sha256.questions`` for one entry of a nested
+mapping), unless ``resume=False``, which starts the cache afresh. A torn last line is dropped (the cache is then
 rewritten atomically). An item whose image cannot be read is skipped and reported in ``skipped`` (the
 runner then scores it as wrong, with an empty prediction);
 more than ``max_bad_fraction`` of the items (at least 1) stops the run with :class:`EvalError`,
 and so does a run in which no item at all has a prediction (every image unreadable), whatever
 the budget. The cache fingerprint is the caller's: ``mmlm eval`` puts the resolved device type
-and dtype in it, so a run is never resumed with other numerics.
+and dtype in it, so a run is never resumed with other numerics, and :func:`.runner.evaluate` the
+data files' paths and the annotation/question files' SHA-256 (an edited file is another run).
 Nothing here scores or writes result files; see :mod:`.scoring` and :mod:`.runner`.
 """
 
@@ -77,6 +79,21 @@ def _cache_text(fingerprint: dict, done: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _differences(old: Mapping, new: Mapping) -> list[str]:
+    """The fingerprint keys whose values differ; in a nested mapping (``data``, ``data_sha256``) the entries,
+    e.g. ``data_sha256.questions``: that names the file that was edited."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += [f"{k}.{sub}" for sub in _differences(a, b)]
+        else:
+            out.append(k)
+    return out
+
+
 def _open_cache(path: Path, fingerprint: dict, resume: bool) -> dict[str, str]:
     """Load (or start) the cache; returns the predictions already done."""
     fingerprint = json.loads(json.dumps(fingerprint))  # normalise (tuples -> lists, ...)
@@ -85,7 +102,7 @@ def _open_cache(path: Path, fingerprint: dict, resume: bool) -> dict[str, str]:
         if old is not None and old != fingerprint and not done:  # a run that failed before any prediction
             old, clean = None, False
         if old is not None and old != fingerprint:
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            diff = _differences(old, fingerprint)
             raise EvalError(
                 f"{path} holds predictions of a different run (differs in: {', '.join(diff)}); "
                 "use another --out or pass --no-resume to discard it"

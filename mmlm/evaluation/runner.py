@@ -15,8 +15,10 @@ Files in ``out_dir`` (every final file written atomically: temporary name, then 
   with the same fingerprint skips the ids already there (an interrupted run resumes); a
   different fingerprint (other model/prompt/generation settings, other numerics: ``mmlm eval``
   records the resolved device type and dtype, not ``auto``; other data files: the benchmark's
-  annotation/question files, image folder and shard pattern, as absolute paths) is refused unless
-  ``resume=False``, which starts the cache afresh. A torn last line is dropped.
+  annotation/question files, image folder and shard pattern, as absolute paths, and the contents
+  of the annotation/question files as SHA-256 digests, ``data_sha256``: a file edited in place is
+  another run) is refused unless ``resume=False``, which starts the cache afresh. A torn last line
+  is dropped.
 * ``predictions.json`` (``predictions.jsonl`` for POPE) - the submission file (model mode).
 * ``per_item.jsonl`` - ``{"id", "prediction", "scores", "stats", "groups"}`` per scored item:
   what :func:`stat_spec` needs to recompute every metric on a resample, and what
@@ -43,7 +45,8 @@ run with :class:`EvalError`, and so does a run where no item could be predicted 
 Layout
 ------
 This module keeps only the orchestration (:func:`evaluate`, with :func:`check_run`, the checks it
-makes before any work) and ``COMPARISON_NAME``; the rest
+makes before any work, and :func:`data_digests`, the data files' part of the cache fingerprint) and
+``COMPARISON_NAME``; the rest
 lives in modules that each do one thing and is re-exported here (see ``__all__``), so
 ``from mmlm.evaluation.runner import ...`` and ``runner.X`` keep working:
 
@@ -112,6 +115,8 @@ __all__ = [
     "stat_spec",
     "evaluate",
     "check_run",
+    "data_digests",
+    "file_sha256",
     "compare_runs",
     "load_compared_run",
     "model_predict_fn",
@@ -133,6 +138,33 @@ __all__ = [
 ]
 
 COMPARISON_NAME = "comparison.json"
+CONTENT_HASHED_SOURCES = ("annotations", "questions")
+"""The data files whose contents (not only their paths) go into the prediction cache's fingerprint."""
+_HASH_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- data fingerprint
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file's contents, read in 1 MiB chunks (a VQAv2 questions file is tens of MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_digests(bench: Benchmark) -> dict[str, str]:
+    """``{source: sha256}`` of the benchmark's annotation/questions files (:data:`CONTENT_HASHED_SOURCES`):
+    a file edited in place keeps its path, and its cached predictions must not be taken for the new items.
+    Shard tars and image folders are fingerprinted by path only (hashing them would mean reading every image)."""
+    if bench.name == "shards":  # --annotations is then a shard pattern, not a file read as annotations
+        return {}
+    return {k: file_sha256(v) for k, v in sorted(bench.sources.items())
+            if k in CONTENT_HASHED_SOURCES and os.path.isfile(v)}
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -199,7 +231,8 @@ def evaluate(
         # the data files belong to the run too: the same ids in other files (POPE's random/popular/
         # adversarial files all number their questions from 1) must not reuse cached answers
         data = {k: os.path.abspath(v) for k, v in sorted(bench.sources.items())}
-        fp = {"benchmark": bench.name, "task": bench.task, "data": data, **dict(fingerprint or {})}
+        fp = {"benchmark": bench.name, "task": bench.task, "data": data, "data_sha256": data_digests(bench),
+              **dict(fingerprint or {})}
         preds, skipped_items = predict(
             bench.items, predict_fn, batch_size=batch_size, cache_path=out / CACHE_NAME, fingerprint=fp,
             resume=resume, progress=progress, max_bad_fraction=max_bad_fraction, desc=f"eval {bench.name}",
