@@ -2,10 +2,30 @@
 
 Every builder's ``main(argv) -> int`` uses argparse with ``--help``; a bad argument or unusable
 input prints ``error: <one-line reason>`` to stderr and returns 2 (:class:`BuildError`); success
-returns 0 (:func:`cli`, with :func:`add_output_args`, :func:`add_image_args` and
-:func:`check_output_args` for the shared options). This module also reads JSON inputs
-(:func:`load_json`, :func:`iter_json_array`) and writes files atomically
-(:func:`atomic_write_bytes`, :func:`atomic_write_json`).
+returns 0 (:func:`cli`). A builder module keeps only what is its own; the shape they share is::
+
+    def make_parser():
+        p = builder_parser("from_x", __doc__)   # prog "python -m data_pipelines.from_x", the docstring as help
+        p.add_argument("--x", ...)              # the builder's own inputs and options
+        return with_output_and_image_args(p)    # add_output_args + add_image_args
+
+    def run(args):
+        check_output_args(args)                 # then one call per input check:
+        require_file(args.x, "--x")             # "error: --x PATH does not exist" (or is a directory)
+        require_dir(args.images, "--images")    # "error: --images PATH is not a directory"
+        ...                                     # jobs, fn = partial(build, **image_options(args)), manifest
+        return build_and_report(args, jobs, fn, total=n, manifest=manifest)
+
+    main = builder_main(run, make_parser)
+
+:func:`add_image_root_arg` is the ``--image-root`` (from_llava: ``--images``) of the builders whose
+input names images by a path relative to a folder; :data:`IMAGE_OPTIONS` names the options of
+:func:`add_image_args` that change the samples (for the manifest). ``synthetic``, which has output
+options of its own, uses :func:`require_at_least_one` and :func:`require_output_dir` (checks of
+:func:`check_output_args`); ``inspect`` writes nothing and has exit codes of its own (1: a bad
+sample), so it takes only :func:`builder_parser`. This module also reads JSON inputs
+(:func:`load_json`, :func:`iter_json_array`) and writes files atomically (:func:`atomic_write_bytes`,
+:func:`atomic_write_json`).
 
 The rest of the shared machinery lives in modules that each do one thing, and every name is
 re-exported here (see ``__all__``) so ``from data_pipelines._common import X`` keeps working:
@@ -29,7 +49,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +72,21 @@ from ._progress import progress
 
 __all__ = [
     # defined here
+    "builder_parser",
     "add_output_args",
     "add_image_args",
+    "add_image_root_arg",
+    "with_output_and_image_args",
+    "IMAGE_OPTIONS",
+    "image_options",
     "check_output_args",
+    "require_file",
+    "require_dir",
+    "require_at_least_one",
+    "require_output_dir",
+    "build_and_report",
     "cli",
+    "builder_main",
     "iter_json_array",
     "load_json",
     "atomic_write_bytes",
@@ -88,6 +119,16 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- argparse
+
+
+def builder_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m data_pipelines.NAME``: its ``--help`` is the module docstring ``doc``
+    up to ``Usage::``, laid out as written."""
+    return argparse.ArgumentParser(
+        prog=f"python -m data_pipelines.{name}",
+        description=doc.split("Usage::")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_output_args(p: argparse.ArgumentParser, *, shard_size: int = 1000) -> None:
@@ -132,21 +173,90 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_image_root_arg(p: argparse.ArgumentParser, flag: str = "--image-root") -> None:
+    """``--image-root`` (or ``flag``), default ``.``: the directory the input's relative image paths are read from."""
+    p.add_argument(flag, type=Path, default=Path("."), help="directory image paths are relative to (default .)")
+
+
+def with_output_and_image_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options every shard builder shares after its own (:func:`add_output_args`, then
+    :func:`add_image_args`, in that order in ``--help``) and return ``p``."""
+    add_output_args(p)
+    add_image_args(p)
+    return p
+
+
+# the options of add_image_args that change the samples: the image loaders' keyword arguments
+IMAGE_OPTIONS = ("resize_max", "max_pixels")
+
+
+def image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"resize_max": ..., "max_pixels": ...}`` from ``args`` (:func:`add_image_args`): the keyword
+    arguments of :func:`load_image` and of the builders' worker functions that pass them on."""
+    return {name: getattr(args, name) for name in IMAGE_OPTIONS}
+
+
+# ----------------------------------------------------------------------------- checks (BuildError, one line)
+
+
+def require_file(path: Path, flag: str) -> None:
+    """``error: FLAG PATH does not exist`` (or ``... is a directory, not a file``) unless ``path`` is a file."""
+    if Path(path).is_dir():
+        raise BuildError(f"{flag} {path} is a directory, not a file")
+    if not Path(path).is_file():
+        raise BuildError(f"{flag} {path} does not exist")
+
+
+def require_dir(path: Path, flag: str) -> None:
+    """``error: FLAG PATH is not a directory`` unless ``path`` is one (missing, or a file)."""
+    if not Path(path).is_dir():
+        raise BuildError(f"{flag} {path} is not a directory")
+
+
+def require_at_least_one(value: int, flag: str) -> None:
+    """``error: FLAG must be >= 1, got VALUE`` for a count or size below 1."""
+    if value < 1:
+        raise BuildError(f"{flag} must be >= 1, got {value}")
+
+
+def require_output_dir(path: Path, flag: str = "--out") -> None:
+    """``error: --out PATH exists and is not a directory``: an output directory may not exist yet
+    (it is created), but must not be a file."""
+    if path.exists() and not path.is_dir():
+        raise BuildError(f"{flag} {path} exists and is not a directory")
+
+
 def check_output_args(args: argparse.Namespace) -> None:
-    if args.shard_size < 1:
-        raise BuildError(f"--shard-size must be >= 1, got {args.shard_size}")
-    if args.workers < 1:
-        raise BuildError(f"--workers must be >= 1, got {args.workers}")
-    if args.max_shard_bytes < 1:
-        raise BuildError(f"--max-shard-bytes must be >= 1, got {args.max_shard_bytes}")
+    """The checks of :func:`add_output_args` (and of ``--resize-max`` where the parser has it), in the
+    order a builder's ``run`` reports them, before its own."""
+    require_at_least_one(args.shard_size, "--shard-size")
+    require_at_least_one(args.workers, "--workers")
+    require_at_least_one(args.max_shard_bytes, "--max-shard-bytes")
     if not 0.0 < args.max_skip_fraction <= 1.0:
         raise BuildError(f"--max-skip-fraction must be in (0, 1], got {args.max_skip_fraction}")
-    if getattr(args, "resize_max", None) is not None and args.resize_max < 1:
-        raise BuildError(f"--resize-max must be >= 1, got {args.resize_max}")
-    if args.out.exists() and not args.out.is_dir():
-        raise BuildError(f"--out {args.out} exists and is not a directory")
+    if getattr(args, "resize_max", None) is not None:
+        require_at_least_one(args.resize_max, "--resize-max")
+    require_output_dir(args.out)
     if not args.prefix or "/" in args.prefix or args.prefix.startswith("."):
         raise BuildError(f"--prefix must be a file name that does not start with a dot, got {args.prefix!r}")
+
+
+# ----------------------------------------------------------------------------- running a builder
+
+
+def build_and_report(
+    args: argparse.Namespace,
+    jobs: Iterable[Job],
+    fn: Callable[[Any], list],
+    *,
+    total: int | None,
+    manifest: dict[str, Any],
+) -> int:
+    """The end of a builder's ``run``: :func:`run_jobs` (its progress bar named after the manifest's
+    builder), then the build's summary on stdout; returns 0, the exit code of a build that finished."""
+    stats = run_jobs(args, jobs, fn, total=total, desc=manifest["builder"], manifest=manifest)
+    print(stats.summary(args.out))
+    return 0
 
 
 def cli(
@@ -179,6 +289,21 @@ def cli(
             signal.signal(signal.SIGTERM, previous)
 
 
+def builder_main(
+    run: Callable[[argparse.Namespace], int | None], make_parser: Callable[[], argparse.ArgumentParser]
+) -> Callable[[Sequence[str] | None], int]:
+    """A builder's ``main(argv=None) -> int``: :func:`cli` of ``run`` over a fresh ``make_parser()``
+    (``argv`` None: ``sys.argv[1:]``). Use: ``main = builder_main(run, make_parser)``."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return cli(run, make_parser(), argv)
+
+    main.__module__, main.__qualname__ = run.__module__, "main"
+    main.__doc__ = ("Run this builder on ``argv`` (None: ``sys.argv[1:]``); return the exit code: 0 when done, "
+                    "2 on a bad argument or input, 130 on Ctrl-C, 143 on SIGTERM.")
+    return main
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM in a builder: unwinds like Ctrl-C (temporary shards removed, the skip list kept)."""
 
@@ -203,8 +328,7 @@ def _on_sigterm_raise():
 def load_json(path: Path, what: str) -> Any:
     """``json.load`` with a one-line :class:`BuildError` for a missing or malformed file."""
     path = Path(path)
-    if not path.is_file():
-        raise BuildError(f"{what} {path} does not exist")
+    require_file(path, what)
     try:
         with open(path, "rb") as f:
             return json.load(f)
@@ -218,8 +342,7 @@ def iter_json_array(path: Path, what: str, chunk_chars: int = 1 << 20) -> Iterat
     The file is UTF-8 (a leading byte-order mark is allowed, as :func:`load_json` allows it);
     bytes that are not UTF-8 and malformed JSON are a :class:`BuildError`."""
     path = Path(path)
-    if not path.is_file():
-        raise BuildError(f"{what} {path} does not exist")
+    require_file(path, what)
     try:
         yield from _iter_json_array(path, what, chunk_chars)
     except UnicodeDecodeError as e:

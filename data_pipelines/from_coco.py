@@ -43,17 +43,20 @@ from typing import Any
 from mmlm.data.schema import Record
 
 from ._common import (
+    IMAGE_OPTIONS,
     BuildError,
     Job,
     Skip,
-    add_image_args,
-    add_output_args,
+    build_and_report,
     build_manifest,
+    builder_main,
+    builder_parser,
     check_output_args,
-    cli,
+    image_options,
     load_image,
     load_json,
-    run_jobs,
+    require_dir,
+    with_output_and_image_args,
 )
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
@@ -169,11 +172,7 @@ def build_records(
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.from_coco",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("from_coco", __doc__)
     p.add_argument("--annotations", required=True, type=Path, help="captions_*.json or dataset_coco.json")
     p.add_argument("--images", required=True, type=Path, help="image directory")
     p.add_argument(
@@ -184,15 +183,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="Karpathy split(s) to keep (required for dataset_coco.json)",
     )
     p.add_argument("--per-caption", action="store_true", help="one sample per (image, caption) instead of per image")
-    add_output_args(p)
-    add_image_args(p)
-    return p
+    return with_output_and_image_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_args(args)
-    if not args.images.is_dir():
-        raise BuildError(f"--images {args.images} is not a directory")
+    require_dir(args.images, "--images")
     data = load_json(args.annotations, "--annotations")
     fmt = detect_format(data)
     if fmt == "karpathy":
@@ -208,24 +204,14 @@ def run(args: argparse.Namespace) -> int:
         raise BuildError(f"no images in {args.annotations}" + (f" for split {args.split}" if args.split else ""))
     total = sum(len(e["captions"]) for e in entries) if args.per_caption else len(entries)
     fn = functools.partial(
-        build_records,
-        images=args.images,
-        per_caption=args.per_caption,
-        split=split,
-        resize_max=args.resize_max,
-        max_pixels=args.max_pixels,
+        build_records, images=args.images, per_caption=args.per_caption, split=split, **image_options(args)
     )
     print(f"{fmt} annotations: {len(entries)} images, {sum(len(e['captions']) for e in entries)} captions")
-    manifest = build_manifest(
-        "from_coco", args, ["annotations", "images"], ["split", "per_caption", "resize_max", "max_pixels"]
-    )
-    stats = run_jobs(args, iter_jobs(entries, args.per_caption), fn, total=total, desc="from_coco", manifest=manifest)
-    print(stats.summary(args.out))
-    return 0
+    manifest = build_manifest("from_coco", args, ["annotations", "images"], ["split", "per_caption", *IMAGE_OPTIONS])
+    return build_and_report(args, iter_jobs(entries, args.per_caption), fn, total=total, manifest=manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

@@ -35,15 +35,20 @@ from mmlm.data.schema import Record
 
 from . import from_jsonl
 from ._common import (
+    IMAGE_OPTIONS,
     BuildError,
     Job,
     SkipSample,
-    add_image_args,
-    add_output_args,
+    add_image_root_arg,
+    build_and_report,
     build_manifest,
+    builder_main,
+    builder_parser,
     check_output_args,
-    cli,
-    run_jobs,
+    image_options,
+    require_dir,
+    require_file,
+    with_output_and_image_args,
 )
 
 TEXT_COLUMNS = ("caption", "question")
@@ -150,46 +155,32 @@ def build_row(payload: tuple[str, list[str]], *, names: Sequence[str], answer_se
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.from_csv",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("from_csv", __doc__)
     p.add_argument("--csv", required=True, type=Path, help="input table (.csv, .tsv)")
-    p.add_argument(
-        "--image-root", type=Path, default=Path("."), help="directory image paths are relative to (default .)"
-    )
+    add_image_root_arg(p)
     p.add_argument("--delimiter", default=None, metavar="C",
                    help="field separator (default: a comma, a tab for .tsv/.tab; \\t for a tab)")
     p.add_argument("--answer-sep", default="|", metavar="S",
                    help='separator of several answers in the "answers" column (default "|"; "" for one answer)')
-    add_output_args(p)
-    add_image_args(p)
-    return p
+    return with_output_and_image_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_args(args)
-    if not args.csv.is_file():
-        raise BuildError(f"--csv {args.csv} does not exist")
-    if not args.image_root.is_dir():
-        raise BuildError(f"--image-root {args.image_root} is not a directory")
+    require_file(args.csv, "--csv")
+    require_dir(args.image_root, "--image-root")
     delimiter = _delimiter(args.csv, args.delimiter)
     names = read_header(args.csv, delimiter)
     total = sum(1 for _ in iter_rows(args.csv, delimiter))
     if total == 0:
         raise BuildError(f"--csv {args.csv} has no data row (only its header)")
     fn = functools.partial(build_row, names=names, answer_sep=args.answer_sep, image_root=args.image_root,
-                           resize_max=args.resize_max, max_pixels=args.max_pixels)
-    manifest = build_manifest("from_csv", args, ["csv", "image_root"],
-                              ["delimiter", "answer_sep", "resize_max", "max_pixels"])
-    stats = run_jobs(args, iter_jobs(args.csv, delimiter), fn, total=total, desc="from_csv", manifest=manifest)
-    print(stats.summary(args.out))
-    return 0
+                           **image_options(args))
+    manifest = build_manifest("from_csv", args, ["csv", "image_root"], ["delimiter", "answer_sep", *IMAGE_OPTIONS])
+    return build_and_report(args, iter_jobs(args.csv, delimiter), fn, total=total, manifest=manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,20 @@ from mmlm.data.schema import Record
 from mmlm.inference import IMAGE_EXTENSIONS
 
 from . import from_jsonl
-from ._common import Job, add_image_args, add_output_args, build_manifest, check_output_args, cli, run_jobs
-from ._errors import BuildError, SkipSample
+from ._common import (
+    IMAGE_OPTIONS,
+    BuildError,
+    Job,
+    SkipSample,
+    build_and_report,
+    build_manifest,
+    builder_main,
+    builder_parser,
+    check_output_args,
+    image_options,
+    require_dir,
+    with_output_and_image_args,
+)
 
 SIDECARS = ("txt", "json")
 
@@ -170,22 +182,15 @@ def build_sample(payload: tuple[str, Entry], *, root: Path, resize_max: int | No
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.from_folder",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("from_folder", __doc__)
     p.add_argument("--images", required=True, type=Path, metavar="DIR",
                    help="folder of images with their .txt/.json sidecars (searched recursively)")
-    add_output_args(p)
-    add_image_args(p)
-    return p
+    return with_output_and_image_args(p)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     check_output_args(args)
-    if not args.images.is_dir():
-        raise BuildError(f"--images {args.images} is not a directory")
+    require_dir(args.images, "--images")
     entries, fingerprint = list_images(args.images)
     if not entries:
         raise BuildError(f"--images {args.images} holds no image (.{', .'.join(sorted(IMAGE_EXTENSIONS))}), "
@@ -193,15 +198,13 @@ def run(args: argparse.Namespace) -> None:
     if all(e.txt is None and e.json is None for e in entries):
         raise BuildError(f"--images {args.images}: none of its {len(entries)} images has a sidecar "
                          "(cat.jpg needs cat.txt or cat.json next to it)")
-    manifest = build_manifest("from_folder", args, ["images"], ["resize_max", "max_pixels"])
+    manifest = build_manifest("from_folder", args, ["images"], [*IMAGE_OPTIONS])
     manifest["inputs"]["--images content"] = fingerprint
-    fn = functools.partial(build_sample, root=args.images, resize_max=args.resize_max, max_pixels=args.max_pixels)
-    stats = run_jobs(args, iter_jobs(entries), fn, total=len(entries), desc="from_folder", manifest=manifest)
-    print(stats.summary(args.out))
+    fn = functools.partial(build_sample, root=args.images, **image_options(args))
+    return build_and_report(args, iter_jobs(entries), fn, total=len(entries), manifest=manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,27 @@ import argparse
 import codecs
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from mmlm.data.schema import Record, record_from_members
 
 from ._common import (
+    IMAGE_OPTIONS,
     BuildError,
     Job,
     SkipSample,
-    add_image_args,
-    add_output_args,
+    add_image_root_arg,
+    build_and_report,
     build_manifest,
+    builder_main,
+    builder_parser,
     check_output_args,
-    cli,
+    image_options,
     load_image,
-    run_jobs,
+    require_dir,
+    require_file,
+    with_output_and_image_args,
 )
 
 TEXT_FIELDS = ("caption", "captions", "question", "answers", "conversations")
@@ -114,40 +119,25 @@ def build_record(
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.from_jsonl",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("from_jsonl", __doc__)
     p.add_argument("--jsonl", required=True, type=Path, help="input JSON-lines file")
-    p.add_argument(
-        "--image-root", type=Path, default=Path("."), help="directory image paths are relative to (default .)"
-    )
-    add_output_args(p)
-    add_image_args(p)
-    return p
+    add_image_root_arg(p)
+    return with_output_and_image_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_args(args)
-    if not args.jsonl.is_file():
-        raise BuildError(f"--jsonl {args.jsonl} does not exist")
-    if not args.image_root.is_dir():
-        raise BuildError(f"--image-root {args.image_root} is not a directory")
+    require_file(args.jsonl, "--jsonl")
+    require_dir(args.image_root, "--image-root")
     total = count_lines(args.jsonl)
     if total == 0:
         raise BuildError(f"--jsonl {args.jsonl} has no samples (no non-blank line)")
-    fn = functools.partial(
-        build_record, image_root=args.image_root, resize_max=args.resize_max, max_pixels=args.max_pixels
-    )
-    manifest = build_manifest("from_jsonl", args, ["jsonl", "image_root"], ["resize_max", "max_pixels"])
-    stats = run_jobs(args, iter_jobs(args.jsonl), fn, total=total, desc="from_jsonl", manifest=manifest)
-    print(stats.summary(args.out))
-    return 0
+    fn = functools.partial(build_record, image_root=args.image_root, **image_options(args))
+    manifest = build_manifest("from_jsonl", args, ["jsonl", "image_root"], [*IMAGE_OPTIONS])
+    return build_and_report(args, iter_jobs(args.jsonl), fn, total=total, manifest=manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

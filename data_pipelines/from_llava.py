@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -32,17 +32,22 @@ from typing import Any
 from mmlm.data.schema import Record, SchemaError, parse_conversations
 
 from ._common import (
+    IMAGE_OPTIONS,
     BuildError,
     Job,
     SkipSample,
-    add_image_args,
-    add_output_args,
+    add_image_root_arg,
+    build_and_report,
     build_manifest,
+    builder_main,
+    builder_parser,
     check_output_args,
-    cli,
+    image_options,
     iter_json_array,
     load_image,
-    run_jobs,
+    require_dir,
+    require_file,
+    with_output_and_image_args,
 )
 
 
@@ -87,37 +92,26 @@ def build_record(payload: tuple[str, Any], *, images: Path, resize_max: int | No
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.from_llava",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("from_llava", __doc__)
     p.add_argument("--json", required=True, type=Path, help="LLaVA instruction json (a JSON array)")
-    p.add_argument("--images", type=Path, default=Path("."), help="directory image paths are relative to (default .)")
-    add_output_args(p)
-    add_image_args(p)
-    return p
+    add_image_root_arg(p, "--images")
+    return with_output_and_image_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_args(args)
-    if not args.json.is_file():
-        raise BuildError(f"--json {args.json} does not exist")
-    if not args.images.is_dir():
-        raise BuildError(f"--images {args.images} is not a directory")
+    require_file(args.json, "--json")
+    require_dir(args.images, "--images")
     jobs = iter_jobs(args.json)
     first = next(jobs, None)
     if first is None:
         raise BuildError(f"--json {args.json} is an empty array: no samples")
-    fn = functools.partial(build_record, images=args.images, resize_max=args.resize_max, max_pixels=args.max_pixels)
-    manifest = build_manifest("from_llava", args, ["json", "images"], ["resize_max", "max_pixels"])
-    stats = run_jobs(args, chain([first], jobs), fn, total=None, desc="from_llava", manifest=manifest)
-    print(stats.summary(args.out))
-    return 0
+    fn = functools.partial(build_record, images=args.images, **image_options(args))
+    manifest = build_manifest("from_llava", args, ["json", "images"], [*IMAGE_OPTIONS])
+    return build_and_report(args, chain([first], jobs), fn, total=None, manifest=manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

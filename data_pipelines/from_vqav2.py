@@ -23,23 +23,26 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from mmlm.data.schema import Record
 
 from ._common import (
+    IMAGE_OPTIONS,
     BuildError,
     Job,
     Skip,
-    add_image_args,
-    add_output_args,
+    build_and_report,
     build_manifest,
+    builder_main,
+    builder_parser,
     check_output_args,
-    cli,
+    image_options,
     load_image,
     load_json,
-    run_jobs,
+    require_dir,
+    with_output_and_image_args,
 )
 
 DEFAULT_PATTERN = "COCO_{split}_{image_id:012d}.jpg"
@@ -98,11 +101,7 @@ def build_records(
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.from_vqav2",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("from_vqav2", __doc__)
     p.add_argument("--questions", required=True, type=Path, help="VQAv2 questions json")
     p.add_argument("--annotations", type=Path, default=None, help="VQAv2 annotations json (omit for test splits)")
     p.add_argument("--images", required=True, type=Path, help="COCO image directory of the split")
@@ -114,15 +113,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PATTERN,
         help=f"image file name under --images (default {DEFAULT_PATTERN!r}; '{{image_id:012d}}.jpg' for 2017 names)",
     )
-    add_output_args(p)
-    add_image_args(p)
-    return p
+    return with_output_and_image_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_args(args)
-    if not args.images.is_dir():
-        raise BuildError(f"--images {args.images} is not a directory")
+    require_dir(args.images, "--images")
     try:
         args.image_pattern.format(split=args.split, image_id=1)
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
@@ -156,23 +152,16 @@ def run(args: argparse.Namespace) -> int:
         images=args.images,
         pattern=args.image_pattern,
         split=args.split,
-        resize_max=args.resize_max,
-        max_pixels=args.max_pixels,
         need_answers=annotations is not None,
+        **image_options(args),
     )
     manifest = build_manifest(
-        "from_vqav2",
-        args,
-        ["questions", "annotations", "images"],
-        ["split", "image_pattern", "resize_max", "max_pixels"],
+        "from_vqav2", args, ["questions", "annotations", "images"], ["split", "image_pattern", *IMAGE_OPTIONS]
     )
-    stats = run_jobs(args, jobs(), fn, total=n_questions, desc="from_vqav2", manifest=manifest)
-    print(stats.summary(args.out))
-    return 0
+    return build_and_report(args, jobs(), fn, total=n_questions, manifest=manifest)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from mmlm.data.decode import decode_image
 from mmlm.data.errors import BadSample
 from mmlm.data.schema import Record, SchemaError, check_record, expand_shards, iter_tar_samples, record_from_members
 
-from ._common import PIL_DEFAULT_MAX_PIXELS, progress
+from ._common import PIL_DEFAULT_MAX_PIXELS, builder_parser, progress
 
 MAX_LISTED_ERRORS = 20
 
@@ -243,11 +243,7 @@ def format_report(rep: Report) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.inspect",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("inspect", __doc__)
     p.add_argument("shards", nargs="+", help="shard files, directories or brace patterns")
     p.add_argument("--samples", type=int, default=3, help="samples to print (default 3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

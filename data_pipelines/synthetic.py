@@ -59,7 +59,6 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,17 @@ from typing import Any
 from mmlm.data.schema import Record
 from mmlm.data.writer import ShardWriter, resume_state, shard_name
 
-from ._common import BuildError, atomic_write_bytes, atomic_write_json, cli, parallel_map, progress
+from ._common import (
+    BuildError,
+    atomic_write_bytes,
+    atomic_write_json,
+    builder_main,
+    builder_parser,
+    parallel_map,
+    progress,
+    require_at_least_one,
+    require_output_dir,
+)
 from .synthetic_render import RADIUS, encode_png, render
 from .synthetic_scenes import (
     CELLS,
@@ -305,11 +314,7 @@ def write_annotations(split_dir: Path, split: str, ann: dict[str, list], info: d
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipelines.synthetic",
-        description=__doc__.split("Usage::")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = builder_parser("synthetic", __doc__)
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
     p.add_argument("--train", type=int, default=20000, help="training images (default 20000)")
     p.add_argument("--val", type=int, default=500, help="validation images, 6 questions each (default 500)")
@@ -330,12 +335,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise BuildError("nothing to make: --train, --val and --test are all 0")
     if not 32 <= args.image_size <= 512:
         raise BuildError(f"--image-size must be in 32..512, got {args.image_size}")
-    if args.shard_size < 1:
-        raise BuildError(f"--shard-size must be >= 1, got {args.shard_size}")
-    if args.workers < 1:
-        raise BuildError(f"--workers must be >= 1, got {args.workers}")
-    if args.out.exists() and not args.out.is_dir():
-        raise BuildError(f"--out {args.out} exists and is not a directory")
+    require_at_least_one(args.shard_size, "--shard-size")
+    require_at_least_one(args.workers, "--workers")
+    require_output_dir(args.out)
 
 
 def build(
@@ -452,8 +454,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli(run, make_parser(), argv)
+main = builder_main(run, make_parser)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from _builders_kit import OPTS, read_samples, skipped_lines
 from data_pipelines import from_folder
 from data_pipelines import inspect as inspect_cli
-from mmlm.data.schema import Record, iter_tar_records
 
-OPTS = ["--workers", "1", "--no-progress"]
 CONV = [{"from": "human", "value": "<image>\nwhat is here?"}, {"from": "gpt", "value": "a chat"}]
 
 
@@ -27,15 +26,8 @@ def _image(path: Path, fmt: str = "PNG", color=(200, 10, 10)) -> Path:
     return path
 
 
-def _samples(out: Path) -> dict[str, Record]:
-    recs = {r.key: r for r in iter_tar_records(out)}
-    assert len(recs) == sum(1 for _ in iter_tar_records(out)), "duplicate samples"
-    return recs
-
-
 def _skipped(out: Path) -> dict[str, tuple[str, str]]:
-    lines = (json.loads(x) for x in (out / "skipped.jsonl").read_text(encoding="utf-8").splitlines())
-    return {d["key"]: (d["reason"], d["detail"]) for d in lines}
+    return {d["key"]: (d["reason"], d["detail"]) for d in skipped_lines(out)}
 
 
 @pytest.fixture()
@@ -69,7 +61,7 @@ def test_captions_vqa_and_conversations_from_nested_sidecars(tmp_path, photos, c
     out = tmp_path / "out"
     argv = ["--images", str(photos), "--out", str(out), "--no-progress", "--shard-size", "2"]
     assert from_folder.main([*argv, "--workers", "2"]) == 0
-    recs = _samples(out)
+    recs = read_samples(out)
     assert sorted(recs) == ["000000001", "000000002", "000000003", "000000004", "000000007"]
     anim, both, cat, dog, chat = (recs[k] for k in sorted(recs))
     assert anim.caption == "a blue gif" and anim.image_exts == ["png"]  # gif re-encoded
@@ -93,7 +85,7 @@ def test_captions_vqa_and_conversations_from_nested_sidecars(tmp_path, photos, c
     assert from_folder.main([*argv, *OPTS]) == 0
     summary = capsys.readouterr().out
     assert "wrote 0 samples" in summary and "resumed: 5 samples were already present" in summary
-    assert sorted(p.name for p in out.glob("*.tar")) == shards and _samples(out) == recs
+    assert sorted(p.name for p in out.glob("*.tar")) == shards and read_samples(out) == recs
 
 
 def test_a_changed_folder_into_the_same_out_is_refused(tmp_path, photos, capsys):
@@ -114,7 +106,7 @@ def test_a_changed_folder_into_the_same_out_is_refused(tmp_path, photos, capsys)
     (photos / "a" / "new.txt").unlink()
     assert from_folder.main(argv) == 2 and "--images content" in capsys.readouterr().err
     assert from_folder.main([*argv, "--overwrite"]) == 0
-    assert _samples(out)["000000003"].caption == "a cat"
+    assert read_samples(out)["000000003"].caption == "a cat"
     assert from_folder.main(argv) == 0 and "resumed: 5 samples" in capsys.readouterr().out
 
 
@@ -139,7 +131,7 @@ def test_sidecar_edge_cases(tmp_path):
             f.write(b"a caption")
     out = tmp_path / "out"
     assert from_folder.main(["--images", str(d), "--out", str(out), *OPTS, "--max-skip-fraction", "0.9"]) == 0
-    recs = _samples(out)
+    recs = read_samples(out)
     assert [r.caption for r in recs.values()] == ["fine", None]
     assert recs["000000007"].captions == ["one", "two"] and recs["000000007"].image_exts == ["webp"]
     reasons = {k: reason for k, (reason, _) in _skipped(out).items()}
