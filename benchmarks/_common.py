@@ -164,6 +164,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def jpeg_size(text: str) -> tuple[int, int]:
+    """``--size WxH`` (e.g. 500x400), each side at least 48 pixels."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 48:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT of at least 48x48 pixels, e.g. 500x400; "
+                                         f"got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def preset_name(text: str) -> str:
     """``--preset``: a known preset (or alias), checked when the arguments are parsed."""
     from mmlm.presets import get_preset

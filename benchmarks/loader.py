@@ -132,17 +132,6 @@ def mmlm_rate(shards: str, processor, *, batch_size: int, num_workers: int, batc
     return out
 
 
-def jpeg_size(text: str) -> tuple[int, int]:
-    """``--size WxH`` (e.g. 500x400), each side at least 48 pixels."""
-    import argparse
-
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 48:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT of at least 48x48 pixels, e.g. 500x400; "
-                                         f"got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def main(argv=None) -> int:
     p = C.script_parser(__doc__)
     p.add_argument("--preset", default="small", type=C.preset_name, help="model preset: the image size (default small, 224 px)")
@@ -153,7 +142,7 @@ def main(argv=None) -> int:
                    help="timed batches per loader run, rounded up to whole rounds of --num-workers, after one "
                         "untimed round (default 15)")
     p.add_argument("--images", type=C.positive_int, default=512, help="JPEGs in the cached shards (default 512)")
-    p.add_argument("--size", default="500x400", type=jpeg_size, help="JPEG size WxH (default 500x400)")
+    p.add_argument("--size", default="500x400", type=C.jpeg_size, help="JPEG size WxH (default 500x400)")
     p.add_argument("--resize-kernel", default="auto", choices=["auto", "pil", "torch"],
                    help="mmlm's resampling kernel (ImageTransformConfig.resize_kernel; default auto)")
     p.add_argument("--ceiling-seconds", type=C.positive_float, default=4.0, help="seconds of the ceiling loop (default 4)")

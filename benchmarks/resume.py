@@ -51,13 +51,13 @@ def main(argv=None) -> int:
     p.add_argument("--snapshot-every", type=C.positive_int, default=1000, help="snapshot interval (default 1000)")
     p.add_argument("--images", type=C.positive_int, default=2048, help="JPEGs in the cached shards (default 2048)")
     p.add_argument("--shards", type=C.positive_int, default=16, help="shards they are written to (default 16)")
-    p.add_argument("--size", default="160x120", help="JPEG size WxH (default 160x120: a quick run; the bytes "
+    p.add_argument("--size", default="160x120", type=C.jpeg_size, help="JPEG size WxH (default 160x120: a quick run; the bytes "
                                                      "re-read scale with it)")
     C.add_common_args(p, device=False)
     args = p.parse_args(argv)
     C.set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    w, h = (int(x) for x in args.size.lower().split("x"))
+    w, h = args.size
 
     from mmlm.data import stages
     from mmlm.data.collate import PadCollate

@@ -42,6 +42,8 @@ def bench(monkeypatch):
     ("padding", ["--preset", "nope"], "unknown preset"),
     ("loader", ["--size", "abc"], "--size"),
     ("loader", ["--batches", "0"], "--batches"),
+    ("resume", ["--at", "0"], "--at"),
+    ("resume", ["--size", "10x10"], "--size"),
     ("generate", ["--new-tokens", "1"], "--new-tokens"),
     ("generate", ["--dtype", "float64x"], "--dtype"),
     ("generate", ["--batch", "0"], "--batch"),
