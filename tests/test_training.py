@@ -328,6 +328,46 @@ def test_monitor_hands_lightning_only_the_values_its_logger_writes(tmp_path):
     assert written == [2, 5] and all(float(r["lr/lm"]) > 0 for r in rows if r.get("lr/lm"))
 
 
+def test_skips_are_logged_by_reason_and_per_validation_pass(tmp_path):
+    import csv
+    import io
+    import shutil
+    import tarfile
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def tar_with(path, members):  # [(name, bytes)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    tar_with(tmp_path / "bad" / "bad-000000.tar", [(f"b{i}.png", b"junk") for i in range(3)]
+             + [(f"b{i}.txt", b"a red star") for i in range(3)] + [("e0.png", b"junk"), ("e0.txt", b"")])
+    val = tmp_path / "val"  # the synthetic val shard plus one corrupt sample: every pass skips exactly one
+    shutil.copytree(shards() / "val", val)
+    tar_with(val / "zz-000000.tar", [("v0.png", b"junk"), ("v0.txt", b"a red star")])
+    module = VLMModule(**tiny_model_args())
+    dm = datamodule(train=[{"shards": str(shards() / "train"), "weight": 1}, {"shards": str(tmp_path / "bad"),
+                                                                              "weight": 2}],
+                    val=str(val), max_bad_fraction=None)
+    t = trainer(tmp_path, steps=6, callbacks=[TrainingMonitor()], logger=CSVLogger(tmp_path, name="logs"),
+                log_every_n_steps=1, limit_val_batches=None, val_check_interval=3, check_val_every_n_epoch=None)
+    t.fit(module, dm)
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    last = max((r for r in rows if r.get("data/skipped")), key=lambda r: int(r["step"]))
+    counts = dm.skipped_counts()
+    assert len(counts) == 2 and counts["empty_caption"] > 0  # the "junk" images and the empty caption
+    assert float(last["data/skipped"]) == sum(counts.values())
+    for reason, n in counts.items():
+        assert float(last[f"data/skipped/{reason}"]) == n, reason
+    val_skips = [float(r["data/val_skipped"]) for r in rows if r.get("data/val_skipped")]
+    assert val_skips == [1.0, 1.0]  # two passes (steps 3 and 6), one skip each, not a running total
+    assert sum(dm.skipped_counts("val").values()) == 2
+
+
 def test_logged_learning_rates_are_those_of_the_step_they_are_logged_with(tmp_path):
     import csv
 

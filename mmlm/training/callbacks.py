@@ -3,8 +3,11 @@
 - :class:`TrainingMonitor`: throughput and learning rates in the progress bar and the logs:
   ``perf/samples_per_s``, ``perf/tokens_per_s`` (padded tokens the model processed),
   ``perf/real_tokens_per_s`` and ``perf/real_token_frac`` (non-padding share), ``lr/<component>``,
-  ``data/skipped`` (bad samples the data module skipped). Rates are averaged over the last
-  ``window`` batches and scaled by the world size (every rank reads equal batches).
+  ``data/skipped`` (training samples the data module skipped, this rank's, since the run began) and
+  ``data/skipped/<reason>`` per reason (``corrupt_image``, ``too_long``, ``bad_shard``, ...: the
+  reasons seen so far), and after each validation pass ``data/val_skipped`` (the samples that pass
+  skipped, summed over ranks). Rates are averaged over the last ``window`` batches and scaled by the
+  world size (every rank reads equal batches).
 - :class:`NonFiniteGuard`: used by :class:`mmlm.training.module.VLMModule`: a non-finite loss skips
   the optimizer step (counted in ``train/nonfinite_skipped``); ``max_in_a_row`` consecutive ones
   abort the run with :class:`NonFiniteLossError`.
@@ -107,6 +110,7 @@ class TrainingMonitor(pl.Callback):
         self._hist: collections.deque = collections.deque(maxlen=window + 1)
         self._t_start: float | None = None
         self._lrs: dict[str, float] = {}
+        self._val_skipped_before = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._hist.clear()
@@ -162,12 +166,8 @@ class TrainingMonitor(pl.Callback):
         for comp, lr in lrs.items():
             metrics[f"lr/{comp}"] = lr
         dm = getattr(trainer, "datamodule", None)
-        if to_logger and dm is not None and hasattr(dm, "skipped_counts"):
-            try:
-                counts = dm.skipped_counts() or {}
-                metrics["data/skipped"] = float(sum(int(v) for v in counts.values()))
-            except Exception:  # noqa: BLE001 - a monitoring failure must not stop training
-                pass
+        if to_logger:
+            metrics.update(self.skip_metrics(dm))
         if metrics and to_logger:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(1, samples))
         if to_bar:
@@ -180,6 +180,38 @@ class TrainingMonitor(pl.Callback):
             if bar:
                 pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, logger=False,
                                    batch_size=max(1, samples))
+
+    @staticmethod
+    def skip_metrics(dm) -> dict[str, float]:
+        """``data/skipped`` and ``data/skipped/<reason>`` from ``dm.skipped_counts()`` ({} without one)."""
+        if not hasattr(dm, "skipped_counts"):
+            return {}
+        try:
+            counts = dm.skipped_counts() or {}
+        except Exception:  # noqa: BLE001 - a monitoring failure must not stop training
+            return {}
+        out = {"data/skipped": float(sum(int(v) for v in counts.values()))}
+        out.update({f"data/skipped/{reason}": float(n) for reason, n in sorted(counts.items())})
+        return out
+
+    @staticmethod
+    def _val_skipped(trainer) -> int | None:
+        dm = getattr(trainer, "datamodule", None)
+        try:
+            return int(sum(dm.skipped_counts("val").values())) if hasattr(dm, "skipped_counts") else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_skipped_before = self._val_skipped(trainer) or 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        now = self._val_skipped(trainer)
+        if now is None or trainer.sanity_checking or getattr(trainer.state, "fn", "fit") != "fit":
+            return
+        # every rank logs the key (a collective under sync_dist): the pass's skips, summed over ranks
+        pl_module.log("data/val_skipped", float(now - self._val_skipped_before), on_step=False, on_epoch=True,
+                      sync_dist=True, reduce_fx="sum", batch_size=1)
 
     @staticmethod
     def _logger_due(trainer) -> bool:
