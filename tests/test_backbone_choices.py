@@ -246,3 +246,31 @@ def test_directory_without_timm_config_is_refused(tmp_path):
         vision_config_for(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="no timm config.json"):
         vision_config_for("local-dir:" + str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------ a named timm tower through `mmlm fit`'s overrides
+def test_a_named_timm_tower_takes_its_own_sizes_without_a_warning_unless_sizes_are_given(tmp_path):
+    import warnings
+
+    from mmlm.presets import get_preset
+    from mmlm.training.build import named_vision_geometry
+
+    def resolved(vision: dict):
+        overrides = {"vision": vision}
+        return named_vision_geometry(get_preset("small").updated(**overrides), overrides).vision
+
+    v = resolved({"name": "vit_large_patch14_clip_336.openai"})
+    assert (v.image_size, v.patch_size) == (336, 14)  # not the small preset's 224/16
+    v = resolved({"name": "vit_base_patch16_siglip_224", "timm_kwargs": {"img_size": 256}})
+    assert (v.image_size, v.patch_size) == (256, 16)
+    v = resolved({"name": "vit_large_patch14_clip_336.openai", "image_size": 448})  # the user's word stands
+    assert (v.image_size, v.patch_size) == (448, 16)
+    # and the encoder built from it does not warn (it did: the preset's 224/16 "do not apply")
+    from mmlm.modeling.vision import TimmViTEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc = TimmViTEncoder(resolved({"name": "vit_tiny_patch16_384", "pretrained": False}))
+    assert enc.num_patches == (384 // 16) ** 2
+    with pytest.warns(UserWarning, match="do not apply to timm model"):
+        TimmViTEncoder(resolved({"name": "vit_tiny_patch16_384", "pretrained": False, "image_size": 224}))

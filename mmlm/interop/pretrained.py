@@ -56,7 +56,7 @@ def _looks_like_hf_vision(name: str) -> bool:
     return True
 
 
-def _timm_geometry(name: str) -> tuple[int, int]:
+def timm_geometry(name: str) -> tuple[int, int]:
     """(image size, patch size) of a timm model name or ``local-dir:DIR`` (timm's ``config.json`` there:
     ``model_args``, else ``pretrained_cfg``, else its architecture's); the ``VisionConfig`` defaults when unknown."""
     import re
@@ -108,7 +108,7 @@ def vision_config_for(name: str, *, backend: str | None = None, pretrained: bool
             if not timm.is_model(name.split(".")[0]) and not name.startswith(("hf-hub:", "hf_hub:")):
                 where = "; a local timm model is a directory with timm's config.json" if Path(name).is_dir() else ""
                 raise ValueError(f"unknown timm model {name!r}{where}")
-        size, patch = _timm_geometry(name)
+        size, patch = timm_geometry(name)
         return VisionConfig(backend="timm", name=name, pretrained=pretrained, image_size=size, patch_size=patch,
                             feature_layer=feature_layer, drop_prefix_tokens=drop_prefix_tokens,
                             resize_mode=resize_mode)

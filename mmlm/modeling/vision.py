@@ -9,7 +9,8 @@ transformers' ``hidden_states``), with class/register tokens dropped when config
 Blocks past the feature layer are pruned: they would cost compute and never be used.
 A named timm model keeps its own input and patch size (``timm_kwargs={"img_size": N}`` changes
 them); configured ones that differ are replaced by the model's, with a warning, so that the
-config (and ``config.json``) says what the model does. A local timm model is named
+config (and ``config.json``) says what the model does (``mmlm fit`` fills them from the name when its
+``model_overrides`` give none: ``mmlm.training.build.named_vision_geometry``). A local timm model is named
 ``local-dir:DIR`` (or ``DIR``) as timm names it: a directory with timm's ``config.json``
 (``architecture``, ``model_args``, ``pretrained_cfg``) and its weights. SigLIP towers squash images
 to the input size unless ``resize_mode`` says otherwise (timm records a generic centre crop for them).

@@ -274,6 +274,25 @@ def check_local_paths(cfg: VLMConfig, tokenizer: str | None = None) -> None:
         raise ValueError(f"model_overrides.vision.checkpoint_path: no such file: {path}")
 
 
+def named_vision_geometry(cfg: VLMConfig, model_overrides: dict | None) -> VLMConfig:
+    """``cfg`` with the image and patch size of the timm model ``model_overrides`` names (``vision.name``)
+    when they give neither: the preset's sizes are its from-scratch encoder's, and the named model keeps its
+    own (``TimmViTEncoder`` would replace them with a warning). ``vision.timm_kwargs.img_size`` is the image
+    size where given. Unknown names, transformers towers and explicit sizes are left as they are."""
+    vision = (model_overrides or {}).get("vision")
+    if not isinstance(vision, dict) or not vision.get("name") or cfg.vision.backend != "timm" \
+            or "image_size" in vision or "patch_size" in vision:
+        return cfg
+    from mmlm.interop.pretrained import timm_geometry
+    from mmlm.modeling.vision import timm_source
+
+    size, patch = timm_geometry(timm_source(cfg.vision.name))
+    own = cfg.vision.timm_kwargs.get("img_size")
+    if own:
+        size = own[-1] if isinstance(own, (list, tuple)) else own
+    return cfg.updated(vision={"image_size": int(size), "patch_size": int(patch)})
+
+
 def build_model_and_processor(
     *,
     preset: str = "tiny",
@@ -307,7 +326,7 @@ def build_model_and_processor(
         return build_from_checkpoint(init_from, model_overrides=model_overrides, max_length=max_length,
                                      caption_prompt=caption_prompt, system_prompt=system_prompt,
                                      image_placement=image_placement)
-    cfg = get_preset(preset).updated(**(model_overrides or {}))
+    cfg = named_vision_geometry(get_preset(preset).updated(**(model_overrides or {})), model_overrides)
     check_local_paths(cfg, tokenizer)
     from_scratch = not cfg.text.name and tokenizer is None
     opts = _processor_options({}, max_length, caption_prompt, system_prompt, image_placement)
