@@ -206,6 +206,33 @@ def test_a_resumed_accumulating_run_saves_no_checkpoint_inside_an_accumulation_w
     assert ckpt["global_step"] == 2 and ckpt["VLMDataModule"]["ranks"]["0"]["batches"] == 4
 
 
+class SignalAtBatch(pl.Callback):
+    """Sends SIGTERM to this process at the end of training batch ``n`` (1-based, micro-batches counted)."""
+
+    def __init__(self, n: int = 3):
+        self.n, self.seen = n, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        self.seen += 1
+        if self.seen == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_inside_an_accumulation_window_saves_at_the_window_s_end(tmp_path):
+    """A signal after the first micro-batch of a window: the save waits for the window's optimizer step (it
+    saved at once, with the micro-batch's data consumed and its gradient lost: an inexact resume)."""
+    run = tmp_path / "run"
+    acc = ("--trainer.accumulate_grad_batches", "2", "--data.val", "null")
+    (tmp_path / "sig.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_resume.SignalAtBatch\n"
+                                       "      init_args: {n: 3}\n")
+    assert fit.main(fit_args(run, *acc, "--config", str(tmp_path / "sig.yaml"), steps=4)) == 128 + 15
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["VLMDataModule"]["ranks"]["0"]["batches"] == 4
+
+
 class SignalJobAt(pl.Callback):
     """After global step ``step``, another process sends SIGTERM to this process and to its DataLoader
     workers: what a cluster does when it stops a job (SLURM signals every process of the job step). (A

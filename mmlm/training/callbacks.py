@@ -255,7 +255,9 @@ class SignalCheckpoint(pl.Callback):
     checkpoint of the step before it): ``last.ckpt`` is saved once before it, in case the job is
     killed before it ends, and again at its end, after the checkpoint callbacks' own saves and
     rankings (this callback moves itself behind them), and the run stops then. A signal that comes
-    during a validation is handled at its end the same way."""
+    during a validation is handled at its end the same way. A signal inside a gradient-accumulation
+    window is handled after the window's optimizer step (at most ``accumulate_grad_batches - 1``
+    batches later): a checkpoint never holds half a window, so the resume stays exact."""
 
     def __init__(self, signals: list[str] | None = None, filename: str = "last.ckpt"):
         """
@@ -334,14 +336,17 @@ class SignalCheckpoint(pl.Callback):
         return TrainingInterrupted(signum, path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.pending is not None or not self._signalled(trainer):
+        # inside a gradient-accumulation window (the same on every rank) the save waits for the window's
+        # optimizer step: a checkpoint there would hold the window's data position but not its gradients
+        if self.pending is not None or _accumulates(trainer) or not self._signalled(trainer):
             return
         interrupted = self._save(trainer)
         if not _validates_after_this_batch(trainer):
             self.pending = interrupted  # else on_validation_end saves again and stops
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.pending is not None or not self._signalled(trainer):
+        if trainer.sanity_checking or self.pending is not None or _accumulates(trainer) \
+                or not self._signalled(trainer):
             return
         self.pending = self._save(trainer)
 
