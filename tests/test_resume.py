@@ -265,3 +265,43 @@ def test_sigterm_to_every_process_of_the_job_saves_and_resumes(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] in (2, 3)
     assert fit.main(fit_args(run, "--ckpt_path", "last", steps=4, workers=2)) == 0
+
+
+def test_last_is_the_checkpoint_at_the_highest_step_not_the_newest_file(tmp_path):
+    import os
+
+    from mmlm.cli.fit_checks import find_last_checkpoint
+
+    for name, step in (("last-v1.ckpt", 70), ("last.ckpt", 60)):
+        torch.save({"global_step": step, "state_dict": {}}, tmp_path / name)
+    (tmp_path / "last-v2.ckpt").write_bytes(b"torn")  # unreadable: ranks last
+    os.utime(tmp_path / "last-v1.ckpt", (1, 1))  # a copy's times: the older step's file is newer
+    assert find_last_checkpoint(tmp_path) == str(tmp_path / "last-v1.ckpt")
+    assert find_last_checkpoint(tmp_path / "none") is None
+
+
+def test_a_run_resumed_in_a_copied_directory_keeps_writing_last_ckpt(tmp_path):
+    import shutil
+
+    first = tmp_path / "a"
+    assert fit.main(fit_args(first, "--data.val", "null", steps=2)) == 0
+    copy = tmp_path / "b"
+    shutil.copytree(first, copy)
+    shutil.rmtree(copy / "model")
+    assert fit.main(fit_args(copy, "--data.val", "null", "--ckpt_path", "last", steps=4)) == 0
+    names = sorted(p.name for p in (copy / "checkpoints").glob("last*.ckpt"))
+    assert names == ["last.ckpt"], names  # Lightning's own wrote last-v1.ckpt next to the old last.ckpt
+    ckpt = torch.load(copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
+def test_a_torn_last_ckpt_is_a_one_line_error_naming_the_others(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, steps=2)) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])
+    capsys.readouterr()
+    assert fit.main(fit_args(run, "--ckpt_path", "last", steps=4)) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last:" in err and "is not a checkpoint mmlm can read" in err and "best-step=" in err, err
+    assert "Traceback" not in err

@@ -58,6 +58,7 @@ from pathlib import Path
 from mmlm.cli.fit_checks import (
     check_checkpoint_file,
     check_init_from,
+    check_last_checkpoint,
     check_max_steps,
     check_new_run_dir,
     check_shards,
@@ -215,12 +216,15 @@ def _cli_classes():
         def before_fit(self) -> None:
             cfg = self.config_init[self.subcommand]
             ckpt = cfg.get("ckpt_path")
-            if ckpt == "last":
+            last = ckpt == "last"
+            if last:
                 ckpt = find_last_checkpoint(cfg.checkpoint.dirpath)
                 cfg["ckpt_path"] = ckpt
                 if ckpt is None:
                     print(f"no checkpoint in {cfg.checkpoint.dirpath}: starting a fresh run", file=sys.stderr)
             if ckpt and os.path.isfile(str(ckpt)):
+                if last:  # a file given by name was checked with the arguments
+                    check_last_checkpoint(str(ckpt))
                 check_max_steps(str(ckpt), cfg.trainer.max_steps)
                 self.model.resume_from = str(ckpt)
             print(f"run directory: {cfg.trainer.default_root_dir}", file=sys.stderr)

@@ -139,9 +139,37 @@ def check_checkpoint_file(path: str) -> None:
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The ``global_step`` a Lightning checkpoint holds (its tensors memory-mapped, not read); None if unreadable."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["global_step"])
+    except Exception:  # noqa: BLE001 - unreadable, or not a checkpoint
+        return None
+
+
 def find_last_checkpoint(directory: str | os.PathLike | None) -> str | None:
-    """The newest ``last*.ckpt`` in ``directory`` (as Lightning's ``ckpt_path="last"``), or None."""
+    """The ``last*.ckpt`` in ``directory`` at the highest training step (as Lightning's ``ckpt_path="last"``,
+    which takes the newest file: a copied or moved run directory has the copy's times, and a resume there by
+    Lightning's own checkpointing wrote ``last-v1.ckpt`` next to an older ``last.ckpt``), the newest of equal
+    steps; unreadable files rank last. None when there is none."""
     if not directory or not os.path.isdir(directory):
         return None
     found = [p for p in Path(directory).glob("last*.ckpt") if p.is_file()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    if not found:
+        return None
+    step = {p: checkpoint_step(p) for p in found}
+    return str(max(found, key=lambda p: (step[p] is not None, step[p] or 0, p.stat().st_mtime)))
+
+
+def check_last_checkpoint(path: str) -> None:
+    """:func:`check_checkpoint_file` for the file ``--ckpt_path last`` resolved to, naming the directory's
+    other checkpoints when it is unreadable (a crash while writing it can leave a truncated file)."""
+    try:
+        check_checkpoint_file(path)
+    except ValueError as e:
+        others = sorted(p.name for p in Path(path).parent.glob("*.ckpt") if p.name != Path(path).name)
+        hint = f"; other checkpoints there: {', '.join(others)} (pass one with --ckpt_path FILE)" if others else ""
+        raise ValueError(f"--ckpt_path last: {e}{hint}") from None

@@ -399,11 +399,20 @@ class StepCheckpoint(ModelCheckpoint):
       does when no last checkpoint was written during the run: a run of 400 steps saving every 350
       left ``last.ckpt`` at step 350, and ``--ckpt_path last`` (to extend it) went back 50 steps.
 
+    - A run resumed in a directory that was copied or moved keeps writing ``last.ckpt``. Lightning's, finding
+      another ``dirpath`` in the checkpoint, forgot its last checkpoint and wrote ``last-v1.ckpt`` next to it,
+      and ``--ckpt_path last`` could then resume the older file.
+
     The state is stored under ``ModelCheckpoint``'s key, so checkpoints of either class resume with the other."""
 
     @property
     def state_key(self) -> str:
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.save_last and self.dirpath and not self.last_model_path:  # saved under another dirpath
+            self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (self.monitor is None or not hasattr(self, "_defer_save_until_validation")  # older Lightning: its own
