@@ -208,6 +208,9 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
         (("--ckpt_path", str(bad_ckpt)), "is not a checkpoint mmlm can read"),
         (("--ckpt_path", "best"), "--ckpt_path best: a new run has no best checkpoint to resume; pass `last`"),
         (("--checkpoint.every_n_train_steps", "-1"), "every_n_train_steps=-1"),
+        (("--trainer.strategy", "ddp_spawn"), "trainer.strategy ddp_spawn is not supported: use ddp"),
+        (("--checkpoint.dirpath", str(bad_ckpt / "ckpts")), f"--checkpoint.dirpath {bad_ckpt / 'ckpts'}: {bad_ckpt} "
+                                                              "is not a directory"),
     ]
     for i, (args, message) in enumerate(cases):
         run = tmp_path / f"run{i}"
@@ -222,6 +225,28 @@ def test_more_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 3 and err[0].startswith("usage: mmlm fit [--config FILE.yaml")
     assert err[-1] == "error: unrecognized arguments: --data.trian x --model.lrr=3 (did you mean --data.train, --model.lr?)"
+
+
+def test_an_unwritable_run_directory_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import os
+
+    from mmlm.cli import fit_checks
+
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(fit_checks.os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
+    with pytest.raises(ValueError, match=r"--checkpoint.dirpath .*: cannot write in .*ro \(read-only"):
+        fit_checks.check_writable(ro / "run" / "checkpoints", "--checkpoint.dirpath")
+    assert fit.main(fit_args(ro / "run", steps=1)) == 2
+    assert "--trainer.default_root_dir" in capsys.readouterr().err and not (ro / "run").exists()
+
+
+def test_a_validation_interval_longer_than_the_run_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"no validation will run: trainer.val_check_interval 50 training batches "
+                                         r"is more than the run's 4 \(max_steps 2 x accumulate_grad_batches 2\)"):
+        assert fit.main(fit_args(tmp_path / "run", "--trainer.val_check_interval", "50",
+                                 "--trainer.accumulate_grad_batches", "2", steps=2)) == 0
 
 
 def test_flex_attention_on_a_cpu_is_refused_before_the_first_step(tmp_path, capsys):
@@ -273,3 +298,20 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (24, 24), "red").save(buf, format="PNG")
     return buf.getvalue()
+
+
+class DiskFullAt(pl.Callback):
+    """Raises the OSError a full disk gives at the end of training batch 2."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device", "/ckpt/last.ckpt")
+
+
+def test_a_write_error_during_the_run_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "full.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_fit_cli.DiskFullAt\n")
+    assert fit.main(fit_args(tmp_path / "run", "--config", str(tmp_path / "full.yaml"), steps=4)) == 1
+    err = capsys.readouterr().err
+    assert "error: OSError: [Errno 28] No space left on device: '/ckpt/last.ckpt'" in err and "Traceback" not in err

@@ -35,7 +35,7 @@ run (no ``--ckpt_path``) into a RUN_DIR that holds a run's checkpoints or model 
 A resumed run (``--ckpt_path FILE`` or ``last``) takes its options from the command line and configs as
 given, not from the checkpoint, and warns about each ``--model`` option that differs from the checkpoint's
 run; the weights, optimizer, learning-rate schedule, loader position and RNG continue from the checkpoint.
-Exit codes: 0 done; 1 training failed (non-finite losses, pre-flight); 2 bad arguments or
+Exit codes: 0 done; 1 training failed (non-finite losses, pre-flight, a write error); 2 bad arguments or
 inputs; 128+N stopped by signal N after saving ``last.ckpt``.
 
 Defaults that differ from Lightning's: ``check_val_every_n_epoch: null`` and
@@ -62,6 +62,7 @@ from mmlm.cli.fit_checks import (
     check_max_steps,
     check_new_run_dir,
     check_shards,
+    check_writable,
     find_last_checkpoint,
     option_strings,
     suggest_option,
@@ -173,12 +174,24 @@ def _cli_classes():
             if isinstance(vci, (int, float)) and not isinstance(vci, bool) and vci <= 0:
                 raise ValueError(f"trainer.val_check_interval must be > 0 (training batches between validations), "
                                  f"got {vci}")
+            if isinstance(t.strategy, str) and t.strategy.endswith("_spawn"):
+                raise ValueError(f"trainer.strategy {t.strategy} is not supported: use ddp (or ddp_fork, fsdp), which "
+                                 "start the processes themselves")
             data = cfg.get("data")
+            batches = (t.max_steps or 0) * (t.accumulate_grad_batches or 1)
+            if data is not None and data.get("val") is not None and isinstance(vci, int) and not isinstance(vci, bool) \
+                    and 0 < batches < vci and t.limit_val_batches not in (0, 0.0):
+                warnings.warn(f"no validation will run: trainer.val_check_interval {vci} training batches is more than "
+                              f"the run's {batches} (max_steps {t.max_steps} x accumulate_grad_batches "
+                              f"{t.accumulate_grad_batches or 1}): no val/loss, no best checkpoint; lower "
+                              "--trainer.val_check_interval", stacklevel=1)
             if data is not None and "val" in data and data.val is None:
                 t.limit_val_batches = 0  # no validation loop: checkpoints must not wait for a val/loss
             if self.parse_only:
                 raise ParsedOnly(self.config)
             check_shards(self.datamodule_class, data)  # before anything is written
+            check_writable(root, "--trainer.default_root_dir")
+            check_writable(cfg.checkpoint.dirpath, "--checkpoint.dirpath")
             if not cfg.get("ckpt_path"):  # a resumed run rebuilds its model from the checkpoint, not init_from
                 check_init_from(cfg.get("model"))
                 export = cfg.get("export")
@@ -470,6 +483,9 @@ def main(argv: list[str] | None = None, *, datamodule_class=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # during the run (disk full, a file system gone read-only): no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

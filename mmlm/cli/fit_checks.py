@@ -88,6 +88,18 @@ def check_new_run_dir(root: str, checkpoint_dir: str | None, model_dirname: str 
                          f"one in another --trainer.default_root_dir (or delete {root} first)")
 
 
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Raise ``ValueError`` unless ``path`` (which may not exist yet) can be created and written: its nearest
+    existing ancestor is a writable directory (a read-only mount fails here, not at the first checkpoint)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"{option} {path}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot write in {p} (read-only file system or no permission)")
+
+
 def check_max_steps(ckpt_path: str, max_steps: int | None) -> None:
     """A resumed run must end after the step its checkpoint reached (a smaller ``trainer.max_steps``
     trained nothing and exported the checkpoint's model as if it had)."""
