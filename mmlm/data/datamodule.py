@@ -17,7 +17,16 @@ Contract:
 * Batches carry ``pixel_values`` as uint8 RGB by default (``uint8_pixels``); ``VLM.encode_images``
   normalises them on the model's device, to exactly the processor's float values.
 * ``val_dataloader()``: a finite pass in which every sample is seen exactly once over all ranks
-  and workers; ``[]`` when no ``val`` is given.
+  and workers; ``[]`` when no ``val`` is given. Under several processes a rank without a single
+  validation batch would hang the run (its peers wait in DDP's first validation forward), so when
+  ``val`` has fewer shards than ``world_size * max(1, num_workers)`` units (samples are then split
+  over the units one by one) the val loader counts the samples (tar headers only; it stops at one
+  sample per unit) and uses fewer workers where needed so that every unit of every rank gets one
+  (:func:`val_worker_count`; logged at INFO); fewer samples than processes is a ``ValueError``.
+  Limits: with at least that many shards (whole shards per unit) nothing is counted, so an empty
+  shard can still starve a unit; and a count includes the samples that will be skipped (corrupt,
+  too long, filtered: each unit's share is known only once its pass has run), so a rank whose
+  samples are all skipped still gets no batch.
 * **The trainer calls** ``record_consumed(batch)`` after each training step (and may call it with
   validation batches too, for their skip counts). It records the batch's ``loader_state`` (the
   position of the worker that made it) and adds its ``skipped`` counts; past the error budget over
@@ -47,7 +56,9 @@ import dataclasses
 import functools
 import logging
 import os
+import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -57,7 +68,8 @@ from torch.utils.data import DataLoader
 from mmlm.data.collate import PackCollate, PadCollate
 from mmlm.data.decode import DEFAULT_MAX_PIXELS
 from mmlm.data.errors import LOGGER_NAME, DataErrorBudgetExceeded, bad_count, budget_message, budget_violation
-from mmlm.data.sources import parse_sources, resolve_sources
+from mmlm.data.schema import complete_tar_groups
+from mmlm.data.sources import open_shard, parse_sources, resolve_sources
 from mmlm.data.stream import StreamConfig, VLMStream, detect_rank_world
 from mmlm.data.targets import check_mixed_weights, check_sample_mode, compile_question_pattern
 
@@ -128,6 +140,74 @@ def shield_stop_signals(shield, worker_id: int = 0) -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, handler)
+
+
+def _read_nothing(ext: str) -> bool:
+    return False
+
+
+def count_shard_items(url: str, *, allow_pipes: bool = False, allow_remote: bool = False,
+                      max_member_size: Optional[int] = None, limit: Optional[int] = None) -> int:
+    """How many items the eval stream's ``expand_tar`` yields for shard ``url`` (what ``split_samples``
+    enumerates): one per key, a sample with a schema problem included, plus one ``bad_shard`` item when
+    the shard is unreadable or truncated (after the items read before the error), exactly as
+    ``mmlm.data.stages.read_shard`` does. Only tar headers are parsed (member
+    contents are passed over, never kept).
+    ``limit``: stop counting there (None: count all)."""
+    if limit is not None and limit <= 0:
+        return 0
+    n = 0
+    try:
+        with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for _ in complete_tar_groups(tar, url, wanted=_read_nothing, max_member_size=max_member_size):
+                    n += 1
+                    if limit is not None and n >= limit:
+                        return n
+    except (tarfile.TarError, OSError, EOFError):
+        n += 1  # read_shard's one bad_shard item
+    return n if limit is None else min(n, limit)
+
+
+def val_worker_count(shards: Sequence[str], world: int, num_workers: int, *, allow_pipes: bool = False,
+                     allow_remote: bool = False, max_member_size: Optional[int] = None) -> int:
+    """The DataLoader worker count for a validation pass over ``shards`` split over ``world`` processes, so
+    that no loader unit (rank x worker) -- and so no process -- is left without a sample: ``num_workers``
+    unless the eval stream would split samples one by one (fewer shards than ``world * max(1,
+    num_workers)`` units) over more units than there are samples; then the largest ``w <= num_workers``
+    (0: in-process) whose split gives every unit at least one item (with ``world * max(1, w)`` units; with
+    as many shards as units the stream splits whole shards, and each unit needs a non-empty one). Raises
+    ``ValueError`` when not even one sample per process is possible. One process: ``num_workers`` (a single
+    process never waits for another)."""
+    units = world * max(1, num_workers)
+    if world <= 1 or len(shards) >= units:
+        # whole shards per unit: each unit has at least one shard. An empty shard can still starve a unit
+        # (and with num_workers <= 1 its rank): not counted here, to avoid reading every val shard's headers
+        return num_workers
+    counts: list[int] = []
+    for url in shards:  # fewer shards than units; stop as soon as every unit is sure to get an item
+        counts.append(count_shard_items(url, allow_pipes=allow_pipes, allow_remote=allow_remote,
+                                        max_member_size=max_member_size, limit=units - sum(counts)))
+        if sum(counts) >= units:
+            return num_workers
+    total = sum(counts)  # exact: every shard was read to its end
+
+    def feasible(w: int) -> bool:
+        n = world * max(1, w)
+        if len(shards) >= n:  # the stream splits whole shards (shards[unit::n])
+            return all(any(counts[i] for i in range(unit, len(shards), n)) for unit in range(n))
+        return total >= n  # samples one by one (index % n)
+
+    for w in range(num_workers, -1, -1):
+        if feasible(w):
+            return w
+    if total < world:
+        raise ValueError(f"data.val has {total} sample(s) for {world} processes: a process would get no validation "
+                         "batch and multi-process validation would hang; give data.val at least "
+                         f"{world} samples or validate with fewer devices")
+    raise ValueError(f"data.val has {total} sample(s) in {len(shards)} shards, split whole over {world} processes: "
+                     "a process would get only empty shards, so no validation batch, and multi-process validation "
+                     "would hang; remove the empty shards from data.val or validate with fewer devices")
 
 
 def data_seed(seed: Optional[int] = None) -> int:
@@ -348,10 +428,11 @@ class VLMDataModule(pl.LightningDataModule):
             snapshot_every=self.snapshot_every,
         )
 
-    def _loader_kwargs(self) -> dict:
-        kw: dict[str, Any] = {"num_workers": self.num_workers,
+    def _loader_kwargs(self, num_workers: Optional[int] = None) -> dict:
+        num_workers = self.num_workers if num_workers is None else int(num_workers)
+        kw: dict[str, Any] = {"num_workers": num_workers,
                               "pin_memory": bool(self.pin_memory and torch.cuda.is_available())}
-        if self.num_workers > 0:
+        if num_workers > 0:
             kw["persistent_workers"] = self.persistent_workers
             kw["prefetch_factor"] = self.prefetch_factor
             kw["worker_init_fn"] = functools.partial(shield_stop_signals, _stop_signal_shield())
@@ -378,9 +459,21 @@ class VLMDataModule(pl.LightningDataModule):
         proc = self._data_processor()
         sources = resolve_sources(self.val_spec, allow_pipes=self.allow_pipes, allow_remote=self.allow_remote)
         rank, world = self._rank_world()
-        stream = VLMStream(sources, proc, self._collate(proc), self._stream_config("eval", self.val_batch_size),
-                           rank=rank, world_size=world)
-        return DataLoader(stream, batch_size=None, collate_fn=_identity, **self._loader_kwargs())
+        config = self._stream_config("eval", self.val_batch_size)
+        workers = self._val_workers(sources, world, config)
+        stream = VLMStream(sources, proc, self._collate(proc), config, rank=rank, world_size=world)
+        return DataLoader(stream, batch_size=None, collate_fn=_identity, **self._loader_kwargs(workers))
+
+    def _val_workers(self, sources, world: int, config: StreamConfig) -> int:
+        """The val loader's worker count: fewer than ``num_workers`` when a small val set would leave a loader
+        unit (and possibly a whole rank, which then hangs the others) without a sample (:func:`val_worker_count`)."""
+        shards = [url for src in sources for url in src.shards]  # in the stream's order (list_shards)
+        workers = val_worker_count(shards, world, self.num_workers, allow_pipes=self.allow_pipes,
+                                   allow_remote=self.allow_remote, max_member_size=config.max_member_size)
+        if workers != self.num_workers:
+            log.info("data.val is small for %d processes x %d loader workers: validating with num_workers=%d so that "
+                     "every process and worker gets at least one sample", world, max(1, self.num_workers), workers)
+        return workers
 
     # ------------------------------------------------------------------ consumption and counts
     def record_consumed(self, batch: dict) -> None:
