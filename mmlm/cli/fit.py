@@ -223,6 +223,10 @@ def _cli_classes():
             if tcfg.get("enable_progress_bar", True) is not False and not any(
                     isinstance(c, ProgressBar) for c in callbacks):
                 tcfg["callbacks"] = [*callbacks, default_progress_bar()]
+            if tcfg.get("plugins") is None and "plugins" not in kwargs:  # checkpoint files whole or not there
+                from mmlm.training.checkpoint_io import AtomicCheckpointIO
+
+                kwargs["plugins"] = [AtomicCheckpointIO()]
             type(self).made_trainer = trainer = super().instantiate_trainer(**kwargs)
             return trainer
 
