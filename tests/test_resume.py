@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _training_kit import fit_args, read_metrics
+from _training_kit import fit_args, read_metrics, shards
 from mmlm.cli import fit
 
 STEPS = 6
@@ -207,10 +207,11 @@ def test_a_resumed_accumulating_run_saves_no_checkpoint_inside_an_accumulation_w
 
 
 class SignalAtBatch(pl.Callback):
-    """Sends SIGTERM to this process at the end of training batch ``n`` (1-based, micro-batches counted)."""
+    """Sends ``sig`` to this process (``group``: to its process group, DataLoader workers included, as Ctrl-C in a
+    terminal does) at the end of training batch ``n`` (1-based, micro-batches counted)."""
 
-    def __init__(self, n: int = 3):
-        self.n, self.seen = n, 0
+    def __init__(self, n: int = 3, sig: str = "SIGTERM", group: bool = False):
+        self.n, self.seen, self.sig, self.group = n, 0, sig, group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import os
@@ -218,7 +219,10 @@ class SignalAtBatch(pl.Callback):
 
         self.seen += 1
         if self.seen == self.n:
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.group:
+                os.killpg(os.getpgid(0), getattr(signal, self.sig))
+            else:
+                os.kill(os.getpid(), getattr(signal, self.sig))
 
 
 def test_sigterm_inside_an_accumulation_window_saves_at_the_window_s_end(tmp_path):
@@ -305,3 +309,35 @@ def test_a_torn_last_ckpt_is_a_one_line_error_naming_the_others(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--ckpt_path last:" in err and "is not a checkpoint mmlm can read" in err and "best-step=" in err, err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, capsys):
+    """Ctrl-C (SIGINT to the process group, loader workers included) stops after the step with last.ckpt, like
+    SIGTERM (Lightning's own handling exited 1 without one); the run resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    run = tmp_path / "run"
+    (tmp_path / "int.yaml").write_text("trainer:\n  callbacks:\n    - class_path: test_resume.SignalAtBatch\n"
+                                       "      init_args: {n: 2, sig: SIGINT, group: true}\n")
+    # in a process group of its own, so that the SIGINT to the group reaches only the run and its workers
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = {[str(p) for p in sys.path if p]!r}
+        import _training_kit
+        from pathlib import Path
+        _training_kit._SHARDS = Path({str(shards())!r})  # this process's shards: the resume below reads them
+        from _training_kit import fit_args
+        from mmlm.cli import fit
+        sys.exit(fit.main(fit_args({str(run)!r}, "--config", {str(tmp_path / "int.yaml")!r}, steps=4, workers=2)))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          start_new_session=True, cwd=os.getcwd())
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "Ctrl-C: stopping after this step" in proc.stderr and "interrupted by SIGINT" in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert fit.main(fit_args(run, "--ckpt_path", "last", steps=4, workers=2)) == 0

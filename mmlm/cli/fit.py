@@ -12,7 +12,7 @@ Sections: ``trainer`` (lightning.Trainer), ``model`` (mmlm.training.VLMModule), 
 (mmlm.data.VLMDataModule), ``checkpoint`` (ModelCheckpoint; a step's save waits for the validation
 right after it, so ``best-step=N.ckpt`` is ranked by step N's ``val/loss``; ``last.ckpt`` does not wait
 for a first validation, nor need validation data), ``preflight``, ``monitor``
-(throughput/lr), ``signals`` (SIGTERM/SIGUSR1 checkpointing), ``export`` (final model), plus
+(throughput/lr), ``signals`` (SIGTERM/SIGUSR1/SIGINT checkpointing), ``export`` (final model), plus
 ``seed_everything`` (default 0; it also seeds the data stream unless ``data.seed`` is given) and ``ckpt_path``.
 ``--model.model_overrides`` and ``--model.lora`` flags merge into the config's mapping key by key (a
 plain LightningCLI would replace the whole mapping); a ``null`` flag resets it.
@@ -21,7 +21,7 @@ Run directory (``--trainer.default_root_dir``; default ``runs/<config file name>
 
     RUN_DIR/config.yaml                    full resolved config of the latest start
     RUN_DIR/checkpoints/last.ckpt          resumable checkpoint: every checkpoint.every_n_train_steps
-                                           steps, at the last step and on SIGTERM/SIGUSR1 (resume or
+                                           steps, at the last step and on SIGTERM/SIGUSR1/Ctrl-C (resume or
                                            extend: --ckpt_path last)
     RUN_DIR/checkpoints/best-step=N.ckpt   best by checkpoint.monitor (val/loss)
     RUN_DIR/logs/version_K/metrics.csv     CSV logs, one version per start (plot: mmlm plot RUN_DIR)
@@ -36,7 +36,7 @@ A resumed run (``--ckpt_path FILE`` or ``last``) takes its options from the comm
 given, not from the checkpoint, and warns about each ``--model`` option that differs from the checkpoint's
 run; the weights, optimizer, learning-rate schedule, loader position and RNG continue from the checkpoint.
 Exit codes: 0 done; 1 training failed (non-finite losses, pre-flight, a write error); 2 bad arguments or
-inputs; 128+N stopped by signal N after saving ``last.ckpt``.
+inputs; 128+N stopped by signal N after saving ``last.ckpt`` (130: Ctrl-C).
 
 Defaults that differ from Lightning's: ``check_val_every_n_epoch: null`` and
 ``val_check_interval: 500`` (the training stream is endless: validation counts batches),

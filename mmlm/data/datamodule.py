@@ -40,7 +40,7 @@ Contract:
   ``load_state_dict`` continues exactly where the saved run stopped (same samples, same order),
   provided seed, ``num_workers`` and world size are unchanged (else a clear error, or with
   ``strict_resume=False`` a warning and a fresh stream at the next epoch).
-* DataLoader workers ignore SIGTERM and SIGUSR1 while the training process runs
+* DataLoader workers ignore SIGTERM, SIGUSR1 and SIGINT while the training process runs
   (:func:`shield_stop_signals`): when a cluster signals every process of a job, the training
   process saves its checkpoint and stops them.
 * ``skipped_counts(split="train")``: skipped samples by reason over the consumed batches
@@ -102,7 +102,7 @@ class StreamLoader(DataLoader):
         return it
 
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 _SHIELD = None  # set while this (training) process runs; cleared when it exits
 
 
@@ -122,7 +122,8 @@ def _stop_signal_shield():
 
 def shield_stop_signals(shield, worker_id: int = 0) -> None:
     """``worker_init_fn`` of the DataLoader workers (``functools.partial(shield_stop_signals, shield)``):
-    while ``shield`` is set they ignore SIGTERM and SIGUSR1. A cluster stops a job by signalling every
+    while ``shield`` is set they ignore SIGTERM, SIGUSR1 and SIGINT (Ctrl-C in a terminal signals the whole
+    process group). A cluster stops a job by signalling every
     process of it (SLURM: the whole job step), workers included; a worker killed by it made the training
     process fail ("DataLoader worker ... is killed by signal") before it could save its checkpoint. The
     training process handles the signal (``mmlm.training.callbacks.SignalCheckpoint``) and shuts its

@@ -11,7 +11,8 @@
 - :class:`NonFiniteGuard`: used by :class:`mmlm.training.module.VLMModule`: a non-finite loss skips
   the optimizer step (counted in ``train/nonfinite_skipped``); ``max_in_a_row`` consecutive ones
   abort the run with :class:`NonFiniteLossError`.
-- :class:`SignalCheckpoint`: SIGTERM / SIGUSR1 (e.g. a cluster's pre-emption notice) during training
+- :class:`SignalCheckpoint`: SIGTERM / SIGUSR1 (e.g. a cluster's pre-emption notice) or SIGINT (Ctrl-C; a
+  second one stops at once, without a checkpoint) during training
   save ``<checkpoint dir>/last.ckpt`` after the current step (its metrics are logged), then the
   run stops before the next step with :class:`TrainingInterrupted` (``mmlm fit`` exits with
   128 + the signal number); resume with ``--ckpt_path last``. A validation due right after that
@@ -249,7 +250,10 @@ class TrainingInterrupted(Exception):
 
 
 class SignalCheckpoint(pl.Callback):
-    """On SIGTERM/SIGUSR1: save ``last.ckpt`` after the current step and stop with a non-zero exit.
+    """On SIGTERM/SIGUSR1/SIGINT: save ``last.ckpt`` after the current step and stop with a non-zero exit.
+
+    SIGINT (Ctrl-C) the same way, saying so on stderr; a second SIGINT before the save raises
+    ``KeyboardInterrupt`` at once (no checkpoint), as Ctrl-C does without this callback.
 
     A validation due right after that step still runs (Lightning skips it when resuming from a
     checkpoint of the step before it): ``last.ckpt`` is saved once before it, in case the job is
@@ -262,12 +266,12 @@ class SignalCheckpoint(pl.Callback):
     def __init__(self, signals: list[str] | None = None, filename: str = "last.ckpt"):
         """
         Args:
-            signals: signal names to handle while training (default SIGTERM and SIGUSR1).
+            signals: signal names to handle while training (default SIGTERM, SIGUSR1 and SIGINT).
             filename: checkpoint file written in the checkpoint directory (``last.ckpt`` is what
                 ``--ckpt_path last`` finds).
         """
         super().__init__()
-        names = ["SIGTERM", "SIGUSR1"] if signals is None else list(signals)
+        names = ["SIGTERM", "SIGUSR1", "SIGINT"] if signals is None else list(signals)
         self.signals = []
         for name in names:
             sig = getattr(signal, str(name).upper(), None)
@@ -280,8 +284,15 @@ class SignalCheckpoint(pl.Callback):
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.received is None:
             self.received = int(signum)
+            if signum == signal.SIGINT:
+                import sys
+
+                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now, without one)",
+                      file=sys.stderr, flush=True)
 
     def _install(self) -> None:
         import threading
