@@ -116,6 +116,26 @@ def test_resume_refuses_a_different_worker_count(tmp_path, proc):
     assert lenient.epoch == 1
 
 
+def test_a_lenient_resume_keeps_the_curriculum_s_place_and_every_rank_s_samples(tmp_path, proc):
+    """strict_resume false starts a fresh stream (positions from 0): the caption_first_samples curriculum goes on
+    where it stood instead of starting over, and a changed world size shares out every rank's consumed samples."""
+    _shards_with_bad(tmp_path, 2, 4)
+    dm = _dm(tmp_path, proc, num_workers=0, caption_first_samples=6)
+    _consume(dm, 2)  # 4 samples of the curriculum's 6
+    state = dm.state_dict()
+    state["world_size"] = 2  # as if two ranks had trained: rank 1 consumed 10 more
+    state["ranks"]["1"] = {**state["ranks"]["0"], "samples": 10}
+    lenient = _dm(tmp_path, proc, num_workers=0, caption_first_samples=20, strict_resume=False)
+    lenient.load_state_dict(state)
+    lenient.train_dataloader()
+    assert lenient.epoch == 1 and lenient._stream_config("train", 2).caption_first_samples == 20 - 14
+    assert lenient.consumed_samples == 14  # (4 + 10) over one rank now: not rank 0's 4 alone
+    again = _dm(tmp_path, proc, num_workers=0, caption_first_samples=20)  # a strict resume of that run keeps it
+    again.load_state_dict(lenient.state_dict())
+    again.train_dataloader()
+    assert again._stream_config("train", 2).caption_first_samples == 6
+
+
 def test_resume_refuses_changed_data_options_that_would_move_its_position(tmp_path, proc):
     """A saved position means the same samples only in the same stream: other shuffle_buffer, sources, weights or
     sample_mode were accepted silently, and the old positions applied to the new stream."""

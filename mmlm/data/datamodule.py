@@ -385,6 +385,7 @@ class VLMDataModule(pl.LightningDataModule):
         self._workers: dict[int, dict] = {}  # logical worker -> {"position", "done", "emitted", "batches", "snapshot"}
         self._batches = 0
         self._samples = 0
+        self._curriculum_done = 0  # samples (all ranks) earlier streams of this run trained: caption_first counts them
         self._skipped: dict[str, Counter] = {"train": Counter(), "val": Counter()}
         self._restored: dict | None = None
 
@@ -421,7 +422,7 @@ class VLMDataModule(pl.LightningDataModule):
         return StreamConfig(
             split=split, batch_size=batch_size, seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
             sample_mode=self.sample_mode, vqa_suffix=self.vqa_suffix, max_pixels=self.max_pixels,
-            caption_first_samples=self.caption_first_samples if split == "train" else 0,
+            caption_first_samples=max(0, self.caption_first_samples - self._curriculum_done) if split == "train" else 0,
             mixed_weights=self.mixed_weights, question_pattern=self.question_pattern,
             prompt_loss_fraction=self.prompt_loss_fraction if split == "train" else 0.0,
             max_bad_fraction=self.max_bad_fraction, max_bad=self.max_bad, min_samples=self.min_samples,
@@ -541,7 +542,7 @@ class VLMDataModule(pl.LightningDataModule):
             parts = {r: s for r, s in gathered}
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch,
                 "num_workers": self._logical_workers, "world_size": world, "stream": self._stream_identity(),
-                "ranks": {str(r): s for r, s in sorted(parts.items())}}
+                "curriculum_done": self._curriculum_done, "ranks": {str(r): s for r, s in sorted(parts.items())}}
 
     def _stream_identity(self) -> dict[str, str]:
         """What decides which samples the training stream yields in which order (besides seed and workers): a
@@ -582,14 +583,22 @@ class VLMDataModule(pl.LightningDataModule):
             if self.strict_resume:
                 raise ValueError(f"{msg}; {fix} (or pass --data.strict_resume false, in Python strict_resume=False, "
                                  "to start a fresh stream at the next epoch)")
-            log.warning("%s: starting a fresh training stream at epoch %d (not an exact resume)", msg, state["epoch"] + 1)
+            total = sum(int(p.get("samples", 0)) for p in state["ranks"].values())  # all ranks, over the whole run
+            self._curriculum_done = total
+            left = max(0, self.caption_first_samples - total)
+            curriculum = (f"; the caption_first_samples curriculum goes on where it stood ({left} of "
+                          f"{self.caption_first_samples} samples left)" if self.caption_first_samples else "")
+            log.warning("%s: starting a fresh training stream at epoch %d (not an exact resume)%s", msg,
+                        state["epoch"] + 1, curriculum)
             self.epoch = int(state["epoch"]) + 1
-            self._samples = part["samples"] if part else 0
+            # this rank's share of the samples consumed so far (its own when the ranks are the same)
+            self._samples = int(part["samples"]) if part is not None and saved[2] == world else total // world
             self._batches = 0
             self._workers = {}
             self._skipped["train"] = Counter(part["skipped"]) if part else Counter()
             return
         self.epoch = int(state["epoch"])
+        self._curriculum_done = int(state.get("curriculum_done", 0))
         self._batches = int(part["batches"])
         self._samples = int(part["samples"])
         self._workers = {int(w): dict(s) for w, s in part["workers"].items()}
