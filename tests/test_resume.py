@@ -341,3 +341,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, capsys):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert fit.main(fit_args(run, "--ckpt_path", "last", steps=4, workers=2)) == 0
+
+
+def test_a_refused_resume_keeps_the_run_s_config_yaml(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert fit.main(fit_args(run, steps=2)) == 0
+    before = (run / "config.yaml").read_text()
+    assert fit.main(fit_args(run, "--data.shuffle_buffer", "3", "--ckpt_path", "last", steps=4)) == 2
+    assert "the training data options changed" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == before  # it held the refused run's options

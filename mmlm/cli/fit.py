@@ -121,7 +121,15 @@ def _cli_classes():
             return super().error(suggest_option(str(message), option_strings(self)), *args, **kwargs)
 
     class SaveRunConfig(SaveConfigCallback):
-        """Also writes the config to RUN_DIR/config.yaml (rank 0)."""
+        """Also writes the config to RUN_DIR/config.yaml (rank 0), when training starts: a run refused during
+        set-up (a resume whose data options changed, a pre-flight failure) leaves the config of the run that
+        trained, not its own."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            pass  # see on_train_start
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            super().setup(trainer, pl_module, "fit")
 
         def save_config(self, trainer, pl_module, stage) -> None:
             path = Path(trainer.default_root_dir) / self.config_filename
