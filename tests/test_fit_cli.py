@@ -315,3 +315,12 @@ def test_a_write_error_during_the_run_is_one_line_and_exit_1(tmp_path, capsys):
     assert fit.main(fit_args(tmp_path / "run", "--config", str(tmp_path / "full.yaml"), steps=4)) == 1
     err = capsys.readouterr().err
     assert "error: OSError: [Errno 28] No space left on device: '/ckpt/last.ckpt'" in err and "Traceback" not in err
+
+
+def test_init_from_with_a_max_length_past_the_lm_s_positions_is_refused_before_set_up(run_dir, tmp_path, capsys):
+    """Found with the arguments (it was found when the model was built: after a multi-process start)."""
+    out = tmp_path / "stage2"
+    assert fit.main(fit_args(out, "--model.init_from", str(run_dir / "model"), "--model.max_length", "100000",
+                             steps=1)) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "max_length=100000 exceeds the LM's max_position_embeddings=" in line and not out.exists()

@@ -127,9 +127,14 @@ def check_init_from(model) -> None:
     from mmlm.checkpoint import read_config
 
     try:
-        read_config(str(path))
+        cfg = read_config(str(path))
     except FileNotFoundError as e:
         raise ValueError(f"--model.init_from: {e}") from None
+    max_length = model.get("max_length")
+    if max_length:  # as the module checks it when it builds the model, after a multi-process start
+        from mmlm.training.build import check_positions
+
+        check_positions(cfg.updated(**(model.get("model_overrides") or {})), int(max_length), from_scratch=False)
 
 
 def check_checkpoint_file(path: str) -> None:

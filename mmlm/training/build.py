@@ -188,7 +188,9 @@ def _processor_options(processor_cfg: dict, max_length, caption_prompt, system_p
     return out
 
 
-def _check_positions(cfg: VLMConfig, max_length: int, from_scratch: bool) -> VLMConfig:
+def check_positions(cfg: VLMConfig, max_length: int, from_scratch: bool) -> VLMConfig:
+    """``cfg`` with room for ``max_length`` tokens: a from-scratch LM's position table grows to it; a trained
+    LM's (pretrained or an mmlm checkpoint's) cannot, so a longer ``max_length`` raises ``ValueError``."""
     hf = cfg.text.hf_config
     key = next((k for k in ("max_position_embeddings", "n_positions") if k in hf), None)
     if key and max_length > int(hf[key]):
@@ -211,7 +213,7 @@ def build_from_checkpoint(path: str | os.PathLike, *, model_overrides: dict | No
     cfg = read_config(path).updated(**(model_overrides or {}))
     cfg = cfg.updated(vision={"pretrained": False, "checkpoint_path": None}, text={"pretrained": False})
     if max_length is not None:  # a longer max_length than the LM's positions (GPT-2's learned ones fail mid-run)
-        cfg = _check_positions(cfg, int(max_length), from_scratch=False)
+        cfg = check_positions(cfg, int(max_length), from_scratch=False)
     vlm = VLM(cfg)
     try:
         missing, unexpected = load_model(vlm, str(weights_file(path)), strict=False)
@@ -331,7 +333,7 @@ def build_model_and_processor(
     from_scratch = not cfg.text.name and tokenizer is None
     opts = _processor_options({}, max_length, caption_prompt, system_prompt, image_placement)
     opts.setdefault("max_length", DEFAULT_MAX_LENGTH_SCRATCH if from_scratch else DEFAULT_MAX_LENGTH_PRETRAINED)
-    cfg = _check_positions(cfg, opts["max_length"], from_scratch)
+    cfg = check_positions(cfg, opts["max_length"], from_scratch)
     if from_scratch:
         tok = prebuilt_tokenizer
         if tok is None:
