@@ -16,7 +16,7 @@ from _training_kit import REPO, TESTS_DIR, fit_args
 RECORDER = "trainer:\n  callbacks:\n    - class_path: _training_kit.SampleRecorder\n"
 
 
-def run_ddp(tmp_path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+def run_ddp(tmp_path, steps: int, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     (tmp_path / "recorder.yaml").write_text(RECORDER)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmlm.cli.main", "fit",
@@ -25,7 +25,7 @@ def run_ddp(tmp_path, steps: int, *extra: str) -> subprocess.CompletedProcess:
                      *extra, steps=steps, workers=0)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def check(tmp_path, proc, steps: int, batch_size: int = 4, resumed_from: int = 0):
@@ -75,3 +75,29 @@ def test_ddp_sigterm_to_one_rank_at_a_validation_step_saves_after_it_and_resumes
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
     assert state["best_model_path"].endswith("best-step=2.ckpt")  # the validation ran before the save
     check(tmp_path, run_ddp(tmp_path, 4, "--ckpt_path", "last"), 4, resumed_from=2)
+
+
+def test_a_rank_whose_validation_share_is_all_skipped_does_not_hang_the_run(tmp_path):
+    """Two val samples, the second corrupt: rank 1's share is all skipped, so it has no validation batch. DDP's
+    buffer broadcast in the first validation forward and the val/loss sync left rank 0 waiting for it forever;
+    val/loss is now reduced by one collective every rank makes."""
+    import csv
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    img = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(img, "PNG")
+    val = tmp_path / "val"
+    val.mkdir()
+    with tarfile.open(val / "val-000000.tar", "w") as tar:
+        for name, data in (("a.png", img.getvalue()), ("a.txt", b"a red square"), ("b.png", b"junk"),
+                           ("b.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    proc = run_ddp(tmp_path, 2, "--data.val", str(val), "--data.max_bad_fraction", "null", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")))
+    assert [r["val/loss"] for r in rows if r.get("val/loss")], "no val/loss logged"

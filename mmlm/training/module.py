@@ -168,7 +168,7 @@ class VLMModule(pl.LightningModule):
         self._frozen: list = []
         self._pending_rng: dict | None = None
         self._rng_before_validation: dict | None = None
-        self._val_scored = 0  # validation batches with a labelled token in the current validation
+        self._val_sums = None  # (sum of loss x supervised tokens, supervised tokens) of this rank's validation
         self._warned_empty_val = False
         self._window_finite: torch.Tensor | None = None  # all losses finite since the last optimizer step
         self._window_loss: torch.Tensor | None = None  # sum of the losses since the last optimizer step
@@ -182,14 +182,14 @@ class VLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
-        if self.vlm is not None or self._trainer is None:
-            return  # built already, or outside a Trainer (load_from_checkpoint builds in on_load_checkpoint)
-        if self.resume_from:
-            payload = read_checkpoint_payload(self.resume_from)
+        if self.vlm is None and self._trainer is not None:  # else built already, or outside a Trainer
+            payload = read_checkpoint_payload(self.resume_from) if self.resume_from else None
             if payload is not None:
                 self._build_from_payload(payload)
-                return
-        self._build_fresh()
+            else:
+                self._build_fresh()
+        if self.vlm is not None:  # DDP broadcasts no buffer in forward: see sync_norm_statistics
+            self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
     def build(self, train_shards: list[str] | None = None, extra_texts: list[str] | None = None) -> None:
         """Build ``vlm`` and ``processor`` now (outside a Trainer); from-scratch presets need ``train_shards``."""
@@ -418,18 +418,29 @@ class VLMModule(pl.LightningModule):
         optimizer.step(closure=lambda: loss)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_scored = 0
+        self._val_sums = torch.zeros(2, device=self.device)  # (sum of loss x supervised tokens, supervised tokens)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            sync_norm_statistics(self)  # every rank, with validation batches or without
 
     def on_validation_epoch_end(self) -> None:
+        # val/loss over every rank's supervised tokens, reduced here by one collective that every rank makes,
+        # batches or not: Lightning's sync of a logged value reduces only on the ranks that logged it, so a rank
+        # without a validation batch (a small or skipped share) left the others waiting in that sync forever
+        trainer = self._trainer
+        if trainer is None:
+            return
+        sums = self._val_sums if self._val_sums is not None else torch.zeros(2, device=self.device)
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        if float(sums[1]) > 0:
+            self.log("val/loss", sums[0] / sums[1], on_step=False, on_epoch=True, prog_bar=True,
+                     sync_dist=False, batch_size=1)
         # a validation that scored nothing (no data.val shard with a usable sample) logs no val/loss, so no
         # best checkpoint is ever kept: say so once instead of training on silently
-        trainer = self._trainer
-        if trainer is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._warned_empty_val:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self._warned_empty_val:
             return
-        empty = self._val_scored == 0
-        if trainer.world_size > 1:
-            empty = trainer.strategy.reduce_boolean_decision(empty, all=True)
-        if empty:
+        if float(sums[1]) == 0:
             self._warned_empty_val = True
             rank_zero_warn("validation scored no sample: data.val gave no batch with an answer token (empty or "
                            "unreadable shards, every sample skipped, or the template masks every label), so val/loss "
@@ -446,8 +457,9 @@ class VLMModule(pl.LightningModule):
         n = int((labels[:, 1:] != self.vlm.config.ignore_index).sum())
         if n == 0:
             return None
-        self._val_scored += 1
-        self.log("val/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
+        if self._val_sums is None:  # validation_step called outside a validation loop
+            self._val_sums = torch.zeros(2, device=out.loss.device)
+        self._val_sums += torch.stack([out.loss.detach().float() * n, out.loss.new_tensor(n, dtype=torch.float32)])
         return out.loss
 
     # ------------------------------------------------------------------ optimizer
@@ -561,6 +573,22 @@ class VLMModule(pl.LightningModule):
 QUESTION_MODES = ("auto", "vqa", "mixed")
 """The data's ``sample_mode`` values that train VQA records (question + ``data.vqa_suffix``): a run with one
 records its suffix in the processor config (``vqa_suffix``), which ``mmlm eval vqa`` then appends."""
+
+
+def sync_norm_statistics(module: torch.nn.Module) -> None:
+    """Broadcast ``module``'s BatchNorm running statistics (a conv stem's) from rank 0, in place; a no-op without
+    torch.distributed. ``VLMModule`` keeps DDP from broadcasting buffers in each forward (``configure_model``): DDP's
+    broadcast in the first forward after a step, validation's included, is a collective a rank without a
+    validation batch never joined, and the others waited forever. Every rank calls this at each validation's
+    start instead, so validation sees rank 0's statistics, as it did; the other buffers are constants."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for buffer in m.buffers(recurse=False):
+                dist.broadcast(buffer.data, src=0)
 
 
 def schedule_change(old_total: int, step: int, new_total: int, warmup: float, min_lr_ratio: float) -> str | None:
