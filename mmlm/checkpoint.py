@@ -58,7 +58,7 @@ def read_config(path: str | Path) -> VLMConfig:
     if path.is_file() and path.suffix == ".ckpt":
         raise FileNotFoundError(f"{path} is a training checkpoint, not a model directory: write its model with "
                                 f"m = mmlm.training.VLMModule.load_from_checkpoint('{path}'); "
-                                "m.vlm.save_pretrained(DIR); m.processor.save_pretrained(DIR)")
+                                "mmlm.training.export_model(m, DIR) (LoRA adapters merged)")
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
     cfg_file = path / CONFIG_NAME

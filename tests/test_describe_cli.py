@@ -379,3 +379,21 @@ def test_stream_printer_prints_exactly_the_final_text():
     assert out.getvalue() == "a cat."
     printer.finish("a cat.")
     assert out.getvalue() == "a cat.\n"
+
+
+def test_a_training_checkpoint_file_as_model_says_how_to_write_its_model(tmp_path, capsys):
+    """describe / eval given a .ckpt: not "not found" (the file exists) but how to write its model directory."""
+    from mmlm.cli import eval as eval_cli
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    assert main(["describe", str(img), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "is a training checkpoint, not a model directory" in err and "export_model(m, DIR)" in err
+    assert eval_cli.main(["vqa", "--benchmark", "shards", "--shards", str(tmp_path / "x.tar"), "--model", str(ckpt),
+                          "--out", str(tmp_path / "out")]) == 2
+    assert "is a training checkpoint, not a model directory" in capsys.readouterr().err

@@ -102,7 +102,9 @@ def check_model_args(args) -> None:
         raise ValueError(f"--device {str(e).replace('(use cpu)', '(use --device cpu)')}") from None
     model = Path(args.model)
     if not model.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model}")
+        from mmlm.checkpoint import read_config
+
+        read_config(model)  # raises: "model directory not found", or how to write a training checkpoint's model
 
 
 def load_model(args):

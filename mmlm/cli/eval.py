@@ -352,6 +352,12 @@ def run(args) -> int:
         if args.model is not None:
             model_dir = Path(args.model)
             if not model_dir.is_dir():
+                from mmlm.checkpoint import read_config
+
+                try:
+                    read_config(model_dir)  # a training checkpoint's file: how to write its model
+                except FileNotFoundError as e:
+                    raise BenchmarkError(f"--model: {e}") from None
                 raise BenchmarkError(f"--model: no such checkpoint directory: {model_dir}")
             device, dtype = _numerics(args)
         if task == "vqa" and args.prompt_suffix is None:
