@@ -350,3 +350,17 @@ def test_a_refused_resume_keeps_the_run_s_config_yaml(tmp_path, capsys):
     assert fit.main(fit_args(run, "--data.shuffle_buffer", "3", "--ckpt_path", "last", steps=4)) == 2
     assert "the training data options changed" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == before  # it held the refused run's options
+
+
+def test_resuming_a_lora_run_with_other_lora_settings_is_one_line(tmp_path, capsys):
+    """It warned that training continues from the checkpoint, then died in Lightning's weight load (size
+    mismatch of the adapters, a traceback, exit 1)."""
+    pytest.importorskip("peft")
+    run = tmp_path / "run"
+    lora = ("--model.stage", "instruct", "--data.val", "null")
+    assert fit.main(fit_args(run, *lora, "--model.lora", "{r: 4, lora_alpha: 8}", steps=2)) == 0
+    capsys.readouterr()
+    assert fit.main(fit_args(run, *lora, "--model.lora", "{r: 2, lora_alpha: 8}", "--ckpt_path", "last",
+                             steps=4)) == 2
+    err = capsys.readouterr().err
+    assert "a resume needs the same LoRA settings" in err and "Traceback" not in err and "size mismatch" not in err

@@ -559,6 +559,11 @@ class VLMModule(pl.LightningModule):
         if payload.get("schedule_steps"):
             self._resumed_schedule = (int(payload["schedule_steps"]), int(checkpoint.get("global_step", 0)))
         saved = checkpoint.get("hyper_parameters") or {}
+        if "lora" in saved and saved.get("lora") != self.hparams.get("lora"):  # before Lightning's strict weight load
+            raise ValueError(f"the checkpoint's run trained with --model.lora {saved.get('lora')!r} but this one has "
+                             f"{self.hparams.get('lora')!r}: a resume needs the same LoRA settings (the adapters are "
+                             "part of its weights); to train other adapters, start a run with --model.init_from "
+                             "RUN/model (LoRA merged)")
         self._resumed_shape = (saved.get("warmup", self.hparams.warmup),
                                saved.get("min_lr_ratio", self.hparams.min_lr_ratio))
         changed = hparam_changes(saved, dict(self.hparams))
