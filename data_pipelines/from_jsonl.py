@@ -1,7 +1,8 @@
 """Build shards from a JSON-lines file of captions, VQA pairs and conversations, mixed freely.
 
 Each line is one object with an optional ``"image"`` (a path relative to ``--image-root``, or an
-absolute path, or a list of paths for several images) and one of:
+absolute path, or a list of paths for several images; ``"images"``, as other tools spell a list, is
+the same field) and one of:
 
 * ``{"image", "caption": str}`` (or ``"captions": [str, ...]``),
 * ``{"image", "question": str, "answers": [str, ...]}``,
@@ -100,6 +101,10 @@ def build_record(
         raise SkipSample("bad line", f"invalid json: {e.msg}") from None
     if not isinstance(obj, dict):
         raise SkipSample("bad line", "a line must be a JSON object")
+    if "images" in obj:  # the spelling of other tools' multi-image records
+        if "image" in obj:
+            raise SkipSample("bad line", 'both "image" and "images": give the image paths once')
+        obj["image"] = obj.pop("images")
     paths = _image_list(obj.pop("image", None))
     if not any(obj.get(f) for f in TEXT_FIELDS):
         empty = [f for f in TEXT_FIELDS if f in obj]

@@ -79,6 +79,20 @@ def test_questions_without_answers_are_kept_and_noted_by_the_builder_and_inspect
     assert "note: 2 question(s) have no answers" in capsys.readouterr().out
 
 
+def test_from_jsonl_takes_images_as_the_list_of_image_paths(tmp_path, images):
+    """``"images": [...]`` (other tools' spelling) was kept as metadata: the sample had 0 images for its 2
+    placeholders and was skipped as a schema error."""
+    conv = [{"from": "human", "value": "<image>\n<image>\nsame colour?"}, {"from": "gpt", "value": "no"}]
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"images": ["red.png", "sub/green.jpg"], "conversations": conv}) + "\n"
+                   + json.dumps({"image": "red.png", "images": ["red.png"], "caption": "r"}) + "\n")
+    out = tmp_path / "out"
+    assert from_jsonl.main(["--jsonl", str(src), "--image-root", str(images), "--out", str(out), *OPTS]) == 0
+    recs = read_samples(out)
+    assert list(recs) == ["000000001"] and len(recs["000000001"].images) == 2
+    assert skip_reasons(out) == {"bad line": 1}
+
+
 def test_from_jsonl_resize_max(tmp_path, images):
     src = tmp_path / "d.jsonl"
     src.write_text(
