@@ -146,6 +146,13 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
     assert "lora" not in " ".join(n for n, _ in vlm.named_parameters())
 
 
+def test_a_misspelt_lora_target_module_is_refused_naming_the_lm_s_layers():
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=r"LoRA target_modules \['typo_proj'\] match no module of the LM; its linear "
+                                         r"layers are named .*q_proj"):
+        built_module(stage="instruct", lora={"r": 4, "target_modules": ["q_proj", "typo_proj"]})
+
+
 def test_module_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown preset"):
         VLMModule(preset="huge")

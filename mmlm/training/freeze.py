@@ -44,11 +44,28 @@ def apply_lora(vlm: nn.Module, lora: dict, stage: str) -> None:
         return
     options = {**LORA_DEFAULTS, **dict(lora)}
     options.setdefault("task_type", "CAUSAL_LM")
+    check_lora_targets(vlm.lm, options.get("target_modules"))
     try:
         config = peft.LoraConfig(**options)
     except TypeError as e:
         raise ValueError(f"bad LoRA option in {sorted(lora)}: {e}") from e
     vlm.lm = peft.get_peft_model(vlm.lm, config)
+
+
+def check_lora_targets(lm: nn.Module, targets) -> None:
+    """A list of LoRA ``target_modules`` names each one of ``lm``'s modules (a name or a name's last parts, as peft
+    matches them); peft adapts the names that match and says nothing of a misspelt one while another matches.
+    Raises ``ValueError`` naming the ones that match nothing and the LM's linear layers. A string (a regular
+    expression, or ``all-linear``) is peft's to check."""
+    if not isinstance(targets, (list, tuple)):
+        return
+    names = [n for n, _ in lm.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules()
+                         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ValueError(f"LoRA target_modules {missing} match no module of the LM; its linear layers are named "
+                         f"{', '.join(linear)} (or target_modules: all-linear)")
 
 
 def is_lora(vlm: nn.Module) -> bool:
