@@ -151,6 +151,30 @@ def test_packed_batch_same_loss_and_grads(lm):
     assert len(shapes[1]) == 2
 
 
+def test_a_lora_lm_takes_the_labelled_path_with_the_same_loss_and_grads():
+    """LoRA training built full-vocabulary logits at every position (the PeftModel wrapper was refused): more
+    memory than full fine-tuning on a real vocabulary. Adapters with random weights, the head adapted too."""
+    peft = pytest.importorskip("peft")
+    vlm, proc = tiny_pair()
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0,
+                             init_lora_weights=False, task_type="CAUSAL_LM")
+    vlm.lm = peft.get_peft_model(vlm.lm, config)
+    assert labelled_loss_parts(vlm.lm) is not None
+    batch = _vary_labels(PadCollate(proc)(_samples(proc)))
+    shapes = _head_inputs(vlm)
+    full, want = _loss_and_grads(vlm, model_inputs(batch))
+    fast, got = _loss_and_grads(vlm, model_inputs(batch), return_logits=False)
+    assert fast.logits is None and len(shapes[1]) == 2  # the head saw the labelled rows only
+    torch.testing.assert_close(fast.loss, full.loss, atol=1e-6, rtol=0)
+    assert got.keys() == want.keys() and any("lora_" in n for n in want)  # the adapters train (the base is frozen)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+    prompt = peft.get_peft_model(tiny_pair()[0].lm, peft.PromptTuningConfig(num_virtual_tokens=2,
+                                                                            task_type="CAUSAL_LM"))
+    assert labelled_loss_parts(prompt) is None  # prompt learning changes the inputs: the full path
+
+
 def test_no_labels_matches_the_full_path():
     vlm, proc = tiny_pair()
     batch = PadCollate(proc)(_samples(proc, 3))

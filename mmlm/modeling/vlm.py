@@ -70,12 +70,20 @@ def labelled_loss_parts(lm: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     from the hidden states at the labelled positions only; ``None`` otherwise (use full logits).
 
     Only the stock transformers ``*ForCausalLM`` class of a ``config.model_type`` in
-    ``LABELLED_LOSS_MODEL_TYPES`` qualifies. Wrappers (a peft ``PeftModel``, as LoRA training
-    installs on ``vlm.lm``; a compiled module) and subclasses defined elsewhere, whose forward may
-    differ, get ``None``. Reads ``lm`` only.
+    ``LABELLED_LOSS_MODEL_TYPES`` qualifies, and a peft ``PeftModel`` holding one with LoRA adapters (as
+    LoRA training installs on ``vlm.lm``): LoRA replaces the adapted layers in place, so the base model's
+    decoder and head compute the adapted forward (the head too when it is adapted or in
+    ``modules_to_save``). Other wrappers (prompt-learning adapters, a compiled module) and subclasses
+    defined elsewhere, whose forward may differ, get ``None``. Reads ``lm`` only.
     """
     from transformers import PreTrainedModel
 
+    if type(lm).__module__.startswith("peft.") and hasattr(lm, "get_base_model"):
+        config = getattr(lm, "active_peft_config", None)
+        peft_type = getattr(getattr(config, "peft_type", None), "value", None)
+        if peft_type != "LORA" or getattr(config, "is_prompt_learning", True):
+            return None
+        lm = lm.get_base_model()
     if not isinstance(lm, PreTrainedModel):
         return None
     model_type = getattr(lm.config, "model_type", None)
