@@ -53,6 +53,13 @@ def save_pretrained(path: str | Path, vlm, processor=None) -> None:
             processor.save_pretrained(tmp)
 
 
+def check_model_dir(path: str | Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``path`` is a directory: "model directory not found", or for a training
+    checkpoint's ``.ckpt`` file how to write its model directory (:func:`read_config`'s messages)."""
+    if not Path(path).is_dir():
+        read_config(path)
+
+
 def read_config(path: str | Path) -> VLMConfig:
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":

@@ -100,11 +100,9 @@ def check_model_args(args) -> None:
         resolve_device(args.device)
     except ValueError as e:  # a CUDA or MPS device this machine does not have
         raise ValueError(f"--device {str(e).replace('(use cpu)', '(use --device cpu)')}") from None
-    model = Path(args.model)
-    if not model.is_dir():
-        from mmlm.checkpoint import read_config
+    from mmlm.checkpoint import check_model_dir
 
-        read_config(model)  # raises: "model directory not found", or how to write a training checkpoint's model
+    check_model_dir(Path(args.model))
 
 
 def load_model(args):

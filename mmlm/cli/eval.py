@@ -351,14 +351,12 @@ def run(args) -> int:
                 raise BenchmarkError(str(e)) from None
         if args.model is not None:
             model_dir = Path(args.model)
-            if not model_dir.is_dir():
-                from mmlm.checkpoint import read_config
+            from mmlm.checkpoint import check_model_dir
 
-                try:
-                    read_config(model_dir)  # a training checkpoint's file: how to write its model
-                except FileNotFoundError as e:
-                    raise BenchmarkError(f"--model: {e}") from None
-                raise BenchmarkError(f"--model: no such checkpoint directory: {model_dir}")
+            try:
+                check_model_dir(model_dir)
+            except FileNotFoundError as e:
+                raise BenchmarkError(f"--model: {e}") from None
             device, dtype = _numerics(args)
         if task == "vqa" and args.prompt_suffix is None:
             args.prompt_suffix = recorded_vqa_suffix(model_dir if args.model is not None else None)

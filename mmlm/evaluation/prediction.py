@@ -268,14 +268,12 @@ def model_predict_fn(
         vlm, processor = model
     else:
         path = Path(model)
-        if not path.is_dir():
-            from mmlm.checkpoint import read_config
+        from mmlm.checkpoint import check_model_dir
 
-            try:
-                read_config(path)  # a training checkpoint's file: how to write its model
-            except FileNotFoundError as e:
-                raise EvalError(f"--model: {e}") from None
-            raise EvalError(f"--model: no such checkpoint directory: {path}")
+        try:
+            check_model_dir(path)
+        except FileNotFoundError as e:
+            raise EvalError(f"--model: {e}") from None
         vlm, processor = mmlm.load(os.fspath(path), device=resolve_device(device), dtype=dtype)
     vlm.eval()
 
