@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from mmlm.data.datamodule import VLMDataModule, count_shard_items, val_worker_count
+from mmlm.data.datamodule import VLMDataModule
+from mmlm.data.val_units import count_shard_items, val_worker_count
 from mmlm.data.stages import StreamContext, expand_tar
 from test_data_stream import caption_sample, keys_of, make_processor, write_tar
 

@@ -18,7 +18,8 @@ Contract:
   normalises them on the model's device, to exactly the processor's float values.
 * ``val_dataloader()``: a finite pass in which every sample is seen exactly once over all ranks
   and workers; ``[]`` when no ``val`` is given. Under several processes a rank without a single
-  validation batch would hang the run (its peers wait in DDP's first validation forward), so when
+  validation batch validates nothing, and with a module whose logged values Lightning syncs it hangs the
+  run (``VLMModule`` reduces val/loss itself; see ``mmlm.data.val_units``), so when
   ``val`` has fewer shards than ``world_size * max(1, num_workers)`` units (samples are then split
   over the units one by one) the val loader counts the samples (tar headers only; it stops at one
   sample per unit) and uses fewer workers where needed so that every unit of every rank gets one
@@ -56,9 +57,7 @@ import dataclasses
 import functools
 import logging
 import os
-import tarfile
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -68,10 +67,10 @@ from torch.utils.data import DataLoader
 from mmlm.data.collate import PackCollate, PadCollate
 from mmlm.data.decode import DEFAULT_MAX_PIXELS
 from mmlm.data.errors import LOGGER_NAME, DataErrorBudgetExceeded, bad_count, budget_message, budget_violation
-from mmlm.data.schema import complete_tar_groups
-from mmlm.data.sources import open_shard, parse_sources, resolve_sources
+from mmlm.data.sources import parse_sources, resolve_sources
 from mmlm.data.stream import StreamConfig, VLMStream, detect_rank_world
 from mmlm.data.targets import check_mixed_weights, check_sample_mode, compile_question_pattern
+from mmlm.data.val_units import val_worker_count
 
 __all__ = ["VLMDataModule", "StreamLoader"]
 
@@ -141,74 +140,6 @@ def shield_stop_signals(shield, worker_id: int = 0) -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, handler)
-
-
-def _read_nothing(ext: str) -> bool:
-    return False
-
-
-def count_shard_items(url: str, *, allow_pipes: bool = False, allow_remote: bool = False,
-                      max_member_size: Optional[int] = None, limit: Optional[int] = None) -> int:
-    """How many items the eval stream's ``expand_tar`` yields for shard ``url`` (what ``split_samples``
-    enumerates): one per key, a sample with a schema problem included, plus one ``bad_shard`` item when
-    the shard is unreadable or truncated (after the items read before the error), exactly as
-    ``mmlm.data.stages.read_shard`` does. Only tar headers are parsed (member
-    contents are passed over, never kept).
-    ``limit``: stop counting there (None: count all)."""
-    if limit is not None and limit <= 0:
-        return 0
-    n = 0
-    try:
-        with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for _ in complete_tar_groups(tar, url, wanted=_read_nothing, max_member_size=max_member_size):
-                    n += 1
-                    if limit is not None and n >= limit:
-                        return n
-    except (tarfile.TarError, OSError, EOFError):
-        n += 1  # read_shard's one bad_shard item
-    return n if limit is None else min(n, limit)
-
-
-def val_worker_count(shards: Sequence[str], world: int, num_workers: int, *, allow_pipes: bool = False,
-                     allow_remote: bool = False, max_member_size: Optional[int] = None) -> int:
-    """The DataLoader worker count for a validation pass over ``shards`` split over ``world`` processes, so
-    that no loader unit (rank x worker) -- and so no process -- is left without a sample: ``num_workers``
-    unless the eval stream would split samples one by one (fewer shards than ``world * max(1,
-    num_workers)`` units) over more units than there are samples; then the largest ``w <= num_workers``
-    (0: in-process) whose split gives every unit at least one item (with ``world * max(1, w)`` units; with
-    as many shards as units the stream splits whole shards, and each unit needs a non-empty one). Raises
-    ``ValueError`` when not even one sample per process is possible. One process: ``num_workers`` (a single
-    process never waits for another)."""
-    units = world * max(1, num_workers)
-    if world <= 1 or len(shards) >= units:
-        # whole shards per unit: each unit has at least one shard. An empty shard can still starve a unit
-        # (and with num_workers <= 1 its rank): not counted here, to avoid reading every val shard's headers
-        return num_workers
-    counts: list[int] = []
-    for url in shards:  # fewer shards than units; stop as soon as every unit is sure to get an item
-        counts.append(count_shard_items(url, allow_pipes=allow_pipes, allow_remote=allow_remote,
-                                        max_member_size=max_member_size, limit=units - sum(counts)))
-        if sum(counts) >= units:
-            return num_workers
-    total = sum(counts)  # exact: every shard was read to its end
-
-    def feasible(w: int) -> bool:
-        n = world * max(1, w)
-        if len(shards) >= n:  # the stream splits whole shards (shards[unit::n])
-            return all(any(counts[i] for i in range(unit, len(shards), n)) for unit in range(n))
-        return total >= n  # samples one by one (index % n)
-
-    for w in range(num_workers, -1, -1):
-        if feasible(w):
-            return w
-    if total < world:
-        raise ValueError(f"data.val has {total} sample(s) for {world} processes: a process would get no validation "
-                         "batch and multi-process validation would hang; give data.val at least "
-                         f"{world} samples or validate with fewer devices")
-    raise ValueError(f"data.val has {total} sample(s) in {len(shards)} shards, split whole over {world} processes: "
-                     "a process would get only empty shards, so no validation batch, and multi-process validation "
-                     "would hang; remove the empty shards from data.val or validate with fewer devices")
 
 
 def data_seed(seed: Optional[int] = None) -> int:

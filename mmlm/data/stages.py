@@ -125,13 +125,14 @@ def _wanted(ext: str) -> bool:
     return ext in _WANTED_TEXT or is_image_ext(ext)
 
 
-def iter_tar_groups(stream, url: str, *, max_member_size: int | None = None) -> Iterator[Item]:
+def iter_tar_groups(stream, url: str, *, max_member_size: int | None = None,
+                    wanted: Callable[[str], bool] = _wanted) -> Iterator[Item]:
     """Items (``members`` or ``error``) for each run of consecutive members sharing a key, read from
-    a binary ``stream`` of a tar (:func:`mmlm.data.schema.group_tar_members`). Only image/txt/json
-    members are read; others are skipped unread. A tar error, a truncated tar included (its last
+    a binary ``stream`` of a tar (:func:`mmlm.data.schema.group_tar_members`). Only the members whose
+    extension is ``wanted`` (image/txt/json) are read; others are skipped unread. A tar error, a truncated tar included (its last
     sample is held back until the end-of-archive check), propagates: the caller reports the shard."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for key, members, problem in complete_tar_groups(tar, url, wanted=_wanted, max_member_size=max_member_size):
+        for key, members, problem in complete_tar_groups(tar, url, wanted=wanted, max_member_size=max_member_size):
             if problem is None:
                 yield Item(key=key, url=url, members=members)
             else:
@@ -179,12 +180,13 @@ def split_shards(urls: Iterable[str], ctx: StreamContext) -> Iterator[str]:
             yield url
 
 
-def read_shard(url: str, *, allow_pipes: bool, allow_remote: bool, max_member_size: int | None) -> Iterator[Item]:
-    """One shard's items (:func:`iter_tar_groups`); an unreadable or truncated shard ends with one
-    ``bad_shard`` item after the items read before the error."""
+def read_shard(url: str, *, allow_pipes: bool, allow_remote: bool, max_member_size: int | None,
+               wanted: Callable[[str], bool] = _wanted) -> Iterator[Item]:
+    """One shard's items (:func:`iter_tar_groups`; ``wanted``: the member extensions read); an unreadable or
+    truncated shard ends with one ``bad_shard`` item after the items read before the error."""
     try:
         with open_shard(url, allow_pipes=allow_pipes, allow_remote=allow_remote) as stream:
-            yield from iter_tar_groups(stream, url, max_member_size=max_member_size)
+            yield from iter_tar_groups(stream, url, max_member_size=max_member_size, wanted=wanted)
     except (tarfile.TarError, OSError, EOFError) as e:
         yield Item(key=url, url=url, error=BadSample(url, BAD_SHARD, f"{type(e).__name__}: {e}; rest of shard skipped"))
 
