@@ -16,8 +16,9 @@ The report (printed on rank 0 and written to ``RUN_DIR/preflight.json``):
 - **memory**: an estimate for the observed batch at the trainer's precision: weights + gradients +
   AdamW states (two per trained parameter) + autocast weight copies (mixed precision) +
   activations (per transformer layer ~ tokens x (9 hidden + 4 intermediate) values, or one hidden
-  state per layer plus one layer with activation checkpointing; the vision encoder only when it
-  trains) + logits (fp32 for the loss and its gradient; at the labelled positions only when the LM
+  state per layer plus one layer with activation checkpointing; the vision encoder's blocks, timm's or
+  a transformers tower's, only when it trains; each LoRA adapter with dropout keeps a dropped-out copy
+  of its input and a mask) + logits (fp32 for the loss and its gradient; at the labelled positions only when the LM
   takes the labelled-loss path, else at every position). A rough guide, not a measurement;
   compared with the device's memory on GPUs.
 """
@@ -265,17 +266,47 @@ def _dims_lm(lm) -> dict:
     }
 
 
+def _vision_blocks(vision) -> list:
+    """The transformer blocks of a vision encoder: timm's ``vit.blocks``, a transformers tower's
+    ``tower.encoder.layers``, else the longest ``nn.ModuleList`` in it (an encoder registered by the user)."""
+    vit, tower = getattr(vision, "vit", None), getattr(vision, "tower", None)
+    if vit is not None and hasattr(vit, "blocks"):
+        return list(vit.blocks)
+    if tower is not None and hasattr(getattr(tower, "encoder", None), "layers"):
+        return list(tower.encoder.layers)
+    lists = [m for m in vision.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
 def _dims_vision(vision) -> dict:
-    vit = getattr(vision, "vit", None)
-    if vit is None:
-        return {"width": 0, "layers": 0, "mlp": 0, "tokens": 0}
-    blocks = list(getattr(vit, "blocks", []))
-    width = int(getattr(vit, "embed_dim", 0))
+    """Width, blocks, MLP width and tokens per image of a vision encoder (``layers`` 0: unknown layout)."""
+    blocks = _vision_blocks(vision)
+    width = int(getattr(vision, "embed_dim", 0))
     mlp = 4 * width
-    if blocks and hasattr(blocks[0], "mlp") and hasattr(blocks[0].mlp, "fc1"):
-        mlp = int(blocks[0].mlp.fc1.out_features)
-    tokens = int(getattr(vision, "_num_patches", 0)) + int(getattr(vision, "num_prefix_tokens", 0))
-    return {"width": width, "layers": len(blocks), "mlp": mlp, "tokens": tokens}
+    fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
+    if isinstance(fc1, torch.nn.Linear):
+        mlp = int(fc1.out_features)
+    # values kept per MLP unit: fc1's output and the activation's; CLIP's quick_gelu (x * sigmoid(1.702 x)) keeps
+    # two more (the scaled input and the sigmoid)
+    act_fn = getattr(getattr(blocks[0], "mlp", None), "activation_fn", None) if blocks else None
+    mlp_values = 4 if type(act_fn).__name__ == "QuickGELUActivation" else 2
+    tokens = int(getattr(vision, "_num_patches", getattr(vision, "num_patches", 0))) \
+        + int(getattr(vision, "num_prefix_tokens", 0))
+    return {"width": width, "layers": len(blocks), "mlp": mlp, "mlp_values": mlp_values, "tokens": tokens}
+
+
+def _lora_dropout_features(lm) -> int:
+    """Input features summed over the LM's LoRA-adapted layers whose adapter applies dropout: each such
+    layer keeps its own dropped-out copy of its input (and the mask) for the backward pass."""
+    total = 0
+    for m in lm.modules():
+        drops = getattr(m, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict) or not hasattr(m, "in_features"):
+            continue
+        active = getattr(m, "active_adapters", list(drops.keys()))
+        if any(isinstance(drops[a], torch.nn.Dropout) and drops[a].p > 0 for a in active if a in drops):
+            total += int(m.in_features)
+    return total
 
 
 def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, precision: str = "32-true",
@@ -303,12 +334,18 @@ def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, prec
         act_lm = tokens * lm["hidden"] * lm["layers"] + per_layer
     else:
         act_lm = per_layer * lm["layers"]
-    act = act_lm * abytes
+    lora_in = _lora_dropout_features(vlm.lm)  # dropped-out inputs (and bool masks) of the LoRA adapters
+    if lora_in and lm["layers"]:
+        lora_act = tokens * lora_in * (abytes + 1)
+        act_lm = act_lm * abytes + (lora_act // lm["layers"] if activation_checkpointing else lora_act)
+    else:
+        act_lm = act_lm * abytes
+    act = act_lm
     vision_trains = any(p.requires_grad for p in vlm.vision.parameters())
     if vision_trains and num_images:
         v = _dims_vision(vlm.vision)
         v_tokens = num_images * v["tokens"]
-        v_layer = v_tokens * (9 * v["width"] + 2 * v["mlp"])
+        v_layer = v_tokens * (9 * v["width"] + v["mlp_values"] * v["mlp"])
         v_act = (v_tokens * v["width"] * v["layers"] + v_layer) if activation_checkpointing else v_layer * v["layers"]
         act += v_act * abytes
     logits = (tokens if logit_tokens is None else logit_tokens) * lm["vocab"] * (abytes + 8)
@@ -346,6 +383,10 @@ def run_preflight(pl_module, batches: Sequence[dict], *, precision: str = "32-tr
             precision=precision, activation_checkpointing=bool(hp.get("activation_checkpointing", False)),
             logit_tokens=-(-rep.label_tokens // rep.batches) if labelled_only else None,
         )
+        if rep.images_per_batch_max and any(p.requires_grad for p in vlm.vision.parameters()) \
+                and not _dims_vision(vlm.vision)["layers"]:
+            rep.warnings.append("the memory estimate leaves out the vision encoder's activations (no transformer "
+                                "blocks found in it)")
         if torch.cuda.is_available() and vlm.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(vlm.device)
             rep.memory["device_gib"] = total / GIB
