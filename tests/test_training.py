@@ -146,6 +146,17 @@ def test_lora_trains_adapters_only_and_merges(tmp_path):
     assert "lora" not in " ".join(n for n, _ in vlm.named_parameters())
 
 
+def test_wrapping_the_lm_with_lora_warns_nothing():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on every LoRA run)."""
+    pytest.importorskip("peft")
+    import warnings
+
+    vlm, _ = tiny_pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_lora(vlm, {"r": 4}, "instruct")
+
+
 def test_a_misspelt_lora_target_module_is_refused_naming_the_lm_s_layers():
     pytest.importorskip("peft")
     with pytest.raises(ValueError, match=r"LoRA target_modules \['typo_proj'\] match no module of the LM; its linear "

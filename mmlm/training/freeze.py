@@ -17,6 +17,8 @@ batch-norm statistics of a frozen encoder do not change either.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 STAGES = ("align", "instruct", "full")
@@ -49,7 +51,9 @@ def apply_lora(vlm: nn.Module, lora: dict, stage: str) -> None:
         config = peft.LoraConfig(**options)
     except TypeError as e:
         raise ValueError(f"bad LoRA option in {sorted(lora)}: {e}") from e
-    vlm.lm = peft.get_peft_model(vlm.lm, config)
+    with warnings.catch_warnings():  # peft reads the attribute transformers 5 deprecated: noise to the user
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        vlm.lm = peft.get_peft_model(vlm.lm, config)
 
 
 def check_lora_targets(lm: nn.Module, targets) -> None:
