@@ -35,7 +35,7 @@ def saved_activation_bytes(vlm: VLM, batch: dict) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = vlm(**batch).loss
+        loss = vlm(**batch, return_logits=False).loss  # as training calls it
     loss.backward()  # the graph is a real one: it trains
     return sum(saved.values())
 
