@@ -44,8 +44,9 @@ declare -A JOBS=(
     [train-lognormal]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 3 --num-workers 8 --data lognormal --max-length 512 --pack-length 1024"
     [train-flex]="benchmarks/train_throughput.py --preset small --device cuda --steps 30 --repeats 3 --num-workers 8 --data lognormal --max-length 512 --pack-length 1024 --attn-implementation flex_attention --modes plain_packed mmlm --no-memory --out benchmarks/results/train_throughput-flex-$(date +%F).json"
     [loader]="benchmarks/loader.py --num-workers 8 --batches 60"
+    [memory]="benchmarks/memory_estimate.py --device cuda --cases tiny-full tiny-lora clip-full small-instruct --batch-size 8 --seq-len 1024 --vocab 49152 --precision bf16-mixed"
 )
-ORDER=(tests generate generate-compile mfu train train-lognormal train-flex loader)
+ORDER=(tests generate generate-compile mfu train train-lognormal train-flex loader memory)
 [ $# -gt 0 ] && ORDER=("$@")
 for job in "${ORDER[@]}"; do  # every job name checked before anything runs
     if [ -z "${JOBS[$job]:-}" ]; then

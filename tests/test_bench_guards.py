@@ -49,6 +49,8 @@ def bench(monkeypatch):
     ("generate", ["--batch", "0"], "--batch"),
     ("mfu", ["--steps", "0"], "--steps"),
     ("feature_cache", ["--batch-size", "0"], "--batch-size"),
+    ("memory_estimate", ["--cases", "huge"], "--cases"),
+    ("memory_estimate", ["--device", "cpu", "--precision", "bf16-mixed"], "--precision bf16-mixed needs"),
 ])
 def test_bad_argument_is_a_one_line_error(bench, capsys, script, argv, needle):
     with pytest.raises(SystemExit) as exc:
@@ -57,6 +59,17 @@ def test_bad_argument_is_a_one_line_error(bench, capsys, script, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and ": error: " in err[-1] and needle in err[-1], err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_memory_estimate_runs_a_case_in_its_own_process(bench, capsys):
+    """The child trains the case and reports its peak next to the estimate of the same model and batch."""
+    pytest.importorskip("peft")
+    bench("memory_estimate").main(["--cases", "tiny-lora", "--batch-size", "2", "--seq-len", "48", "--vocab", "512",
+                                   "--steps", "1", "--device", "cpu", "--no-save"])
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("tiny-lora"))
+    estimate, measured, ratio = (float(v) for v in row[1:4])
+    assert estimate > 0 and measured > 0 and abs(measured / estimate - ratio) < 0.02 * ratio
 
 
 def test_train_precision_is_one_the_plain_loops_reproduce(bench, capsys):
