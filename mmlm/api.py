@@ -118,8 +118,8 @@ def open_image(source) -> Image.Image:
     grayscale PNG white and show whatever colour transparent pixels store). Any format PIL reads."""
     from mmlm.data.decode import to_rgb
 
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
+    if isinstance(source, Image.Image):  # one opened by the caller: its EXIF orientation too, as a file's
+        return to_rgb(ImageOps.exif_transpose(source))
     if type(source).__module__ == "numpy":  # (H, W) or (H, W, 3|4) uint8, as PIL reads arrays
         return to_rgb(Image.fromarray(source))
     if isinstance(source, torch.Tensor):
@@ -179,6 +179,8 @@ def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | Non
                    seed_keys: Sequence[int | str] | None = None) -> list[str]:
     """One batch: images (one PIL image or a list per sample) + prompts -> texts. ``seed_keys``: what
     each sample is known by for its sampling seed (``mmlm.generation.sample_seed``; default: its row)."""
+    if isinstance(stop_strings, str):  # one stop string, not its characters
+        stop_strings = (stop_strings,)
     if any(not s for s in stop_strings):  # "" is in every text: every reply would be empty
         raise ValueError("stop strings must not be empty")
     batch = processor.prompt_inputs(images, prompts)
@@ -190,6 +192,12 @@ def generate_texts(vlm, processor, images: Sequence, prompts: Sequence[str | Non
         seed_keys=seed_keys,
     )
     return [trim_at_stop(processor.decode(row), stop_strings) for row in new.tolist()]
+
+
+def _one_image(x) -> bool:
+    """``x`` is one image (a path, PIL image, array, tensor or binary file), not a sequence of them."""
+    return (isinstance(x, (str, os.PathLike, Image.Image, torch.Tensor)) or type(x).__module__ == "numpy"
+            or hasattr(x, "read"))
 
 
 def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Image, model=None,
@@ -213,7 +221,7 @@ def describe(images: Sequence[str | Path | Image.Image] | str | Path | Image.Ima
         vlm, processor = load(model, device, dtype)
     else:
         vlm, processor = model_pair(model)
-    if isinstance(images, (str, Path, Image.Image)):
+    if _one_image(images):  # not a sequence of images (an array would be read row by row, a file line by line)
         images = [images]
     images = list(images)
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(images)

@@ -168,6 +168,50 @@ def test_stop_strings_streaming_and_describe(pair):
     assert texts[0] == full and len(texts) == 3
 
 
+def test_a_stop_string_given_alone_is_one_string_not_its_characters(tmp_path):
+    from _tiny import save_tiny_checkpoint
+
+    from mmlm import load
+
+    save_tiny_checkpoint(tmp_path / "m")
+    vlm, proc = load(tmp_path / "m", device="cpu")
+    config = GenerationConfig(max_new_tokens=8)
+    full = generate_texts(vlm, proc, IMAGES[:1], [None], config)[0]
+    assert full
+    never = full[:1] + "@never@"  # split into characters, its first would cut the whole text
+    assert generate_texts(vlm, proc, IMAGES[:1], [None], config, stop_strings=never)[0] == full
+    assert describe(IMAGES[:1], model=(vlm, proc), stop_strings=never, max_new_tokens=8) == [full]
+
+
+def test_describe_takes_one_image_of_any_kind_alone(pair, tmp_path):
+    """A lone array is one image (not one per pixel row), a lone binary file one image (not one per line)."""
+    import numpy as np
+
+    vlm, proc = pair
+    one = describe([IMAGES[0]], model=(vlm, proc), max_new_tokens=6)
+    IMAGES[0].save(tmp_path / "a.png")
+    with open(tmp_path / "a.png", "rb") as f:
+        assert describe(f, model=(vlm, proc), max_new_tokens=6) == one
+    assert describe(np.asarray(IMAGES[0]), model=(vlm, proc), max_new_tokens=6) == one
+
+
+def test_a_pil_image_is_turned_upright_by_its_exif_orientation_as_a_file_is(tmp_path):
+    from PIL import Image
+
+    from mmlm.api import open_image
+
+    im = Image.new("RGB", (40, 20), "red")
+    im.paste(Image.new("RGB", (10, 20), "blue"), (0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "r.jpg") as opened:
+        from_pil = open_image(opened)
+    from_path = open_image(tmp_path / "r.jpg")
+    assert from_pil.size == from_path.size == (20, 40)
+    assert list(from_pil.getdata()) == list(from_path.getdata())
+
+
 def test_bad_options_are_clear():
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         GenerationConfig(max_new_tokens=0)
