@@ -53,6 +53,31 @@ def save_pretrained(path: str | Path, vlm, processor=None) -> None:
             processor.save_pretrained(tmp)
 
 
+CHECKPOINT_TEXT_FILES = ("config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json",
+                         "tokenizer_config.json", "special_tokens_map.json")
+"""The checkpoint files besides the weights that decide its outputs (prompt, template, image transform, tokens)."""
+
+
+def model_fingerprint(model_dir: str | Path) -> dict:
+    """What identifies a checkpoint's outputs without reading its weights: its absolute path, the weights'
+    size and modification time, and a hash of :data:`CHECKPOINT_TEXT_FILES` (editing one changes it). Runs
+    that resume their outputs (``mmlm eval``'s prediction cache, ``mmlm describe --out``) compare it."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "model.safetensors"
+    digest = hashlib.sha256()
+    for name in CHECKPOINT_TEXT_FILES:
+        path = model_dir / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
+    return {
+        "model": str(model_dir.resolve()),
+        "weights_mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
+        "weights_size": weights.stat().st_size if weights.exists() else None,
+        "checkpoint_files": digest.hexdigest()[:16],
+    }
+
+
 def check_model_dir(path: str | Path) -> None:
     """Raise ``FileNotFoundError`` unless ``path`` is a directory: "model directory not found", or for a training
     checkpoint's ``.ckpt`` file how to write its model directory (:func:`read_config`'s messages)."""

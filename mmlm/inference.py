@@ -399,6 +399,40 @@ def read_done(path: str | Path, *, retry: Container[tuple[str, str]] | None = No
     return done
 
 
+def run_record_path(out: str | Path) -> Path:
+    """The record of the settings a results file was written with: ``OUT.run.json`` next to it."""
+    out = Path(out)
+    return out.with_name(out.name + ".run.json")
+
+
+def check_run_record(out: str | Path, settings: dict) -> None:
+    """Refuses to add to ``out`` when it holds results written with other ``settings`` (another model or
+    other generation options): a resumed file would mix the two runs' texts, and skipping the images it
+    already has would keep the old run's. Raises ``ValueError`` naming the settings that differ. A results
+    file without a record (an older mmlm's) is taken as it is."""
+    record = run_record_path(out)
+    if not Path(out).exists() or not record.exists():
+        return
+    try:
+        old = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise ValueError(f"{record} is not a record of mmlm describe; delete it, or give --out a new file")
+    settings = json.loads(json.dumps(settings))  # as it reads back (tuples as lists)
+    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differ:
+        raise ValueError(f"--out {out} holds results written with other settings (differs in: {', '.join(differ)}); "
+                         "give --out a new file, or delete it to start over")
+
+
+def write_run_record(out: str | Path, settings: dict) -> None:
+    """Writes ``out``'s settings record (atomically), before any result is appended."""
+    record = run_record_path(out)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(record, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+
+
 def open_results(path: str | Path):
     """The JSONL results file, opened for appending (folders created). Paths that are not valid
     UTF-8 are written back as their original bytes (``surrogateescape``)."""

@@ -253,6 +253,25 @@ def test_resume_describes_only_missing_images(ckpt, tmp_path, count_generated):
     assert len(_read(out)) == 8
 
 
+def test_out_written_with_another_model_or_options_is_refused(ckpt, tmp_path, capsys, count_generated):
+    """Skipping the images an --out already has would keep another run's texts (and mix two runs in one file)."""
+    root, _ = ckpt
+    out = tmp_path / "r.jsonl"
+    args = ["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--out", str(out)]
+    assert main(args) == 0 and count_generated["images"] == 4
+    before = out.read_bytes()
+    capsys.readouterr()
+    rc = main(args + ["--num-beams", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "differs in: generation" in err and str(out) in err
+    (root / "model" / "model.safetensors").touch()  # the weights rewritten (another epoch's export)
+    rc = main(args)
+    assert rc == 2 and "differs in: weights_mtime_ns" in capsys.readouterr().err
+    assert out.read_bytes() == before and count_generated["images"] == 4
+    (out.with_name(out.name + ".run.json")).unlink()  # a file of an older mmlm (no record): resumed as before
+    assert main(args) == 0 and count_generated["images"] == 4 and out.read_bytes() == before
+
+
 def test_out_that_mmlm_did_not_write_is_refused_and_left_intact(ckpt, tmp_path, capsys, count_generated):
     root, _ = ckpt
     labels = tmp_path / "labels.jsonl"  # a dataset's JSONL: ids, but no "text" or "error"

@@ -171,7 +171,10 @@ def run(args) -> int:
     vlm, processor = load_model(args)
     prompt_text = processor.config.caption_prompt if args.prompt is None else args.prompt
     done: set = set()
-    if out is not None:  # drops a truncated last line, and the error lines of this run's images (retried)
+    if out is not None:
+        settings = run_settings(args, vlm, config)
+        inference.check_run_record(out, settings)  # another model's or other options' results: refused
+        # drops a truncated last line, and the error lines of this run's images (retried)
         done = inference.read_done(out, retry={(i, prompt_text) for i in ids}, log=sys.stderr)
     todo = sum(1 for i in ids if (i, prompt_text) not in done)
     if out is not None and todo < len(ids):
@@ -185,6 +188,7 @@ def run(args) -> int:
     failed = 0
     sink = None
     if out is not None:
+        inference.write_run_record(out, settings)
         sink = inference.open_results(out)
     bar = tqdm(total=todo, unit="img", desc="describe", file=sys.stderr, disable=args.no_progress or None,
                dynamic_ncols=True)
@@ -211,6 +215,20 @@ def run(args) -> int:
         print(f"{failed} of {todo} images could not be read" + (f" (see \"error\" in {out})" if out else ""),
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_settings(args, vlm, config) -> dict:
+    """What decides ``describe --out``'s texts besides the image and prompt (kept in ``OUT.run.json``): the
+    checkpoint (``mmlm.checkpoint.model_fingerprint``), the device type and dtype it ran in, the generation
+    options and the stop strings."""
+    import dataclasses
+
+    from mmlm.checkpoint import model_fingerprint
+
+    param = next(vlm.parameters())
+    return {**model_fingerprint(args.model), "device": param.device.type,
+            "dtype": str(param.dtype).removeprefix("torch."), "generation": dataclasses.asdict(config),
+            "stop": list(args.stop or [])}
 
 
 def _describe_one(args, path: str, config) -> int:

@@ -292,25 +292,11 @@ def recorded_vqa_suffix(model_dir: Path | None) -> str:
     return DEFAULT_VQA_SUFFIX if not isinstance(recorded, str) else recorded
 
 
-CHECKPOINT_TEXT_FILES = ("config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json",
-                         "tokenizer_config.json", "special_tokens_map.json")
-"""The checkpoint files besides the weights that decide its predictions (prompt, template, image transform,
-tokens): hashed into the prediction cache's fingerprint, so that editing one is a new run, not a resumed one."""
-
-
 def _fingerprint(args, model_dir: Path, device, dtype) -> dict[str, Any]:
-    import hashlib
+    from mmlm.checkpoint import model_fingerprint
 
-    weights = model_dir / "model.safetensors"
-    digest = hashlib.sha256()
-    for name in CHECKPOINT_TEXT_FILES:
-        path = model_dir / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
     return {
-        "model": str(model_dir.resolve()),
-        "weights_mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
-        "weights_size": weights.stat().st_size if weights.exists() else None,
-        "checkpoint_files": digest.hexdigest()[:16],
+        **model_fingerprint(model_dir),
         "device": device.type,  # resolved: "auto" on a GPU machine and on a CPU one are different runs
         "dtype": str(dtype).removeprefix("torch."),
         "max_new_tokens": args.max_new_tokens,
