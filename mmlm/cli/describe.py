@@ -129,7 +129,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT",
                    help="ask this instead of the checkpoint's caption prompt (formatted by its chat template)")
     p.add_argument("--out", default=None, metavar="FILE.jsonl",
-                   help="write JSONL results here (appended per batch; a re-run skips what is done)")
+                   help="write JSONL results here (appended per batch; a re-run skips what is done; FILE.jsonl.run.json "
+                        "records the model and decoding options, and a re-run with others is refused)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images generated together (default 16)")
     p.add_argument("--workers", type=int, default=4, metavar="N",
                    help="threads decoding images ahead of generation (default 4)")
