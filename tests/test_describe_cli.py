@@ -272,6 +272,17 @@ def test_out_written_with_another_model_or_options_is_refused(ckpt, tmp_path, ca
     assert main(args) == 0 and count_generated["images"] == 4 and out.read_bytes() == before
 
 
+def test_a_prompt_with_several_image_placeholders_is_refused_before_anything_is_written(ckpt, tmp_path, capsys,
+                                                                                        count_generated):
+    root, _ = ckpt
+    out = tmp_path / "r.jsonl"
+    rc = main(["describe", str(root / "imgs"), "--model", str(root / "model"), *GEN, "--out", str(out),
+               "--prompt", "<image> and <image>"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--prompt has 2 <image> placeholders" in err
+    assert not out.exists() and not out.with_name(out.name + ".run.json").exists() and count_generated["images"] == 0
+
+
 def test_out_that_mmlm_did_not_write_is_refused_and_left_intact(ckpt, tmp_path, capsys, count_generated):
     root, _ = ckpt
     labels = tmp_path / "labels.jsonl"  # a dataset's JSONL: ids, but no "text" or "error"

@@ -156,6 +156,11 @@ def run(args) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     config = generation_config(args)
+    from mmlm.processing import IMAGE_TOKEN
+
+    if args.prompt is not None and args.prompt.count(IMAGE_TOKEN) > 1:  # before the model loads and --out opens
+        raise ValueError(f"--prompt has {args.prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders, but describe gives "
+                         f"each prompt one image (at most one {IMAGE_TOKEN})")
     sources = inference.discover_inputs(args.paths)  # missing paths fail here, before anything is written
     if not sources:
         raise FileNotFoundError("no images to describe")
