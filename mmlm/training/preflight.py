@@ -283,12 +283,13 @@ def _dims_vision(vision) -> dict:
     blocks = _vision_blocks(vision)
     width = int(getattr(vision, "embed_dim", 0))
     mlp = 4 * width
-    fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None) if blocks else None
+    block_mlp = getattr(blocks[0], "mlp", None) if blocks else None
+    fc1 = getattr(block_mlp, "fc1", None)
     if isinstance(fc1, torch.nn.Linear):
         mlp = int(fc1.out_features)
     # values kept per MLP unit: fc1's output and the activation's; CLIP's quick_gelu (x * sigmoid(1.702 x)) keeps
     # two more (the scaled input and the sigmoid)
-    act_fn = getattr(getattr(blocks[0], "mlp", None), "activation_fn", None) if blocks else None
+    act_fn = getattr(block_mlp, "activation_fn", None)
     mlp_values = 4 if type(act_fn).__name__ == "QuickGELUActivation" else 2
     tokens = int(getattr(vision, "_num_patches", getattr(vision, "num_patches", 0))) \
         + int(getattr(vision, "num_prefix_tokens", 0))
@@ -334,16 +335,16 @@ def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, prec
         act_lm = tokens * lm["hidden"] * lm["layers"] + per_layer
     else:
         act_lm = per_layer * lm["layers"]
+    act = act_lm * abytes
     lora_in = _lora_dropout_features(vlm.lm)  # dropped-out inputs (and bool masks) of the LoRA adapters
     if lora_in and lm["layers"]:
         lora_act = tokens * lora_in * (abytes + 1)
-        act_lm = act_lm * abytes + (lora_act // lm["layers"] if activation_checkpointing else lora_act)
-    else:
-        act_lm = act_lm * abytes
-    act = act_lm
+        act += lora_act // lm["layers"] if activation_checkpointing else lora_act
     vision_trains = any(p.requires_grad for p in vlm.vision.parameters())
+    vision_unmodelled = False
     if vision_trains and num_images:
         v = _dims_vision(vlm.vision)
+        vision_unmodelled = v["layers"] == 0
         v_tokens = num_images * v["tokens"]
         v_layer = v_tokens * (9 * v["width"] + v["mlp_values"] * v["mlp"])
         v_act = (v_tokens * v["width"] * v["layers"] + v_layer) if activation_checkpointing else v_layer * v["layers"]
@@ -351,7 +352,8 @@ def estimate_memory(vlm, *, batch_size: int, seq_len: int, num_images: int, prec
     logits = (tokens if logit_tokens is None else logit_tokens) * lm["vocab"] * (abytes + 8)
     total = weights + grads + optimizer + autocast + act + logits
     out = {"precision": precision, "weights": weights, "grads": grads, "optimizer": optimizer,
-           "autocast": autocast, "activations": act, "logits": logits, "total": total}
+           "autocast": autocast, "activations": act, "logits": logits, "total": total,
+           "vision_unmodelled": vision_unmodelled}  # a training vision encoder with no blocks found: 0 activations
     for key in ("weights", "grads", "optimizer", "autocast", "activations", "logits", "total"):
         out[f"{key}_gib"] = out[key] / GIB
     return out
@@ -383,8 +385,7 @@ def run_preflight(pl_module, batches: Sequence[dict], *, precision: str = "32-tr
             precision=precision, activation_checkpointing=bool(hp.get("activation_checkpointing", False)),
             logit_tokens=-(-rep.label_tokens // rep.batches) if labelled_only else None,
         )
-        if rep.images_per_batch_max and any(p.requires_grad for p in vlm.vision.parameters()) \
-                and not _dims_vision(vlm.vision)["layers"]:
+        if rep.memory["vision_unmodelled"]:
             rep.warnings.append("the memory estimate leaves out the vision encoder's activations (no transformer "
                                 "blocks found in it)")
         if torch.cuda.is_available() and vlm.device.type == "cuda":
